@@ -1,0 +1,113 @@
+"""NIfTI reading and writing in one fixed orientation.
+
+lrc_ray works on axial slices in the radiological display convention, whatever the
+file's affine says:
+
+    volume[z, row, col]   z: inferior -> superior, row: anterior -> posterior,
+                          col: patient right -> patient left (image left = patient right)
+
+On disk we write RAS+ arrays (nibabel's canonical orientation); on reading, any affine
+is first brought to the closest canonical (RAS+) orientation, then to display order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from lrc_ray.errors import DataValidationError
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A volume in display order. Shape: (Z, H, W). `spacing_mm` is (z, row, col)."""
+
+    array: np.ndarray
+    spacing_mm: tuple[float, float, float]
+
+
+def display_to_ras(volume_zhw: np.ndarray) -> np.ndarray:
+    """(Z, H, W) display order -> (X, Y, Z) RAS+ array (x to the right, y anterior)."""
+    return np.ascontiguousarray(volume_zhw.transpose(2, 1, 0)[::-1, ::-1, :])
+
+
+def ras_to_display(volume_xyz: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) RAS+ array -> (Z, H, W) display order. Inverse of `display_to_ras`."""
+    return np.ascontiguousarray(volume_xyz[::-1, ::-1, :].transpose(2, 1, 0))
+
+
+def write_volume(path: str | Path, volume_zhw: np.ndarray, spacing_mm: tuple[float, float, float]) -> None:
+    """Write a display-order volume as a RAS+ NIfTI file, atomically (temp file, then rename).
+
+    `spacing_mm` is (z, row, col) as in `Volume`. The array's dtype is kept (e.g. int16 HU,
+    uint8 labels).
+    """
+    path = Path(path)
+    spacing_z, spacing_row, spacing_col = (float(s) for s in spacing_mm)
+    ras = display_to_ras(volume_zhw)
+    affine = np.diag([spacing_col, spacing_row, spacing_z, 1.0])
+    # Centre the volume on the world origin, as scanners roughly do.
+    affine[:3, 3] = -0.5 * np.array(ras.shape) * np.array([spacing_col, spacing_row, spacing_z])
+    image = nib.Nifti1Image(ras, affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{''.join(path.suffixes)}")
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_header(path: str | Path) -> tuple[tuple[int, ...], int]:
+    """The stored array shape and the number of axial slices, from the header alone."""
+    try:
+        image = nib.load(str(path))
+    except FileNotFoundError:
+        raise DataValidationError(f"{path}: file not found") from None
+    except Exception as exc:  # nibabel raises many types for unreadable headers
+        raise DataValidationError(f"{path}: not a readable NIfTI file ({_one_line(exc)})") from None
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) < 3:
+        return shape, 0
+    axis_codes = nib.aff2axcodes(image.affine)
+    axial_axis = next((axis for axis, code in enumerate(axis_codes) if code in "SI"), 2)
+    return shape, shape[axial_axis]
+
+
+def read_volume(path: str | Path, *, dtype: type = np.float32) -> Volume:
+    """Read a 3D NIfTI volume into display order, checking it is 3D, complete and finite."""
+    try:
+        image = nib.load(str(path))
+    except FileNotFoundError:
+        raise DataValidationError(f"{path}: file not found") from None
+    except Exception as exc:
+        raise DataValidationError(f"{path}: not a readable NIfTI file ({_one_line(exc)})") from None
+    shape = tuple(image.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        image = image.slicer[..., 0]
+    elif len(shape) != 3:
+        raise DataValidationError(f"{path}: expected a 3D volume, got shape {shape}")
+    canonical = nib.as_closest_canonical(image)
+    try:
+        array = np.asarray(canonical.dataobj, dtype=dtype)
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError) as exc:
+        raise DataValidationError(f"{path}: corrupt or truncated NIfTI data ({_one_line(exc)})") from None
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        count = int((~np.isfinite(array)).sum())
+        raise DataValidationError(f"{path}: {count} voxels are NaN or infinite; expected finite values")
+    zooms = canonical.header.get_zooms()[:3]
+    spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+    return Volume(array=ras_to_display(array), spacing_mm=spacing)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

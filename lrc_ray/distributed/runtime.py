@@ -1,0 +1,49 @@
+"""Connecting to Ray: an existing cluster when one is named, else a local instance we own."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from typing import Iterator
+
+import ray
+
+from lrc_ray.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(*, address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Use Ray for the duration of the block and shut down only what this block started.
+
+    - Ray already initialised in this process (tests, notebooks, Tune trials): use it as is.
+    - `address` given, or RAY_ADDRESS set (e.g. inside `ray job submit`): connect to that cluster.
+    - Otherwise start a local instance with `num_cpus` CPUs (default: all) and no dashboard.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            raise UserInputError(
+                f"--address {address}: no Ray cluster answers there ({exc}); start one with `ray start --head`"
+            ) from None
+    else:
+        # A short private temp dir: Ray's socket paths must stay under 108 characters.
+        temp_dir = tempfile.mkdtemp(prefix="lrc_ray_")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, _temp_dir=temp_dir)
+        logger.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

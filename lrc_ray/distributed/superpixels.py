@@ -1,0 +1,123 @@
+"""Ray Data pipeline: volumes -> slices -> Felzenszwalb super-pixels -> Parquet files.
+
+Two stages, each a pool of tasks over the plain functions: reading a volume (one task per
+volume: decompressing a .nii.gz is sequential anyway) and computing super-pixels over
+batches of its slices, spread over all workers. Ray Data streams between them, so
+memory holds a few volumes at a time, not the data set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from functools import partial
+from typing import Iterator
+
+import pyarrow as pa
+import ray
+from ray.data import DataContext, TaskPoolStrategy
+
+from lrc_ray.data.msd import CaseEntry, read_case
+from lrc_ray.data.slices import prepare_slices
+from lrc_ray.errors import UserInputError
+from lrc_ray.superpixels.cache import ExtractionParams
+from lrc_ray.superpixels.table import add_superpixels, slices_table
+
+_RAY_DATA_ERROR_LOGGERS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")
+# Few slices per task keep both CPUs busy to the end; more amortise the per-task overhead.
+MAX_SLICES_PER_BATCH = 32
+
+
+def extract_to_parquet(
+    cases: tuple[CaseEntry, ...],
+    labels: dict[int, str],
+    params: ExtractionParams,
+    out_dir: str,
+    *,
+    workers: int,
+    expected_slices: int,
+) -> None:
+    """Write the super-pixel table of `cases` as Parquet files into `out_dir`.
+
+    Raises the first `UserInputError` a task met (e.g. a corrupt volume) as itself, not
+    wrapped in Ray's task errors.
+    """
+    # Our own errors (a corrupt volume) should reach the caller as themselves, not as
+    # Ray Data's generic UserCodeException that drops the cause.
+    DataContext.get_current().raise_original_map_exception = True
+    slices_per_batch = max(1, min(MAX_SLICES_PER_BATCH, math.ceil(expected_slices / (4 * workers))))
+    items = [{"case_index": index} for index in range(len(cases))]
+    volumes = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        partial(_read_cases, cases=cases, labels=labels, params=params),
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=TaskPoolStrategy(size=workers),
+    )
+    dataset = map_superpixels(volumes, params, workers=workers, slices_per_batch=slices_per_batch)
+    try:
+        with _ray_data_error_logs_silenced():
+            dataset.write_parquet(out_dir, compression="zstd")
+    except Exception as exc:
+        user_error = _find_user_error(exc)
+        if user_error is None:
+            raise
+        raise user_error from None
+
+
+def map_superpixels(
+    slices: ray.data.Dataset, params: ExtractionParams, *, workers: int, slices_per_batch: int
+) -> ray.data.Dataset:
+    """The super-pixel stage: rows of `slices_table` in, the same rows with super-pixels out."""
+    return slices.map_batches(
+        partial(_compute_superpixels, params=params),
+        batch_size=slices_per_batch,
+        batch_format="pyarrow",
+        compute=TaskPoolStrategy(size=workers),
+    )
+
+
+def _read_cases(batch: pa.Table, *, cases, labels, params: ExtractionParams) -> pa.Table:
+    tables = []
+    for case_index in batch.column("case_index").to_pylist():
+        case = cases[case_index]
+        image, label = read_case(case, labels)
+        prepared = prepare_slices(image.array, None if label is None else label.array, params.slicing)
+        tables.append(slices_table(case.case_id, prepared))
+    return pa.concat_tables(tables)
+
+
+def _compute_superpixels(batch: pa.Table, *, params: ExtractionParams) -> pa.Table:
+    return add_superpixels(batch, params.felzenszwalb, params.slicing)
+
+
+@contextlib.contextmanager
+def _ray_data_error_logs_silenced() -> Iterator[None]:
+    """Ray Data logs a task's traceback before raising it; we raise it ourselves (a user error as
+    one line, anything else with its full traceback), so its own copy is noise."""
+    loggers = [logging.getLogger(name) for name in _RAY_DATA_ERROR_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _find_user_error(exc: BaseException) -> UserInputError | None:
+    """Ray wraps task exceptions (RayTaskError, UserCodeException); find ours in the chain."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        # RayTaskError(X) is also an X, but its message carries the remote traceback.
+        if isinstance(current, UserInputError) and not isinstance(current, ray.exceptions.RayError):
+            # Ray Data appends retry advice to the message; ours is its first line.
+            return type(current)(str(current).splitlines()[0])
+        pending.extend([getattr(current, "cause", None), current.__cause__, current.__context__])
+    return None

@@ -1,0 +1,1 @@
+"""Felzenszwalb super-pixels per slice, and their Parquet cache."""

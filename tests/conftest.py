@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny synthetic data made per session, and a local 2-CPU Ray that tests own."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from lrc_ray.data.phantom import write_synthetic_dataset
+
+TINY = dict(cases=2, unlabeled=1, size=48, slices=6, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A small MSD-layout data set: 2 labelled + 1 unlabelled volumes of 6 slices of 48x48."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "tiny", **TINY)
+
+
+@pytest.fixture
+def dataset_copy(tiny_dataset, tmp_path) -> Path:
+    """A private copy of the tiny data set, for tests that damage it."""
+    return Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with 2 CPUs for one test module, in its own short temp dir, shut down after."""
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized(), "a previous test left Ray running"
+    temp_dir = tempfile.mkdtemp(prefix="lrt_")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, _temp_dir=temp_dir)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,93 @@
+"""The `lrc-ray` command line: bad input gives one line and exit code 2, before any work."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lrc_ray.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["-q", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_line_error(code: int, err: str, pattern: str) -> None:
+    import re
+
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lrc-ray: error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_synth_writes_a_data_set(capsys, tmp_path):
+    code, out, _ = _run(capsys, "data", "synth", "--out", str(tmp_path / "d"), "--cases", "1", "--unlabeled", "0",
+                        "--size", "32", "--slices", "4")
+    assert code == 0 and "wrote 1 labelled" in out
+    assert json.loads((tmp_path / "d" / "dataset.json").read_text())["numTraining"] == 1
+
+
+def test_synth_rejects_bad_counts(capsys, tmp_path):
+    code, _, err = _run(capsys, "data", "synth", "--out", str(tmp_path / "d"), "--cases", "0")
+    _assert_one_line_error(code, err, r"--cases: expected an integer >= 1, got 0")
+    assert not (tmp_path / "d" / "dataset.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "pattern"),
+    [("--scale", "0", r"scale: expected a positive number"), ("--sigma", "-1", r"sigma: expected a positive number"),
+     ("--min-size", "0", r"min_size: expected a positive number")],
+)
+def test_superpixel_parameters_must_be_positive(capsys, tiny_dataset, tmp_path, option, value, pattern):
+    code, _, err = _run(capsys, "superpixels", "--data", str(tiny_dataset), "--out", str(tmp_path / "c"), option, value)
+    _assert_one_line_error(code, err, pattern)
+    assert not (tmp_path / "c").exists()
+
+
+def test_out_path_that_is_not_a_cache(capsys, tiny_dataset, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    code, _, err = _run(capsys, "superpixels", "--data", str(tiny_dataset), "--out", str(tmp_path / "c"))
+    _assert_one_line_error(code, err, r"c: exists and is not an lrc_ray super-pixel cache")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["notes.txt"]
+
+
+def test_data_directory_without_dataset_json(capsys, tmp_path):
+    code, _, err = _run(capsys, "superpixels", "--data", str(tmp_path), "--out", str(tmp_path / "c"))
+    _assert_one_line_error(code, err, r"no dataset.json")
+
+
+def test_entry_pointing_to_a_missing_file(capsys, dataset_copy, tmp_path):
+    (dataset_copy / "imagesTr" / "case_000.nii.gz").unlink()
+    code, _, err = _run(capsys, "superpixels", "--data", str(dataset_copy), "--out", str(tmp_path / "c"))
+    _assert_one_line_error(code, err, r"dataset.json: training\[0\].image points to a missing file ./imagesTr/case_000.nii.gz")
+
+
+def test_data_set_with_no_volumes(capsys, dataset_copy, tmp_path):
+    spec = json.loads((dataset_copy / "dataset.json").read_text())
+    spec.update(training=[], unlabeled=[])
+    (dataset_copy / "dataset.json").write_text(json.dumps(spec))
+    code, _, err = _run(capsys, "superpixels", "--data", str(dataset_copy), "--out", str(tmp_path / "c"))
+    _assert_one_line_error(code, err, r"dataset.json: lists no volumes")
+
+
+def test_image_and_label_shapes_differ(capsys, dataset_copy, tmp_path):
+    label_path = dataset_copy / "labelsTr" / "case_001.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 6), np.uint8), np.eye(4)), label_path)
+    code, _, err = _run(capsys, "superpixels", "--data", str(dataset_copy), "--out", str(tmp_path / "c"))
+    _assert_one_line_error(code, err, r"case_001.nii.gz: label shape \(10, 10, 6\) differs from image shape")
+
+
+def test_non_3d_image(capsys, dataset_copy, tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((48, 48), np.int16), np.eye(4)), dataset_copy / "imagesTr" / "case_001.nii.gz")
+    code, _, err = _run(capsys, "superpixels", "--data", str(dataset_copy), "--out", str(tmp_path / "c"))
+    _assert_one_line_error(code, err, r"case_001.nii.gz: expected a 3D volume, got shape \(48, 48\)")
+
+
+def test_workers_must_be_positive(capsys, tiny_dataset, tmp_path):
+    code, _, err = _run(capsys, "superpixels", "--data", str(tiny_dataset), "--out", str(tmp_path / "c"), "--workers", "0")
+    _assert_one_line_error(code, err, r"--workers: expected at least 1, got 0")
