@@ -34,11 +34,11 @@ def make_slices(size: int, count: int) -> tuple[list[tuple[np.ndarray, np.ndarra
     rng = np.random.default_rng(0)
     tables, pairs = [], []
     while len(pairs) < count:
-        case = generate_case(rng, size=size, slices=min(32, count - len(pairs)))
+        case = generate_case(rng, size=size, slices=32)
         prepared = prepare_slices(case.hu.astype(np.float32), case.labels, SliceParams())
         tables.append(slices_table(f"case_{len(tables)}", prepared))
         pairs += [(dequantise(image), mask) for image, mask in zip(prepared.image_u8, prepared.body_mask)]
-    return pairs, pa.concat_tables(tables)
+    return pairs[:count], pa.concat_tables(tables).slice(0, count)
 
 
 def _one(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

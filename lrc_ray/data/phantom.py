@@ -1,12 +1,12 @@
 """A built-in synthetic abdominal CT: the default data set, since no real data ship with lrc_ray.
 
-Each case is a contrast-enhanced (portal-venous look) abdominal CT series in display order
+Each case is a contrast-enhanced abdominal CT series (bright aorta and renal cortex) in display order
 (z: inferior -> superior, row: anterior -> posterior, col: patient right -> patient left).
 Anatomy is drawn as implicit shapes on a coordinate grid in a "reference abdomen" (mm, x to
 the patient's left, y posterior, origin at the centre of the abdominal wall), which each case
 stretches, shifts and deforms. Organ cross-sections are smooth functions of a normalised
-height t (0 = lowest slice, 1 = highest), so every case spans the same anatomy (lower liver
-dome down to the lower kidney poles) whatever its slice count and spacing.
+height t (0 = lowest slice, 1 = highest), so every case spans the same anatomy (from below
+the kidneys up to the liver dome) whatever its slice count and spacing.
 """
 
 from __future__ import annotations
@@ -81,8 +81,10 @@ _ORGAN_SHAPES = {
     "inferior_vena_cava": dict(center=(-22, 8), semi_axes=(13, 10), wobble=0.03, drift=(0, -15)),
     "aorta": dict(center=(12, 5), semi_axes=(12.5, 12.5), wobble=0.02, jitter=1.5),
 }
-_PAINT_ORDER = ("stomach", "spleen", "liver", "gallbladder", "right_kidney", "left_kidney", "pancreas",
-                "inferior_vena_cava", "aorta")  # fmt: skip
+_PAINT_ORDER = (
+    "stomach", "spleen", "liver", "gallbladder", "right_kidney", "left_kidney", "pancreas",
+    "inferior_vena_cava", "aorta",
+)
 # Rib cross-sections on the left wall (mirrored on the right): angle on the wall ellipse
 # (radians, positive = posterior) and the lowest t where the rib shows; anterior ribs sit higher.
 _RIBS = ((0.9, 0.3), (0.4, 0.45), (-0.1, 0.6), (-0.6, 0.75))
@@ -106,6 +108,8 @@ class _Grid(NamedTuple):
 
 
 class _Shape(NamedTuple):
+    """A deformed ellipse's implicit function and its own coordinates, shaped like the volume."""
+
     radius: np.ndarray  # normalised: < 1 inside
     u: np.ndarray  # position along the first semi-axis, in units of the current cross-section
     v: np.ndarray  # same along the second semi-axis
@@ -206,13 +210,13 @@ def _draw_grid_and_body(rng: np.random.Generator, size: int, slices: int):
     fat_lateral, fat_anterior, fat_posterior = rng.uniform(8, 45), rng.uniform(8, 35), rng.uniform(5, 15)
     # Scanners fit the field of view to the patient: ~0.7-1.0 mm per pixel at 512, whatever `size` is.
     body_half_width = stretch[0] * (_WALL_OUTER[0] + 1.15 * fat_lateral)
-    pixel_mm = np.clip(body_half_width / (256 * rng.uniform(0.72, 0.9)), 0.7, 1.0) * 512 / size
+    pixel_mm = np.clip(body_half_width / (256 * rng.uniform(0.66, 0.82)), 0.7, 1.0) * 512 / size
     spacing_mm = (round(rng.uniform(2.5, 5.0), 3), round(float(pixel_mm), 3), round(float(pixel_mm), 3))
 
     t = np.linspace(rng.uniform(0.0, 0.04), rng.uniform(0.96, 1.0), slices, dtype=np.float32)[:, None, None]
     # The abdomen's width and depth change slowly along z.
     z_scale = 1 + 0.03 * np.sin(2 * np.pi * t + rng.uniform(0, 2 * np.pi))
-    offset = rng.normal(0, 8, 2)  # the patient is never exactly centred
+    offset = rng.normal(0, 6, 2)  # the patient is never exactly centred
     centred = (np.arange(size, dtype=np.float32) - (size - 1) / 2) * spacing_mm[1]
     x = (centred[None, None, :] - offset[0]) / (stretch[0] * z_scale)
     y = (centred[None, :, None] - offset[1]) / (stretch[1] * z_scale)
@@ -289,13 +293,13 @@ def _paint_bowel(hu, cavity, loops, mottle, tissue_hu: dict) -> None:
 def _paint_organs(rng, grid: _Grid, hu, cavity, mottle, tissue_hu: dict) -> np.ndarray:
     """Paint the labelled organs into `hu` (in place) and return their label volume (uint8)."""
     shapes = {name: _organ(rng, grid, **spec) for name, spec in _ORGAN_SHAPES.items()}
-    right_lobe, left_lobe = shapes.pop("liver_right_lobe"), shapes.pop("liver_left_lobe")
-    shapes["liver"] = right_lobe._replace(radius=np.minimum(right_lobe.radius, left_lobe.radius))
-    shapes["pancreas"] = _pancreas(rng, grid)
+    radius = {name: shape.radius for name, shape in shapes.items()}
+    radius["liver"] = np.minimum(radius.pop("liver_right_lobe"), radius.pop("liver_left_lobe"))
+    radius["pancreas"] = _pancreas_radius(rng, grid)
     labels = np.zeros(hu.shape, dtype=np.uint8)
     for name in _PAINT_ORDER:
-        shape = shapes[name]
-        mask = cavity & (shape.radius < 1)
+        mask = cavity & (radius[name] < 1)
+        shape = shapes.get(name)
         if name.endswith("kidney"):
             # The renal hilum: a fat-filled notch facing antero-medially at mid-kidney levels.
             mask &= ~((shape.v < -0.2) & (np.abs(shape.u) < 0.6 * (-shape.v - 0.2)) & (shape.profile > 0.7))
@@ -313,8 +317,9 @@ def _paint_organs(rng, grid: _Grid, hu, cavity, mottle, tissue_hu: dict) -> np.n
     return labels
 
 
-def _organ(rng, grid: _Grid, center, semi_axes, *, angle=0.0, t_extent=None, drift=(0.0, 0.0),
-           wobble=0.08, jitter=5.0) -> _Shape:  # fmt: skip
+def _organ(
+    rng, grid: _Grid, center, semi_axes, *, angle=0.0, t_extent=None, drift=(0.0, 0.0), wobble=0.08, jitter=5.0
+) -> _Shape:
     """A randomly deformed ellipse whose centre and outline change smoothly along z.
 
     With `t_extent` = (centre, half-height) the cross-section follows an ellipsoid's profile and
@@ -338,17 +343,18 @@ def _organ(rng, grid: _Grid, center, semi_axes, *, angle=0.0, t_extent=None, dri
         phi = np.arctan2(v, u)
         outline = 1.0
         # Python floats keep the arithmetic in float32 (a NumPy float64 scalar would promote it).
-        amplitudes, phases, turns = (rng.uniform(0, high, 3).tolist() for high in (wobble, 2 * np.pi, 4))
-        harmonics = zip(amplitudes, phases, (turn - 2 for turn in turns))
-        for k, (amplitude, phase, turn) in enumerate(harmonics, start=2):
+        amplitudes = rng.uniform(0, wobble, 3).tolist()
+        phases = rng.uniform(0, 2 * np.pi, 3).tolist()
+        turns = rng.uniform(-2, 2, 3).tolist()  # radians of phase per unit of t
+        for k, amplitude, phase, turn in zip((2, 3, 4), amplitudes, phases, turns):
             outline = outline + amplitude * np.cos(k * phi + (phase + turn * t))
         outline = outline * profile
     scale = np.maximum(profile, 1e-3)
     return _Shape(radius / np.maximum(outline, 1e-3), u / scale, v / scale, profile)
 
 
-def _pancreas(rng, grid: _Grid) -> _Shape:
-    """The pancreas: a band along a parabola from the head (right, low) to the tail (left, high).
+def _pancreas_radius(rng, grid: _Grid) -> np.ndarray:
+    """The pancreas (< 1 inside): a band along a parabola from the head (right, low) to the tail (left, high).
 
     It curves across the aorta from the duodenal loop to the splenic hilum; its thickness tapers
     from head to tail, and each part shows over a short range of heights.
@@ -361,8 +367,7 @@ def _pancreas(rng, grid: _Grid) -> _Shape:
     ends = np.sqrt(np.clip(np.minimum(grid.x - head_x, tail_x - grid.x) / 12, 0, 1))  # rounded ends
     half_thickness = (13 - 6 * along) * profile * ends * rng.uniform(0.85, 1.15)
     offset = (grid.y - apex_y - bend * grid.x**2) / np.sqrt(1 + (2 * bend * grid.x) ** 2)  # ~normal distance
-    radius = np.abs(offset) / np.maximum(half_thickness, 1e-3)
-    return _Shape(radius, along, offset / 13, profile)
+    return np.abs(offset) / np.maximum(half_thickness, 1e-3)
 
 
 def _ellipse_coords(grid: _Grid, center, semi_axes, *, angle=0.0):
@@ -388,11 +393,11 @@ def _smooth_noise(rng, shape, cells) -> np.ndarray:
     kernels = []
     for length, cell in zip(shape, cells):
         cell = max(float(cell), 1.0)
-        knots = np.arange(-1.5 * cell, length + 1.5 * cell, cell)
-        offsets = (np.arange(length)[:, None] - knots[None, :]) / (0.7 * cell)
+        knot_positions = np.arange(-1.5 * cell, length + 1.5 * cell, cell)
+        offsets = (np.arange(length)[:, None] - knot_positions[None, :]) / (0.7 * cell)
         kernels.append(np.exp(-0.5 * offsets**2).astype(np.float32))
-    knots = rng.standard_normal([kernel.shape[1] for kernel in kernels], dtype=np.float32)
-    field = np.einsum("ai,bj,ck,ijk->abc", *kernels, knots, optimize=True)
+    knot_values = rng.standard_normal([kernel.shape[1] for kernel in kernels], dtype=np.float32)
+    field = np.einsum("ai,bj,ck,ijk->abc", *kernels, knot_values, optimize=True)
     return field / field.std()
 
 
