@@ -48,16 +48,19 @@ def extract_to_parquet(
     DataContext.get_current().raise_original_map_exception = True
     slices_per_batch = max(1, min(MAX_SLICES_PER_BATCH, math.ceil(expected_slices / (4 * workers))))
     items = [{"case_index": index} for index in range(len(cases))]
+    # Reading is cheap next to Felzenszwalb: half as many readers. Unequal pool sizes also
+    # keep Ray Data from fusing the stages into one task per volume.
+    readers = max(1, workers // 2)
     volumes = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        partial(_read_cases, cases=cases, labels=labels, params=params),
+        partial(_read_cases, cases=cases, labels=labels, params=params, slices_per_batch=slices_per_batch),
         batch_size=1,
         batch_format="pyarrow",
-        compute=TaskPoolStrategy(size=workers),
+        compute=TaskPoolStrategy(size=readers),
     )
     dataset = map_superpixels(volumes, params, workers=workers, slices_per_batch=slices_per_batch)
     try:
         with _ray_data_error_logs_silenced():
-            dataset.write_parquet(out_dir, compression="zstd")
+            dataset.write_parquet(out_dir, compression="zstd", concurrency=workers)
     except Exception as exc:
         user_error = _find_user_error(exc)
         if user_error is None:
@@ -77,14 +80,16 @@ def map_superpixels(
     )
 
 
-def _read_cases(batch: pa.Table, *, cases, labels, params: ExtractionParams) -> pa.Table:
-    tables = []
+def _read_cases(batch: pa.Table, *, cases, labels, params: ExtractionParams, slices_per_batch: int) -> Iterator[pa.Table]:
+    """Read volumes and yield their slices in blocks of `slices_per_batch` rows, so that the
+    super-pixel stage spreads one volume over many tasks."""
     for case_index in batch.column("case_index").to_pylist():
         case = cases[case_index]
         image, label = read_case(case, labels)
         prepared = prepare_slices(image.array, None if label is None else label.array, params.slicing)
-        tables.append(slices_table(case.case_id, prepared))
-    return pa.concat_tables(tables)
+        table = slices_table(case.case_id, prepared)
+        for start in range(0, table.num_rows, slices_per_batch):
+            yield table.slice(start, slices_per_batch)
 
 
 def _compute_superpixels(batch: pa.Table, *, params: ExtractionParams) -> pa.Table:
