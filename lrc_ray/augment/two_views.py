@@ -1,0 +1,200 @@
+"""Two independently augmented views of one slice and its super-pixel map (LRC_METHOD section 3).
+
+Each view draws its own parameters from the caller's `numpy` generator, so the two views never
+share a random draw (the MONAI pitfall of one random dict transform called once for both) and a
+view is reproduced exactly from the generator's state. The geometry of a view (random resized
+crop, rotation, flips) is one affine matrix, resampled once on one grid: bilinear for the image,
+nearest for the map, so the map keeps exact integer ids. Intensity changes touch the image only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from monai.transforms import AdjustContrast, AffineGrid, GaussianSmooth, Resample
+from monai.utils import convert_to_tensor
+
+from lrc_ray.errors import UserInputError
+from lrc_ray.superpixels.felzenszwalb import IGNORED_REGION
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Ranges from which each view draws its augmentation."""
+
+    crop_scale: tuple[float, float] = (0.4, 1.0)  # area of the square crop, as a fraction of the slice
+    rotate_degrees: float = 15.0  # angle drawn uniformly from [-rotate_degrees, rotate_degrees]
+    flip_prob: float = 0.5  # per in-plane axis
+    contrast_range: tuple[float, float] = (0.8, 1.2)  # factor on the distance to the view's mean
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    noise_std: float = 0.03  # Gaussian noise, in units of the [0, 1] window
+    blur_prob: float = 0.3
+    blur_sigma_range: tuple[float, float] = (0.5, 1.0)  # Gaussian blur sigma, output pixels
+
+    def __post_init__(self) -> None:
+        _check_range("crop_scale", self.crop_scale, low_open=0.0, high_closed=1.0)
+        _check_number("rotate_degrees", self.rotate_degrees, 0.0, 180.0)
+        _check_number("flip_prob", self.flip_prob, 0.0, 1.0)
+        _check_range("contrast_range", self.contrast_range, low_open=0.0)
+        _check_range("gamma_range", self.gamma_range, low_open=0.0)
+        _check_number("noise_std", self.noise_std, 0.0, math.inf)
+        _check_number("blur_prob", self.blur_prob, 0.0, 1.0)
+        _check_range("blur_sigma_range", self.blur_sigma_range, low_open=0.0)
+        # YAML gives lists; tuples keep the frozen config hashable.
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, list):
+                object.__setattr__(self, field.name, tuple(float(item) for item in value))
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> None:
+    if not _is_finite_number(value) or not low <= value <= high:
+        raise UserInputError(f"augment.{name}: expected a number in [{low}, {high}], got {value!r}")
+
+
+def _check_range(name: str, value: object, *, low_open: float, high_closed: float = math.inf) -> None:
+    """A (low, high) pair with low_open < low <= high <= high_closed."""
+    is_pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+    if not is_pair or not all(_is_finite_number(v) for v in value):
+        raise UserInputError(f"augment.{name}: expected a pair [low, high] of numbers, got {value!r}")
+    low, high = value
+    if not low_open < low <= high <= high_closed:
+        upper = "" if math.isinf(high_closed) else f" <= {high_closed}"
+        raise UserInputError(f"augment.{name}: expected {low_open} < low <= high{upper}, got [{low}, {high}]")
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    """Where a view's pixels come from in the input slice (input pixel units, (row, col) order)."""
+
+    center_offset: tuple[float, float]  # crop centre relative to the slice centre
+    crop_size: tuple[float, float]  # crop height and width
+    angle: float  # radians, about the crop centre
+    flip: tuple[bool, bool]  # mirror rows, mirror columns
+
+
+def view_affine(geometry: ViewGeometry, output_shape: tuple[int, int]) -> np.ndarray:
+    """The 3x3 matrix taking centred output pixel coordinates to centred input ones (MONAI's grid
+    convention: coordinate 0 is the middle of the slice)."""
+    row_scale = geometry.crop_size[0] / output_shape[0] * (-1.0 if geometry.flip[0] else 1.0)
+    col_scale = geometry.crop_size[1] / output_shape[1] * (-1.0 if geometry.flip[1] else 1.0)
+    cos, sin = math.cos(geometry.angle), math.sin(geometry.angle)
+    return np.array(
+        [
+            [cos * row_scale, -sin * col_scale, geometry.center_offset[0]],
+            [sin * row_scale, cos * col_scale, geometry.center_offset[1]],
+            [0.0, 0.0, 1.0],
+        ]
+    )
+
+
+_BILINEAR = Resample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)
+_NEAREST = Resample(mode="nearest", padding_mode="zeros", dtype=torch.float32)
+
+
+def warp_slice(
+    image: torch.Tensor,
+    index_map: torch.Tensor,
+    geometry: ViewGeometry,
+    output_shape: tuple[int, int],
+    *,
+    index_fill: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample a slice and its integer map through one affine grid.
+
+    Args:
+        image: float image. Shape: (H, W).
+        index_map: integer ids (super-pixels or organ labels). Shape: (H, W).
+        index_fill: id given to output pixels that come from outside the slice.
+
+    Returns:
+        The image, shape (1, *output_shape), float32 (0 outside the slice), and the map,
+        shape output_shape, int64, with exactly the input's ids plus `index_fill`.
+    """
+    grid, _ = AffineGrid(affine=view_affine(geometry, output_shape))(spatial_size=output_shape)
+    # grid_sample pads with zeros; shifting ids by -index_fill makes that zero mean index_fill.
+    # Nearest sampling copies values, and float32 holds integers exactly up to 2**24.
+    shifted_map = (index_map.to(torch.int64) - index_fill).to(torch.float32)
+    warped_image = _BILINEAR(image[None], grid)
+    warped_map = _NEAREST(shifted_map[None], grid)
+    warped_map = convert_to_tensor(warped_map, track_meta=False)[0].to(torch.int64) + index_fill
+    return convert_to_tensor(warped_image, track_meta=False), warped_map
+
+
+@dataclass(frozen=True)
+class TwoViews:
+    """Two augmentations of one slice. Shapes: images (1, S, S) float32; regions (S, S) int64, -1 = ignored."""
+
+    image1: torch.Tensor
+    image2: torch.Tensor
+    regions1: torch.Tensor
+    regions2: torch.Tensor
+
+
+class TwoViewAugment:
+    """Slice + super-pixel map -> two views, each with its own draw from the caller's generator."""
+
+    def __init__(self, params: AugmentParams, *, output_size: int) -> None:
+        if isinstance(output_size, bool) or not isinstance(output_size, int) or output_size < 8:
+            raise UserInputError(f"output_size: expected a whole number of pixels >= 8, got {output_size!r}")
+        self.params = params
+        self.output_size = output_size
+
+    def __call__(self, image: np.ndarray, superpixels: np.ndarray, rng: np.random.Generator) -> TwoViews:
+        """Args: image float in [0, 1], superpixels int ids with -1 = ignored; both shape (H, W)."""
+        if image.ndim != 2 or image.shape != superpixels.shape:
+            raise ValueError(
+                f"expected a 2D image and a super-pixel map of its shape, got {image.shape} and {superpixels.shape}"
+            )
+        # Copies: arrays decoded from Arrow are read-only, which torch warns about.
+        image_t = torch.from_numpy(np.array(image, dtype=np.float32))
+        regions_t = torch.from_numpy(np.array(superpixels, dtype=np.int64))
+        image1, regions1 = self._view(image_t, regions_t, rng)
+        image2, regions2 = self._view(image_t, regions_t, rng)
+        return TwoViews(image1=image1, image2=image2, regions1=regions1, regions2=regions2)
+
+    def draw_geometry(self, input_shape: tuple[int, int], rng: np.random.Generator) -> ViewGeometry:
+        """A square random resized crop that fits in the slice, a rotation about its centre, flips."""
+        height, width = input_shape
+        area_fraction = rng.uniform(*self.params.crop_scale)
+        side = min(math.sqrt(area_fraction * height * width), height, width)
+        center_offset = (rng.uniform(-0.5, 0.5) * (height - side), rng.uniform(-0.5, 0.5) * (width - side))
+        angle = math.radians(rng.uniform(-self.params.rotate_degrees, self.params.rotate_degrees))
+        flip = (bool(rng.random() < self.params.flip_prob), bool(rng.random() < self.params.flip_prob))
+        return ViewGeometry(center_offset=center_offset, crop_size=(side, side), angle=angle, flip=flip)
+
+    def _view(
+        self, image: torch.Tensor, regions: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        geometry = self.draw_geometry(tuple(image.shape), rng)
+        output_shape = (self.output_size, self.output_size)
+        image, regions = warp_slice(image, regions, geometry, output_shape, index_fill=IGNORED_REGION)
+        return self._adjust_intensity(image, rng), regions
+
+    def _adjust_intensity(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Contrast, gamma, blur, noise on a (1, S, S) image. Every draw is made, used or not,
+        so the generator advances the same way whichever options are switched off."""
+        params = self.params
+        contrast = rng.uniform(*params.contrast_range)
+        gamma = rng.uniform(*params.gamma_range)
+        blur = rng.random() < params.blur_prob
+        blur_sigma = rng.uniform(*params.blur_sigma_range)
+        noise = rng.standard_normal(image.shape, dtype=np.float32)
+
+        mean = image.mean()
+        # Clipping saturates what the contrast pushed past the ends of the window, as the window itself does.
+        image = ((image - mean) * contrast + mean).clamp(0.0, 1.0)
+        if gamma != 1.0:
+            image = AdjustContrast(gamma=gamma)(image)
+        if blur:
+            image = GaussianSmooth(sigma=blur_sigma)(image)
+        image = image + params.noise_std * torch.from_numpy(noise)
+        return convert_to_tensor(image, dtype=torch.float32, track_meta=False)
