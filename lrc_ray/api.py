@@ -10,7 +10,9 @@ from pathlib import Path
 from lrc_ray.data.msd import check_headers, load_msd_dataset
 from lrc_ray.data.slices import DEFAULT_WINDOW_HU, SliceParams
 from lrc_ray.errors import UserInputError
+from lrc_ray.config import DataConfig, RunConfig, save_config
 from lrc_ray.superpixels.cache import (
+    CACHE_MARKER,
     CacheEntry,
     ExtractionParams,
     build_manifest,
@@ -58,12 +60,9 @@ def build_superpixels(
     A second call with the same data and parameters returns the existing entry at once;
     concurrent callers for one entry build it once (the others wait and hit).
     """
-    params = ExtractionParams(
-        felzenszwalb=FelzenszwalbParams(scale=scale, sigma=sigma, min_size=min_size),
-        slicing=SliceParams(window_hu=tuple(window_hu), size=size),
-    )
     if workers is not None and workers < 1:
         raise UserInputError(f"--workers: expected at least 1, got {workers}")
+    params = _extraction_params(scale=scale, sigma=sigma, min_size=min_size, window_hu=window_hu, size=size)
     dataset = load_msd_dataset(data)
     expected_slices = check_headers(dataset)
     root = open_cache_root(cache_root)
@@ -96,6 +95,36 @@ def build_superpixels(
     return SuperpixelResult(entry=entry, cache_hit=False)
 
 
+def find_superpixels(config: DataConfig) -> CacheEntry:
+    """The existing cache entry for a run config's data and super-pixel settings.
+
+    Raises:
+        UserInputError: when it was never built, naming the command that builds it.
+    """
+    params = _extraction_params(
+        scale=config.scale, sigma=config.sigma, min_size=config.min_size, window_hu=config.window_hu, size=config.size
+    )
+    dataset = load_msd_dataset(config.data_dir)
+    root = Path(config.cache_root)
+    entry = None
+    if (root / CACHE_MARKER).is_file():
+        entry = find_entry(root, entry_key(dataset_fingerprint(dataset, root), params))
+    if entry is None:
+        raise UserInputError(
+            f"{config.data_dir}: no super-pixel cache under {root} for scale={config.scale:g} sigma={config.sigma:g} "
+            f"min_size={config.min_size} size={config.size}; make it with `lrc-ray superpixels --data {config.data_dir} "
+            f"--out {root} --scale {config.scale:g} --sigma {config.sigma:g} --min-size {config.min_size} --size {config.size}`"
+        )
+    return entry
+
+
+def _extraction_params(*, scale, sigma, min_size, window_hu, size) -> ExtractionParams:
+    return ExtractionParams(
+        felzenszwalb=FelzenszwalbParams(scale=scale, sigma=sigma, min_size=min_size),
+        slicing=SliceParams(window_hu=tuple(window_hu), size=size),
+    )
+
+
 def describe_entry(entry: CacheEntry) -> dict:
     """Numbers a user wants to see about a cache entry."""
     import pyarrow.compute as pc
@@ -113,3 +142,120 @@ def describe_entry(entry: CacheEntry) -> dict:
         "megabytes": round(entry.manifest["bytes"] / 2**20, 2),
         "params": entry.manifest["params"],
     }
+
+
+def pretrain(*, config: RunConfig, out_dir: str | Path, progress: bool = True) -> Path:
+    """Pre-train with `config.pretrain.method` on the cached super-pixels; returns the checkpoint path.
+
+    Validation volumes (see `data.validation_cases`) are left out of pre-training. A checkpoint
+    is written after every epoch (atomically), with the config and the loss history.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lrc_ray.augment.two_views import TwoViewAugment
+    from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset
+    from lrc_ray.engine.checkpoint import save_checkpoint
+    from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
+
+    out_dir = Path(out_dir)
+    table, split = _training_table(config)
+    pretrain_table = table.filter(_not_in(table, split.validation))
+    settings = config.pretrain
+    torch.manual_seed(config.seed)
+    pretrainer = LrcPretrainer(settings, config.network, seed=config.seed)
+    dataset = TwoViewSliceDataset(
+        pretrain_table, TwoViewAugment(config.augment, output_size=config.data.size), seed=config.seed, min_regions=settings.min_regions
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True, generator=generator,
+                        num_workers=settings.num_workers)
+    logger.info("pre-training %s on %d slices, %d epochs, batch %d", settings.method, len(dataset), settings.epochs, settings.batch_size)
+    save_config(config, out_dir / "config.yaml")
+    history: list[dict] = []
+    epochs = settings.epochs if pretrainer.trains else 0
+    optimizer = build_optimizer(pretrainer, settings) if pretrainer.trains else None
+    checkpoint = out_dir / "checkpoint.pt"
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        metrics = pretrain_one_epoch(pretrainer, loader, optimizer, generator=generator, epoch=epoch, progress=progress)
+        history.append({"epoch": epoch, **metrics})
+        logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        save_checkpoint(checkpoint, state_dict=pretrainer.online.state_dict(), config=config.to_dict(), epoch=epoch, history=history)
+    if epochs == 0:
+        save_checkpoint(checkpoint, state_dict=pretrainer.online.state_dict(), config=config.to_dict(), epoch=-1, history=[])
+    return checkpoint
+
+
+def finetune(
+    *, config: RunConfig, checkpoint: str | Path | None = None, out_dir: str | Path | None = None, progress: bool = True
+) -> dict:
+    """Fine-tune at `config.finetune.label_fraction` and return per-organ and mean 3D Dice.
+
+    Without a checkpoint the network starts from random weights (the `scratch` baseline).
+    """
+    from lrc_ray.engine.checkpoint import load_checkpoint
+    from lrc_ray.engine.finetune import build_segmentation_model, evaluate, finetune as run_finetune
+    from lrc_ray.engine.splits import label_fraction_subset
+
+    pretrained_state, source = None, "random initialisation"
+    if checkpoint is not None:
+        payload = load_checkpoint(checkpoint)
+        saved_network = payload["config"].get("network")
+        if saved_network != config.to_dict()["network"]:
+            raise UserInputError(
+                f"{checkpoint}: built with network {saved_network}, but the config asks for {config.to_dict()['network']}"
+            )
+        pretrained_state, source = payload["state_dict"], f"{checkpoint} ({payload['config']['pretrain']['method']})"
+    table, split = _training_table(config)
+    train_cases = label_fraction_subset(split.train_pool, config.finetune.label_fraction, seed=config.data.split_seed)
+    labels = _labels_of(config)
+    model = build_segmentation_model(config.network, max(labels) + 1, pretrained_state)
+    logger.info("fine-tuning from %s on %d of %d volumes", source, len(train_cases), len(split.train_pool))
+    history = run_finetune(model, table, train_cases=train_cases, config=config.finetune, seed=config.seed, progress=progress)
+    results = evaluate(model, table, cases=split.validation, labels=labels) | {
+        "label_fraction": config.finetune.label_fraction,
+        "train_cases": list(train_cases),
+        "initialisation": source,
+        "history": history,
+    }
+    if out_dir is not None:
+        _write_json_atomic(Path(out_dir) / "results.json", results)
+    return results
+
+
+def _training_table(config: RunConfig):
+    """The cached slices of the run's data, and the validation split of its labelled volumes."""
+    import pyarrow.compute as pc
+
+    from lrc_ray.engine.splits import split_labelled_cases
+    from lrc_ray.superpixels.cache import read_entry_table
+
+    table = read_entry_table(find_superpixels(config.data))
+    labelled = table.filter(pc.is_valid(table.column("label")))
+    case_ids = [str(value) for value in pc.unique(labelled.column("case_id")).to_pylist()]
+    split = split_labelled_cases(case_ids, validation_cases=config.data.validation_cases, seed=config.data.split_seed)
+    return table, split
+
+
+def _not_in(table, case_ids):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.invert(pc.is_in(table.column("case_id"), value_set=pa.array(list(case_ids), pa.string())))
+
+
+def _labels_of(config: RunConfig) -> dict[int, str]:
+    return load_msd_dataset(config.data.data_dir).labels
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    import json
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as stream:
+        json.dump(payload, stream, indent=2)
+    os.replace(tmp, path)

@@ -12,3 +12,7 @@ class UserInputError(ValueError):
 
 class DataValidationError(UserInputError):
     """A data set on disk does not match what lrc_ray expects (names the offending file)."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); printed as one line by the CLI."""

@@ -1,0 +1,241 @@
+"""One typed, frozen run configuration, loaded from YAML and validated at load time.
+
+Sections mirror the pipeline: `data` (where, which super-pixels), `augment`, `network`,
+`pretrain` (method, losses), `finetune` (label fraction, evaluation). Unknown keys get a
+"did you mean ...?" error; bad values name their dotted path (`pretrain.temperature`).
+Derived values (e.g. the global batch) come from named functions, never silent rewrites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from lrc_ray.augment.two_views import AugmentParams
+from lrc_ray.errors import UserInputError
+from lrc_ray.losses.contrastive_sampling import NEGATIVES
+from lrc_ray.models.networks import NetworkParams
+
+METHODS = ("scratch", "global", "lrc", "global+lrc", "supervised", "supervised+lrc")
+
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = ".lrc_ray/data/synthetic_abdomen"
+    cache_root: str = ".lrc_ray/superpixels"
+    size: int = 96  # working slice size (pixels); must be divisible by 16 for the network
+    window_hu: tuple[float, float] = (-175.0, 250.0)
+    scale: float = 100.0
+    sigma: float = 0.8
+    min_size: int = 20
+    validation_cases: int = 2  # labelled volumes held out for evaluation
+    split_seed: int = 0  # fixes the validation volumes and label-fraction subsets across methods and seeds
+
+    def __post_init__(self) -> None:
+        _require(self.size % 16 == 0 and self.size >= 32, "data.size", "a multiple of 16, at least 32", self.size)
+        _require(self.validation_cases >= 1, "data.validation_cases", "at least 1", self.validation_cases)
+        for name in ("scale", "sigma", "min_size"):
+            _require(getattr(self, name) > 0, f"data.{name}", "a positive number", getattr(self, name))
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    method: str = "global+lrc"
+    epochs: int = 10
+    batch_size: int = 16  # per worker
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.1  # contrastive sampling loss
+    regions_per_image: int = 16  # S
+    pixels_per_region: int = 8  # M
+    negatives: str = "image"
+    w_global: float = 1.0
+    w_local: float = 1.0
+    moco_momentum: float = 0.99
+    moco_temperature: float = 0.2
+    queue_size: int = 1024
+    min_regions: int = 2  # slices with fewer regions are skipped
+    num_workers: int = 0  # DataLoader worker processes
+
+    def __post_init__(self) -> None:
+        _require_choice(self.method, METHODS, "pretrain.method")
+        _require_choice(self.negatives, NEGATIVES, "pretrain.negatives")
+        _require(self.epochs >= 0, "pretrain.epochs", "at least 0", self.epochs)
+        _require(self.batch_size >= 2, "pretrain.batch_size", "at least 2", self.batch_size)
+        _require(self.lr > 0, "pretrain.lr", "a positive number", self.lr)
+        _require(self.weight_decay >= 0, "pretrain.weight_decay", "at least 0", self.weight_decay)
+        _require(self.temperature > 0, "pretrain.temperature", "a positive number", self.temperature)
+        _require(self.moco_temperature > 0, "pretrain.moco_temperature", "a positive number", self.moco_temperature)
+        _require(self.regions_per_image >= 1, "pretrain.regions_per_image", "at least 1", self.regions_per_image)
+        _require(self.pixels_per_region >= 1, "pretrain.pixels_per_region", "at least 1", self.pixels_per_region)
+        _require(self.w_global >= 0, "pretrain.w_global", "a non-negative weight", self.w_global)
+        _require(self.w_local >= 0, "pretrain.w_local", "a non-negative weight", self.w_local)
+        _require(0 <= self.moco_momentum < 1, "pretrain.moco_momentum", "in [0, 1)", self.moco_momentum)
+        _require(self.queue_size >= 1, "pretrain.queue_size", "at least 1", self.queue_size)
+        _require(self.min_regions >= 1, "pretrain.min_regions", "at least 1", self.min_regions)
+        _require(self.num_workers >= 0, "pretrain.num_workers", "at least 0", self.num_workers)
+
+    @property
+    def uses_global(self) -> bool:
+        return self.method in ("global", "global+lrc") and self.w_global > 0
+
+    @property
+    def uses_local(self) -> bool:
+        return self.method.endswith("lrc") and self.w_local > 0
+
+    @property
+    def uses_supervised(self) -> bool:
+        return self.method.startswith("supervised")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    label_fraction: float = 0.5
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        _require(0 < self.label_fraction <= 1, "finetune.label_fraction", "in (0, 1]", self.label_fraction)
+        _require(self.epochs >= 1, "finetune.epochs", "at least 1", self.epochs)
+        _require(self.batch_size >= 1, "finetune.batch_size", "at least 1", self.batch_size)
+        _require(self.lr > 0, "finetune.lr", "a positive number", self.lr)
+        _require(self.weight_decay >= 0, "finetune.weight_decay", "at least 0", self.weight_decay)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    network: NetworkParams = field(default_factory=NetworkParams)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **sections: dict) -> "RunConfig":
+        """A copy with some fields changed: `config.replace(pretrain={"epochs": 3})`."""
+        merged = self.to_dict()
+        for section, values in sections.items():
+            if isinstance(merged.get(section), dict):
+                merged[section] = {**merged[section], **values}
+            else:
+                merged[section] = values
+        return config_from_dict(merged)
+
+
+def global_batch_size(per_worker_batch: int, workers: int) -> int:
+    """Samples per optimiser step across data-parallel workers."""
+    return per_worker_batch * max(1, workers)
+
+
+def config_from_dict(raw: dict[str, Any] | None, *, source: str = "config") -> RunConfig:
+    """Build and validate a RunConfig from nested plain values (as parsed from YAML)."""
+    try:
+        return _build(RunConfig, raw or {}, prefix="", source=source)
+    except UserInputError as exc:
+        raise UserInputError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise UserInputError(f"{path}: expected a mapping of sections (data, pretrain, ...) at the top level")
+    return config_from_dict(raw, source=str(path))
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write a config as YAML that `load_config` reads back unchanged (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as stream:
+        yaml.safe_dump(config.to_dict(), stream, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _build(cls: type, raw: Any, *, prefix: str, source: str) -> Any:
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; expected one of {', '.join(names)}"
+            raise UserInputError(f"unknown key '{prefix}{key}'{hint}")
+        values[key] = _convert(hints[key], value, f"{prefix}{key}", source)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, path: str, source: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{path}.", source=source)
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            raise UserInputError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+        item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        return tuple(_convert(t, v, path, source) for t, v in zip(item_types, value))
+    if args and type(None) in args:  # Optional[X]
+        return None if value is None else _convert(next(a for a in args if a is not type(None)), value, path, source)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserInputError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise UserInputError(f"{path}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserInputError(f"{path}: expected a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserInputError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _require(ok: bool, path: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise UserInputError(f"{path}: expected {expected}, got {value!r}")
+
+
+def _require_choice(value: str, choices: tuple[str, ...], path: str) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserInputError(f"{path}: '{value}' is not one of {', '.join(choices)}{hint}")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, recursively, so YAML holds plain lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

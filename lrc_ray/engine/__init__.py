@@ -1,0 +1,1 @@
+"""Plain-PyTorch training: pre-training epochs, fine-tuning, evaluation. No Ray here."""

@@ -1,0 +1,59 @@
+"""Pre-trained checkpoints that carry their context (STYLE.md item 11).
+
+A checkpoint holds the weights of the online pre-training network and what fine-tuning
+needs to rebuild it: the resolved config (with the network parameters), the epoch, the
+loss history, and the code and torch versions. Files are written to a temporary name
+and renamed; loading uses `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lrc_ray import __version__
+from lrc_ray.errors import UserInputError
+
+CHECKPOINT_KIND = "lrc_ray.pretrained.v1"
+
+
+def save_checkpoint(path: str | Path, *, state_dict: dict, config: dict, epoch: int, history: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "kind": CHECKPOINT_KIND,
+        "state_dict": state_dict,
+        "config": config,
+        "epoch": epoch,
+        "history": history,
+        "lrc_ray_version": __version__,
+        "torch_version": str(torch.__version__),
+    }
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by `save_checkpoint`; a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: checkpoint not found; make one with `lrc-ray pretrain`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged or foreign files
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # torch's unpickler puts the actual cause on an "... error: ..." line after its advice.
+        reason = next((line for line in lines if "error:" in line.lower()), lines[0])
+        raise UserInputError(f"{path}: not a readable lrc_ray checkpoint ({reason[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
+        raise UserInputError(f"{path}: not an lrc_ray pre-training checkpoint (expected kind {CHECKPOINT_KIND})")
+    return payload

@@ -1,0 +1,83 @@
+"""Fine-tuning at a label fraction and per-organ 3D Dice evaluation (LRC_METHOD.md section 8)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from monai.losses import DiceCELoss
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lrc_ray.config import FinetuneConfig
+from lrc_ray.data.superpixel_dataset import LabelledSliceDataset
+from lrc_ray.engine.metrics import summarise_dice, volume_dice
+from lrc_ray.errors import TrainingError
+from lrc_ray.models.networks import NetworkParams, SegmentationNetwork
+from lrc_ray.superpixels.table import decode_row
+
+
+def build_segmentation_model(
+    network: NetworkParams, num_classes: int, pretrained_state: dict | None
+) -> SegmentationNetwork:
+    """A new segmentation head on the (pre-trained, when given) encoder-decoder."""
+    model = SegmentationNetwork(network, num_classes)
+    if pretrained_state is not None:
+        model.load_backbone_state(pretrained_state)
+    return model
+
+
+def finetune(
+    model: SegmentationNetwork,
+    table: pa.Table,
+    *,
+    train_cases: tuple[str, ...],
+    config: FinetuneConfig,
+    seed: int,
+    progress: bool = True,
+) -> list[dict]:
+    """Train with Dice + cross-entropy on the slices of `train_cases`; returns per-epoch losses."""
+    torch.manual_seed(seed)
+    dataset = LabelledSliceDataset(table, case_ids=train_cases, augment=config.augment, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    history = []
+    for epoch in range(config.epochs):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        model.train()
+        total, steps = 0.0, 0
+        for batch in tqdm(loader, desc=f"finetune epoch {epoch}", disable=not progress, leave=False):
+            loss = loss_function(model(batch["image"]), batch["label"][:, None])
+            if not torch.isfinite(loss):
+                raise TrainingError(f"fine-tuning epoch {epoch}: loss is {loss.item()}; lower finetune.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, steps = total + float(loss.detach()), steps + 1
+        history.append({"epoch": epoch, "loss": total / max(steps, 1)})
+    return history
+
+
+@torch.no_grad()
+def evaluate(
+    model: SegmentationNetwork, table: pa.Table, *, cases: tuple[str, ...], labels: dict[int, str], batch_size: int = 32
+) -> dict:
+    """Predict every slice of each volume, stack them, and compute per-organ 3D Dice."""
+    model.eval()
+    num_classes = max(labels) + 1
+    organ_names = [labels.get(index, str(index)) for index in range(1, num_classes)]
+    per_volume = []
+    for case_id in cases:
+        rows = pc.indices_nonzero(pc.equal(table.column("case_id"), case_id)).to_pylist()
+        records = sorted((decode_row(table, row) for row in rows), key=lambda record: record.slice_index)
+        if not records or records[0].label is None:
+            raise TrainingError(f"validation volume {case_id}: no labelled slices in the super-pixel cache")
+        images = torch.from_numpy(np.stack([record.image for record in records]))[:, None]
+        prediction = torch.cat([model(chunk).argmax(dim=1) for chunk in images.split(batch_size)]).numpy()
+        label = np.stack([record.label for record in records])
+        per_volume.append(volume_dice(prediction, label, num_classes))
+    return summarise_dice(per_volume, organ_names) | {"validation_cases": list(cases)}

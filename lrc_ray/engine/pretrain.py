@@ -1,0 +1,127 @@
+"""LRC pre-training in plain PyTorch: the model, the loss of one batch, one epoch.
+
+Methods (LRC_METHOD.md section 7): `global` = MoCo v2 on the encoder bottleneck, `lrc` =
+the contrastive sampling loss on the last decoder map, `global+lrc` = their weighted sum,
+`scratch` = no pre-training (the checkpoint holds the random initialisation).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from lrc_ray.config import PretrainConfig
+from lrc_ray.errors import TrainingError
+from lrc_ray.losses import ContrastiveSamplingLoss, MoCoV2Loss, momentum_update, sample_region_pixels
+from lrc_ray.models.networks import LrcNetwork, NetworkParams
+
+
+@dataclass(frozen=True)
+class BatchLosses:
+    total: Tensor
+    terms: dict[str, Tensor]  # the unweighted parts: "global", "local"
+
+
+class LrcPretrainer(nn.Module):
+    """Everything pre-training updates: the online network, its momentum copy, the MoCo queue."""
+
+    def __init__(self, config: PretrainConfig, network: NetworkParams, *, seed: int = 0) -> None:
+        super().__init__()
+        if config.method.startswith("supervised"):
+            raise TrainingError(f"pretrain.method: '{config.method}' needs a labelled source set, which is not built yet")
+        self.config = config
+        self.online = LrcNetwork(network)
+        self.momentum_network: LrcNetwork | None = None
+        self.moco: MoCoV2Loss | None = None
+        self.local_loss: ContrastiveSamplingLoss | None = None
+        self._pending_keys: Tensor | None = None
+        if config.uses_global:
+            self.momentum_network = copy.deepcopy(self.online).requires_grad_(False)
+            self.moco = MoCoV2Loss(network.global_dim, config.queue_size, config.moco_temperature, seed=seed)
+        if config.uses_local:
+            self.local_loss = ContrastiveSamplingLoss(config.temperature, config.negatives)
+
+    @property
+    def trains(self) -> bool:
+        """False for `scratch`: nothing to optimise."""
+        return self.moco is not None or self.local_loss is not None
+
+    def batch_losses(self, batch: dict[str, Tensor], generator: torch.Generator) -> BatchLosses:
+        """Loss of one batch of two-view pairs: image1/image2 (B, 1, S, S), regions1/regions2 (B, S, S)."""
+        view1, view2 = self.online(batch["image1"]), self.online(batch["image2"])
+        terms: dict[str, Tensor] = {}
+        if self.moco is not None:
+            keys1, keys2 = self._momentum_keys(batch["image1"]), self._momentum_keys(batch["image2"])
+            # Symmetric: each view's query against the other view's key.
+            terms["global"] = 0.5 * (
+                self.moco(view1.global_embedding, keys2) + self.moco(view2.global_embedding, keys1)
+            )
+            self._pending_keys = torch.cat([keys1, keys2])
+        if self.local_loss is not None:
+            samples = sample_region_pixels(
+                batch["regions1"],
+                batch["regions2"],
+                regions_per_image=self.config.regions_per_image,
+                pixels_per_region=self.config.pixels_per_region,
+                generator=generator,
+            )
+            embeddings = samples.gather(view1.local_embedding, view2.local_embedding)
+            terms["local"] = self.local_loss(embeddings, samples.region_ids)
+        total = self.config.w_global * terms.get("global", 0.0) + self.config.w_local * terms.get("local", 0.0)
+        return BatchLosses(total=total, terms=terms)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """MoCo bookkeeping: EMA of the online weights, this step's keys into the queue."""
+        if self.moco is None:
+            return
+        momentum_update(self.online, self.momentum_network, self.config.moco_momentum)
+        self.moco.dequeue_and_enqueue(self._pending_keys)
+
+    @torch.no_grad()
+    def _momentum_keys(self, images: Tensor) -> Tensor:
+        network = self.momentum_network
+        return network.global_head(network.backbone(images).bottleneck)
+
+
+def build_optimizer(pretrainer: LrcPretrainer, config: PretrainConfig) -> torch.optim.Optimizer:
+    parameters = [p for p in pretrainer.online.parameters() if p.requires_grad]
+    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def pretrain_one_epoch(
+    pretrainer: LrcPretrainer,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    generator: torch.Generator,
+    epoch: int,
+    progress: bool = True,
+) -> dict[str, float]:
+    """One pass over `loader`; returns the mean total loss and mean of each term.
+
+    Raises:
+        TrainingError: on a non-finite loss (the run stops; lower lr or raise temperature).
+    """
+    pretrainer.train()
+    sums: dict[str, float] = {}
+    steps = 0
+    for batch in tqdm(loader, desc=f"pretrain epoch {epoch}", disable=not progress, leave=False):
+        losses = pretrainer.batch_losses(batch, generator)
+        if not torch.isfinite(losses.total):
+            raise TrainingError(
+                f"pre-training epoch {epoch} step {steps}: loss is {losses.total.item()}; "
+                "lower pretrain.lr or raise pretrain.temperature"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        optimizer.step()
+        pretrainer.after_optimizer_step()
+        for name, value in {"loss": losses.total, **{f"loss_{k}": v for k, v in losses.terms.items()}}.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        steps += 1
+    return {name: total / max(steps, 1) for name, total in sums.items()} | {"steps": steps}
