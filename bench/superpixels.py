@@ -3,15 +3,16 @@
 All three run the same per-slice function on the same prepared slices, side by side in
 one run (machines here are noisy), and print images/s and the ratios Ray/loop and
 Ray/Pool. Target: Ray Data >= 0.9 x Pool. Ray's start-up is excluded (a running cluster);
-each measurement is the best of `--repeats` runs.
+each rate is the best of `--repeats` interleaved rounds. Pool and Ray get the same task size.
 
-    .venv/bin/python bench/superpixels.py [--sizes 256 512] [--slices 96] [--workers N]
+    .venv/bin/python bench/superpixels.py [--sizes 256 512] [--megapixels 24] [--workers N]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing
 import os
 import tempfile
@@ -45,26 +46,30 @@ def _one(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     return superpixels_for_slice(pair[0], pair[1], PARAMS)
 
 
-def best_rate(run, count: int, repeats: int) -> float:
-    times = []
+def interleaved_best_rates(runs: dict, count: int, repeats: int) -> dict[str, float]:
+    """Items per second of each run, best of `repeats` rounds; rounds alternate the runs so
+    that slow phases of a noisy machine hit all of them alike."""
+    best = {name: float("inf") for name in runs}
     for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return count / min(times)
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return {name: count / seconds for name, seconds in best.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--slices", type=int, default=96, help="slices per size")
+    parser.add_argument("--megapixels", type=float, default=24.0,
+                        help="work per size: slices = megapixels / slice size (96 of 512 x 512, 384 of 256 x 256)")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
     import ray
 
-    from lrc_ray.distributed.superpixels import map_superpixels
+    from lrc_ray.distributed.superpixels import batch_size_for, map_superpixels, pipeline_data_context
 
     ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.WARNING,
              _temp_dir=tempfile.mkdtemp(prefix="lrb_"))
@@ -75,20 +80,24 @@ def main() -> None:
         with multiprocessing.get_context("forkserver").Pool(args.workers) as pool:
             pool.map(_one, [(np.zeros((8, 8)), np.ones((8, 8), bool))] * args.workers)  # warm up
             for size in args.sizes:
-                pairs, table = make_slices(size, args.slices)
-                chunk = max(1, len(pairs) // (4 * args.workers))
-                per_batch = max(1, len(pairs) // (4 * args.workers))
-                blocks = ray.data.from_arrow(table).repartition(4 * args.workers).materialize()
+                pairs, table = make_slices(size, max(1, round(args.megapixels * 2**20 / (size * size))))
+                # Both parallel runs get the pipeline's own task size.
+                per_batch = batch_size_for(len(pairs), size * size, args.workers)
+                blocks = ray.data.from_arrow(table).repartition(math.ceil(len(pairs) / per_batch)).materialize()
 
                 def run_ray():
-                    stage = map_superpixels(blocks, params, workers=args.workers, slices_per_batch=per_batch)
-                    assert sum(batch.num_rows for batch in stage.iter_batches(batch_format="pyarrow", batch_size=None)) == len(pairs)
+                    with pipeline_data_context():
+                        stage = map_superpixels(blocks, params, workers=args.workers, slices_per_batch=per_batch)
+                        assert stage.materialize().count() == len(pairs)
 
                 run_ray()  # warm up workers and imports
-                loop = best_rate(lambda: [_one(pair) for pair in pairs], len(pairs), args.repeats)
-                pool_rate = best_rate(lambda: pool.map(_one, pairs, chunksize=chunk), len(pairs), args.repeats)
-                ray_rate = best_rate(run_ray, len(pairs), args.repeats)
-                rows.append((size, len(pairs), loop, pool_rate, ray_rate))
+                runs = {
+                    "loop": lambda: [_one(pair) for pair in pairs],
+                    "pool": lambda: pool.map(_one, pairs, chunksize=per_batch),
+                    "ray": run_ray,
+                }
+                rates = interleaved_best_rates(runs, len(pairs), args.repeats)
+                rows.append((size, len(pairs), rates["loop"], rates["pool"], rates["ray"]))
     finally:
         ray.shutdown()
 

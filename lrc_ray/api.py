@@ -64,7 +64,7 @@ def build_superpixels(
         raise UserInputError(f"--workers: expected at least 1, got {workers}")
     params = _extraction_params(scale=scale, sigma=sigma, min_size=min_size, window_hu=window_hu, size=size)
     dataset = load_msd_dataset(data)
-    expected_slices = check_headers(dataset)
+    headers = check_headers(dataset)
     root = open_cache_root(cache_root)
     fingerprint = dataset_fingerprint(dataset, root)
     key = entry_key(fingerprint, params)
@@ -85,11 +85,12 @@ def build_superpixels(
                 params,
                 str(staged),
                 workers=workers or cluster_cpus(),
-                expected_slices=expected_slices,
+                total_slices=headers.total_slices,
+                slice_pixels=size * size if size else headers.max_slice_pixels,
             )
             manifest = build_manifest(dataset, fingerprint, params, time.perf_counter() - started)
             entry = commit_entry(
-                staged, root, key, manifest, expected_slices=expected_slices, overwrite=overwrite
+                staged, root, key, manifest, expected_slices=headers.total_slices, overwrite=overwrite
             )
     logger.info("built %s (%d slices) in %.1f s", entry.path, entry.num_slices, entry.manifest["build_seconds"])
     return SuperpixelResult(entry=entry, cache_hit=False)

@@ -103,15 +103,20 @@ def load_msd_dataset(root: str | Path) -> MsdDataset:
     return MsdDataset(root=root.resolve(), name=str(spec.get("name", root.name)), labels=labels, cases=tuple(cases))
 
 
-def check_headers(dataset: MsdDataset) -> int:
-    """Cheap checks from the NIfTI headers alone: 3D images, label shape equal to image shape.
+@dataclass(frozen=True)
+class HeaderSummary:
+    total_slices: int  # axial slices of the whole data set
+    max_slice_pixels: int  # the largest in-plane size, in pixels
 
-    Returns the number of axial slices of the whole data set.
-    """
-    total_slices = 0
+
+def check_headers(dataset: MsdDataset) -> HeaderSummary:
+    """Cheap checks from the NIfTI headers alone: 3D images, label shape equal to image shape."""
+    total_slices, max_slice_pixels = 0, 0
     for case in dataset.cases:
         shape, axial_slices = read_header(case.image_path)
         total_slices += axial_slices
+        if axial_slices:
+            max_slice_pixels = max(max_slice_pixels, int(np.prod(shape[:3])) // axial_slices)
         if not _is_3d(shape):
             raise DataValidationError(f"{case.image_path}: expected a 3D volume, got shape {shape}")
         if case.label_path is not None:
@@ -121,7 +126,7 @@ def check_headers(dataset: MsdDataset) -> int:
                     f"{case.label_path}: label shape {label_shape} differs from image shape {shape} "
                     f"of {case.image_path.name}"
                 )
-    return total_slices
+    return HeaderSummary(total_slices=total_slices, max_slice_pixels=max_slice_pixels)
 
 
 def read_case(case: CaseEntry, labels: dict[int, str]) -> tuple[Volume, Volume | None]:

@@ -25,8 +25,8 @@ from lrc_ray.superpixels.cache import ExtractionParams
 from lrc_ray.superpixels.table import add_superpixels, slices_table
 
 _RAY_DATA_ERROR_LOGGERS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")
-# Few slices per task keep both CPUs busy to the end; more amortise the per-task overhead.
-MAX_SLICES_PER_BATCH = 32
+# About 3 s of Felzenszwalb on one core: 64 slices of 256 x 256, 16 of 512 x 512.
+PIXELS_PER_TASK = 1 << 22
 
 
 def extract_to_parquet(
@@ -36,17 +36,15 @@ def extract_to_parquet(
     out_dir: str,
     *,
     workers: int,
-    expected_slices: int,
+    total_slices: int,
+    slice_pixels: int,
 ) -> None:
     """Write the super-pixel table of `cases` as Parquet files into `out_dir`.
 
     Raises the first `UserInputError` a task met (e.g. a corrupt volume) as itself, not
     wrapped in Ray's task errors.
     """
-    # Our own errors (a corrupt volume) should reach the caller as themselves, not as
-    # Ray Data's generic UserCodeException that drops the cause.
-    DataContext.get_current().raise_original_map_exception = True
-    slices_per_batch = max(1, min(MAX_SLICES_PER_BATCH, math.ceil(expected_slices / (4 * workers))))
+    slices_per_batch = batch_size_for(total_slices, slice_pixels, workers)
     items = [{"case_index": index} for index in range(len(cases))]
     # Reading is cheap next to Felzenszwalb: half as many readers. Unequal pool sizes also
     # keep Ray Data from fusing the stages into one task per volume.
@@ -59,13 +57,40 @@ def extract_to_parquet(
     )
     dataset = map_superpixels(volumes, params, workers=workers, slices_per_batch=slices_per_batch)
     try:
-        with _ray_data_error_logs_silenced():
+        with pipeline_data_context(), _ray_data_error_logs_silenced():
             dataset.write_parquet(out_dir, compression="zstd", concurrency=workers)
     except Exception as exc:
         user_error = _find_user_error(exc)
         if user_error is None:
             raise
         raise user_error from None
+
+
+def batch_size_for(total_slices: int, slice_pixels: int, workers: int) -> int:
+    """Slices per task: a few seconds of Felzenszwalb each (Ray Data's scheduling latency is
+    about 0.1 s a task), and at least two tasks per worker on small data sets."""
+    by_work = max(1, PIXELS_PER_TASK // max(slice_pixels, 1))
+    by_balance = math.ceil(total_slices / (2 * workers))
+    return max(1, min(by_work, by_balance))
+
+
+@contextlib.contextmanager
+def pipeline_data_context() -> Iterator[None]:
+    """Ray Data settings for this pipeline, restored afterwards.
+
+    - Our own errors (a corrupt volume) reach the caller as themselves, not as Ray Data's
+      generic UserCodeException, which drops the cause.
+    - No per-operator resource reservation: it holds CPUs back for the read stage, which is
+      idle most of the time, and on small clusters cost a quarter of the throughput
+      (bench/superpixels.py).
+    """
+    context = DataContext.get_current()
+    saved = (context.raise_original_map_exception, context.op_resource_reservation_enabled)
+    context.raise_original_map_exception, context.op_resource_reservation_enabled = True, False
+    try:
+        yield
+    finally:
+        context.raise_original_map_exception, context.op_resource_reservation_enabled = saved
 
 
 def map_superpixels(

@@ -21,7 +21,8 @@ def test_reads_labelled_and_unlabelled_cases(tiny_dataset):
     assert len(dataset.labelled_cases) == 2
     assert dataset.labels[0] == "background"
     assert all(path.is_file() for path in dataset.files)
-    assert check_headers(dataset) == 3 * 6
+    summary = check_headers(dataset)
+    assert (summary.total_slices, summary.max_slice_pixels) == (3 * 6, 48 * 48)
 
 
 def test_monai_reads_the_same_file(tiny_dataset):
