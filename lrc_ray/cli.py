@@ -150,11 +150,15 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    data = RunConfig().data
     data_dir = args.workdir / "data" / "synthetic_abdomen"
     if not (data_dir / "dataset.json").is_file():
-        api.make_synthetic_data(out=data_dir, cases=6, unlabeled=4, size=96, slices=24, seed=0)
+        api.make_synthetic_data(out=data_dir, cases=6, unlabeled=4, size=data.size, slices=24, seed=0)
         print(f"wrote the synthetic data set to {data_dir}")
-    result = api.build_superpixels(data=data_dir, cache_root=args.workdir / "superpixels")
+    result = api.build_superpixels(
+        data=data_dir, cache_root=args.workdir / "superpixels", scale=data.scale, sigma=data.sigma,
+        min_size=data.min_size, window_hu=data.window_hu, size=data.size,
+    )
     _print_entry(result)
     return 0
 

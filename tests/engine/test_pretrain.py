@@ -1,0 +1,80 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lrc_ray.augment.two_views import AugmentParams, TwoViewAugment
+from lrc_ray.config import PretrainConfig
+from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset
+from lrc_ray.engine.pretrain import BatchLosses, LrcPretrainer, build_optimizer, pretrain_one_epoch
+from lrc_ray.errors import TrainingError
+from lrc_ray.models.networks import NetworkParams
+
+NETWORK = NetworkParams(features=(4, 4, 8, 8, 16, 4), global_dim=8, global_hidden=16, local_dim=8)
+
+
+def _loader(slice_table, batch_size=4):
+    dataset = TwoViewSliceDataset(slice_table, TwoViewAugment(AugmentParams(), output_size=32), seed=0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True)
+
+
+def _config(method: str, **kwargs) -> PretrainConfig:
+    return PretrainConfig(method=method, batch_size=4, queue_size=16, regions_per_image=4, pixels_per_region=4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("method", "terms"), [("global", {"global"}), ("lrc", {"local"}), ("global+lrc", {"global", "local"})]
+)
+def test_each_method_computes_its_loss_terms(slice_table, method, terms):
+    torch.manual_seed(0)
+    pretrainer = LrcPretrainer(_config(method), NETWORK)
+    losses = pretrainer.batch_losses(next(iter(_loader(slice_table))), torch.Generator().manual_seed(0))
+    assert set(losses.terms) == terms
+    assert torch.isfinite(losses.total) and losses.total.requires_grad
+    expected = sum(losses.terms.values())  # default weights are 1
+    assert losses.total.item() == pytest.approx(expected.item())
+
+
+def test_weights_scale_the_terms(slice_table):
+    torch.manual_seed(0)
+    batch = next(iter(_loader(slice_table)))
+    pretrainer = LrcPretrainer(_config("global+lrc", w_global=0.25, w_local=2.0), NETWORK)
+    losses = pretrainer.batch_losses(batch, torch.Generator().manual_seed(0))
+    assert losses.total.item() == pytest.approx(0.25 * losses.terms["global"].item() + 2.0 * losses.terms["local"].item())
+
+
+def test_scratch_has_nothing_to_train():
+    assert not LrcPretrainer(_config("scratch"), NETWORK).trains
+
+
+def test_an_epoch_updates_weights_momentum_encoder_and_queue(slice_table):
+    torch.manual_seed(0)
+    pretrainer = LrcPretrainer(_config("global+lrc"), NETWORK)
+    online_before = [p.detach().clone() for p in pretrainer.online.parameters()]
+    momentum_before = [p.detach().clone() for p in pretrainer.momentum_network.parameters()]
+    metrics = pretrain_one_epoch(
+        pretrainer, _loader(slice_table), build_optimizer(pretrainer, _config("global+lrc")),
+        generator=torch.Generator().manual_seed(0), epoch=0, progress=False,
+    )
+    assert metrics["steps"] == 3 and set(metrics) >= {"loss", "loss_global", "loss_local"}
+    assert int(pretrainer.moco.queue_pointer) == (3 * 2 * 4) % 16, "both views' keys enqueued every step"
+    online_moved = [not torch.equal(a, p) for a, p in zip(online_before, pretrainer.online.parameters())]
+    momentum_moved = [not torch.equal(a, p) for a, p in zip(momentum_before, pretrainer.momentum_network.parameters())]
+    assert any(online_moved) and any(momentum_moved)
+    # The momentum encoder trails the online one: it moved less.
+    online_step = sum((a - p).abs().sum() for a, p in zip(online_before, pretrainer.online.parameters()))
+    momentum_step = sum((a - p).abs().sum() for a, p in zip(momentum_before, pretrainer.momentum_network.parameters()))
+    assert momentum_step < online_step
+
+
+def test_non_finite_loss_stops_the_run(slice_table):
+    pretrainer = LrcPretrainer(_config("lrc"), NETWORK)
+    nan = torch.tensor(float("nan"), requires_grad=True)
+    pretrainer.batch_losses = lambda batch, generator: BatchLosses(total=nan, terms={})
+    with pytest.raises(TrainingError, match=r"epoch 0 step 0: loss is nan; lower pretrain.lr"):
+        pretrain_one_epoch(pretrainer, _loader(slice_table), build_optimizer(pretrainer, _config("lrc")),
+                           generator=torch.Generator(), epoch=0, progress=False)
+
+
+def test_supervised_methods_say_what_is_missing():
+    with pytest.raises(TrainingError, match="needs a labelled source set"):
+        LrcPretrainer(_config("supervised+lrc"), NETWORK)

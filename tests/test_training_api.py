@@ -1,0 +1,107 @@
+"""Pre-training and fine-tuning through the API and the CLI, on a tiny cached data set."""
+
+import json
+
+import pytest
+import torch
+
+from lrc_ray import api
+from lrc_ray.cli import main
+from lrc_ray.config import RunConfig, save_config
+from lrc_ray.engine.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.ray
+
+TINY_NETWORK = {"features": [4, 4, 8, 8, 16, 4], "global_dim": 8, "global_hidden": 16, "local_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(local_ray, tiny_dataset, tmp_path_factory) -> RunConfig:
+    cache_root = tmp_path_factory.mktemp("cache")
+    config = RunConfig().replace(
+        data={"data_dir": str(tiny_dataset), "cache_root": str(cache_root), "size": 32, "validation_cases": 1},
+        network=TINY_NETWORK,
+        pretrain={"method": "global+lrc", "epochs": 1, "batch_size": 4, "queue_size": 16},
+        finetune={"epochs": 1, "batch_size": 4},
+    )
+    data = config.data
+    api.build_superpixels(data=data.data_dir, cache_root=data.cache_root, scale=data.scale, sigma=data.sigma,
+                          min_size=data.min_size, size=data.size)
+    return config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_config, tmp_path_factory):
+    return api.pretrain(config=tiny_config, out_dir=tmp_path_factory.mktemp("pretrain"), progress=False)
+
+
+def test_pretraining_writes_a_checkpoint_with_its_context(checkpoint, tiny_config):
+    payload = load_checkpoint(checkpoint)
+    assert payload["config"] == tiny_config.to_dict()
+    assert payload["epoch"] == 0 and len(payload["history"]) == 1
+    assert all(key.startswith(("backbone.", "global_head.", "local_head.")) for key in payload["state_dict"])
+    assert (checkpoint.parent / "config.yaml").is_file()
+
+
+def test_finetuning_reports_per_organ_dice(checkpoint, tiny_config, tmp_path):
+    results = api.finetune(config=tiny_config, checkpoint=checkpoint, out_dir=tmp_path, progress=False)
+    assert 0.0 <= results["dice_mean"] <= 1.0
+    assert set(results["dice_per_organ"]) == {"spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "stomach",
+                                              "aorta", "inferior_vena_cava", "pancreas"}
+    assert len(results["train_cases"]) == 1 and len(results["validation_cases"]) == 1
+    assert not set(results["train_cases"]) & set(results["validation_cases"])
+    assert json.loads((tmp_path / "results.json").read_text())["dice_mean"] == results["dice_mean"]
+
+
+def test_scratch_fine_tunes_from_random_weights(tiny_config):
+    results = api.finetune(config=tiny_config, progress=False)
+    assert results["initialisation"] == "random initialisation"
+
+
+def _cli(capsys, *argv):
+    code = main(["-q", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_corrupt_checkpoint(capsys, tiny_config, tmp_path):
+    save_config(tiny_config, tmp_path / "run.yaml")
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    code, err = _cli(capsys, "finetune", "--config", str(tmp_path / "run.yaml"), "--checkpoint",
+                     str(tmp_path / "broken.pt"), "--label-fraction", "0.5", "--out", str(tmp_path / "ft"))
+    assert code == 2 and len(err) == 1 and "broken.pt: not a readable lrc_ray checkpoint" in err[0]
+    assert not (tmp_path / "ft").exists()
+
+
+def test_checkpoint_of_another_architecture(capsys, checkpoint, tiny_config, tmp_path):
+    other = tiny_config.replace(network={**TINY_NETWORK, "features": [8, 8, 8, 8, 16, 8]})
+    save_config(other, tmp_path / "run.yaml")
+    code, err = _cli(capsys, "finetune", "--config", str(tmp_path / "run.yaml"), "--checkpoint", str(checkpoint),
+                     "--label-fraction", "0.5", "--out", str(tmp_path / "ft"))
+    assert code == 2 and len(err) == 1 and "checkpoint.pt: built with network" in err[0]
+
+
+def test_missing_superpixel_cache_names_the_command(capsys, tiny_config, tmp_path):
+    config = tiny_config.replace(data={"scale": 321.0})
+    save_config(config, tmp_path / "run.yaml")
+    code, err = _cli(capsys, "pretrain", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "pre"))
+    assert code == 2 and len(err) == 1
+    assert "no super-pixel cache" in err[0] and "make it with `lrc-ray superpixels" in err[0] and "--scale 321" in err[0]
+    assert not (tmp_path / "pre").exists()
+
+
+def test_bad_config_key(capsys, tmp_path):
+    (tmp_path / "run.yaml").write_text("pretrain:\n  regions_per_imag: 4\n")
+    code, err = _cli(capsys, "pretrain", "--config", str(tmp_path / "run.yaml"))
+    assert code == 2 and err == [f"lrc-ray: error: {tmp_path / 'run.yaml'}: unknown key 'pretrain.regions_per_imag'; "
+                                 "did you mean 'pretrain.regions_per_image'?"]
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5"])
+def test_label_fraction_out_of_range(capsys, tmp_path, fraction):
+    code, err = _cli(capsys, "finetune", "--label-fraction", fraction)
+    assert code == 2 and "finetune.label_fraction: expected in (0, 1]" in err[0]
+
+
+def test_checkpoint_is_loaded_weights_only(checkpoint):
+    torch.load(checkpoint, weights_only=True)
