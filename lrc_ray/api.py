@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lrc_ray.atomic import write_json_atomic
 from lrc_ray.data.msd import check_headers, load_msd_dataset
 from lrc_ray.data.slices import DEFAULT_WINDOW_HU, SliceParams
 from lrc_ray.errors import UserInputError
@@ -221,7 +222,7 @@ def finetune(
         "history": history,
     }
     if out_dir is not None:
-        _write_json_atomic(Path(out_dir) / "results.json", results)
+        write_json_atomic(Path(out_dir) / "results.json", results)
     return results
 
 
@@ -249,14 +250,3 @@ def _not_in(table, case_ids):
 def _labels_of(config: RunConfig) -> dict[int, str]:
     return load_msd_dataset(config.data.data_dir).labels
 
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    import json
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=2)
-    os.replace(tmp, path)

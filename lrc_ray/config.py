@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lrc_ray.atomic import atomic_write_path
 from lrc_ray.augment.two_views import AugmentParams
 from lrc_ray.errors import UserInputError
 from lrc_ray.losses.contrastive_sampling import NEGATIVES
@@ -165,12 +164,8 @@ def load_config(path: str | Path) -> RunConfig:
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write a config as YAML that `load_config` reads back unchanged (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as stream:
-        yaml.safe_dump(config.to_dict(), stream, sort_keys=False)
-    os.replace(tmp, path)
+    with atomic_write_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _build(cls: type, raw: Any, *, prefix: str, source: str) -> Any:

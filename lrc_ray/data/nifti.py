@@ -13,7 +13,6 @@ is first brought to the closest canonical (RAS+) orientation, then to display or
 from __future__ import annotations
 
 import gzip
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from lrc_ray.atomic import atomic_write_path
 from lrc_ray.errors import DataValidationError
 
 
@@ -58,12 +58,8 @@ def write_volume(path: str | Path, volume_zhw: np.ndarray, spacing_mm: tuple[flo
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{''.join(path.suffixes)}")
-    try:
+    with atomic_write_path(path) as tmp:
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_header(path: str | Path) -> tuple[tuple[int, ...], int]:

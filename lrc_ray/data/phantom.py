@@ -11,10 +11,8 @@ the kidneys up to the liver dome) whatever its slice count and spacing.
 
 from __future__ import annotations
 
-import json
 import logging
 import numbers
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from lrc_ray.atomic import write_json_atomic
 from lrc_ray.data.nifti import write_volume
 from lrc_ray.errors import UserInputError
 
@@ -192,9 +191,7 @@ def write_synthetic_dataset(
         "numUnlabeled": len(pretraining),
         "unlabeled": pretraining,
     }
-    tmp = out_dir / f".dataset.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out_dir / "dataset.json")
+    write_json_atomic(out_dir / "dataset.json", manifest)
     logger.info("wrote %d labelled and %d unlabelled synthetic cases to %s", cases, unlabeled, out_dir)
     return out_dir
 

@@ -8,13 +8,12 @@ and renamed; loading uses `torch.load(..., weights_only=True)`.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from lrc_ray import __version__
+from lrc_ray.atomic import atomic_write_path
 from lrc_ray.errors import UserInputError
 
 CHECKPOINT_KIND = "lrc_ray.pretrained.v1"
@@ -22,7 +21,6 @@ CHECKPOINT_KIND = "lrc_ray.pretrained.v1"
 
 def save_checkpoint(path: str | Path, *, state_dict: dict, config: dict, epoch: int, history: list[dict]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "kind": CHECKPOINT_KIND,
         "state_dict": state_dict,
@@ -32,13 +30,8 @@ def save_checkpoint(path: str | Path, *, state_dict: dict, config: dict, epoch: 
         "lrc_ray_version": __version__,
         "torch_version": str(torch.__version__),
     }
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
+    with atomic_write_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

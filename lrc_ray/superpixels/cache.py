@@ -25,13 +25,14 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow.parquet as pq
 
 from lrc_ray import __version__
+from lrc_ray.atomic import write_json_atomic
 from lrc_ray.data.msd import MsdDataset
 from lrc_ray.data.slices import SliceParams
 from lrc_ray.errors import UserInputError
@@ -93,7 +94,7 @@ def open_cache_root(path: str | Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     marker = root / CACHE_MARKER
     if not marker.is_file():
-        _write_json_atomic(marker, {"format_version": FORMAT_VERSION})
+        write_json_atomic(marker, {"format_version": FORMAT_VERSION})
     return root
 
 
@@ -116,7 +117,7 @@ def dataset_fingerprint(dataset: MsdDataset, cache_root: Path) -> str:
         digest.update(os.path.relpath(path, dataset.root).encode())
         digest.update(memo[memo_key].encode())
     if changed:
-        _write_json_atomic(memo_path, memo)
+        write_json_atomic(memo_path, memo)
     return digest.hexdigest()
 
 
@@ -164,7 +165,7 @@ def commit_entry(
     manifest["bytes"] = sum(part.stat().st_size for part in parts)
     if manifest["num_slices"] != expected_slices:
         raise RuntimeError(f"{staged}: wrote {manifest['num_slices']} slices, expected {expected_slices}")
-    _write_json_atomic(staged / MANIFEST, manifest)
+    write_json_atomic(staged / MANIFEST, manifest)
     final = cache_root / key
     if final.exists():
         if not overwrite:
@@ -202,10 +203,6 @@ def read_entry_table(entry: CacheEntry, columns: list[str] | None = None):
     return table.sort_by([("case_id", "ascending"), ("slice_index", "ascending")])
 
 
-def params_summary(params: ExtractionParams) -> dict:
-    return {**asdict(params.felzenszwalb), "window_hu": list(params.slicing.window_hu), "size": params.slicing.size}
-
-
 def _file_hash(path: Path) -> str:
     digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as handle:
@@ -220,8 +217,3 @@ def _read_json(path: Path) -> dict | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
