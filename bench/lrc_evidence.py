@@ -5,7 +5,7 @@ fractions: the lowest one (a single training volume) and a middle one. Prints me
 of the validation mean Dice over seeds. Sized for ~15 minutes on 2 CPU cores; the budget
 flags make it longer (and more telling) on bigger machines.
 
-    .venv/bin/python bench/lrc_evidence.py [--seeds 3] [--pretrain-epochs 2] [--finetune-epochs 8]
+    .venv/bin/python bench/lrc_evidence.py [--seeds 3] [--pretrain-epochs 5] [--finetune-epochs 40]
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--unlabeled", type=int, default=8, help="unlabelled volumes (pre-training only)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--slices", type=int, default=20)
-    parser.add_argument("--pretrain-epochs", type=int, default=2)
-    parser.add_argument("--finetune-epochs", type=int, default=8)
+    parser.add_argument("--pretrain-epochs", type=int, default=5)
+    parser.add_argument("--finetune-epochs", type=int, default=40)
     parser.add_argument("--middle-fraction", type=float, default=0.5)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
