@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lrc_ray.atomic import write_json_atomic
@@ -161,13 +161,13 @@ def pretrain(*, config: RunConfig, out_dir: str | Path, progress: bool = True) -
     from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
 
     out_dir = Path(out_dir)
-    table, split = _training_table(config)
-    pretrain_table = table.filter(_not_in(table, split.validation))
     settings = config.pretrain
+    pretrain_table, num_classes = _pretraining_table(config)
     torch.manual_seed(config.seed)
-    pretrainer = LrcPretrainer(settings, config.network, seed=config.seed)
+    pretrainer = LrcPretrainer(settings, config.network, seed=config.seed, num_classes=num_classes)
     dataset = TwoViewSliceDataset(
-        pretrain_table, TwoViewAugment(config.augment, output_size=config.data.size), seed=config.seed, min_regions=settings.min_regions
+        pretrain_table, TwoViewAugment(config.augment, output_size=config.data.size), seed=config.seed,
+        min_regions=settings.min_regions, with_labels=settings.uses_supervised,
     )
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True, generator=generator,
@@ -224,6 +224,27 @@ def finetune(
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / "results.json", results)
     return results
+
+
+def _pretraining_table(config: RunConfig):
+    """Slices to pre-train on, and the number of classes when labels are used.
+
+    Self-supervised methods use every volume of the data set except the validation ones; the
+    supervised methods use the labelled volumes of `pretrain.source_data_dir`, a separate set.
+    """
+    from lrc_ray.superpixels.cache import read_entry_table
+
+    source_dir = config.pretrain.source_data_dir
+    if not config.pretrain.uses_supervised:
+        table, split = _training_table(config)
+        return table.filter(_not_in(table, split.validation)), None
+    if Path(source_dir).resolve() == Path(config.data.data_dir).resolve():
+        raise UserInputError(
+            f"pretrain.source_data_dir: {source_dir} is the fine-tuning data set; supervised pre-training on it "
+            "would use labels beyond the label fraction"
+        )
+    source = replace(config.data, data_dir=source_dir)
+    return read_entry_table(find_superpixels(source)), max(load_msd_dataset(source_dir).labels) + 1
 
 
 def _training_table(config: RunConfig):

@@ -59,6 +59,11 @@ class PretrainConfig:
     negatives: str = "image"
     w_global: float = 1.0
     w_local: float = 1.0
+    w_supervised: float = 1.0
+    # The supervised methods pre-train on this labelled data set (MSD layout, super-pixels cached
+    # with the run's `data` settings). It must not be the fine-tuning data: its labels would
+    # leak past the label fraction.
+    source_data_dir: str | None = None
     moco_momentum: float = 0.99
     moco_temperature: float = 0.2
     queue_size: int = 1024
@@ -78,6 +83,13 @@ class PretrainConfig:
         _require(self.pixels_per_region >= 1, "pretrain.pixels_per_region", "at least 1", self.pixels_per_region)
         _require(self.w_global >= 0, "pretrain.w_global", "a non-negative weight", self.w_global)
         _require(self.w_local >= 0, "pretrain.w_local", "a non-negative weight", self.w_local)
+        _require(self.w_supervised >= 0, "pretrain.w_supervised", "a non-negative weight", self.w_supervised)
+        _require(
+            not self.uses_supervised or bool(self.source_data_dir),
+            "pretrain.source_data_dir",
+            f"a labelled source data set for method '{self.method}' (e.g. one made by `lrc-ray data synth --seed 1`)",
+            self.source_data_dir,
+        )
         _require(0 <= self.moco_momentum < 1, "pretrain.moco_momentum", "in [0, 1)", self.moco_momentum)
         _require(self.queue_size >= 1, "pretrain.queue_size", "at least 1", self.queue_size)
         _require(self.min_regions >= 1, "pretrain.min_regions", "at least 1", self.min_regions)

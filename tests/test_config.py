@@ -38,6 +38,8 @@ def test_yaml_overrides_nested_values(tmp_path):
         ({"pretrain": {"epochs": "ten"}}, r"pretrain.epochs: expected an integer, got 'ten'"),
         ({"augment": {"crop_scale": [0.5]}}, r"augment.crop_scale: expected a list of 2 values"),
         ({"network": {"local_dim": 0}}, r"network.local_dim"),
+        ({"pretrain": {"method": "supervised"}}, r"pretrain.source_data_dir: expected a labelled source data set"),
+        ({"pretrain": {"w_supervised": -1}}, r"pretrain.w_supervised: expected a non-negative weight"),
     ],
 )
 def test_bad_values_name_their_path(raw, message):

@@ -9,6 +9,7 @@ from lrc_ray import api
 from lrc_ray.cli import main
 from lrc_ray.config import RunConfig, save_config
 from lrc_ray.engine.checkpoint import load_checkpoint
+from lrc_ray.errors import UserInputError
 
 pytestmark = pytest.mark.ray
 
@@ -105,3 +106,24 @@ def test_label_fraction_out_of_range(capsys, tmp_path, fraction):
 
 def test_checkpoint_is_loaded_weights_only(checkpoint):
     torch.load(checkpoint, weights_only=True)
+
+
+def test_supervised_lrc_pretrains_on_a_separate_labelled_source(tiny_config, tmp_path):
+    from lrc_ray.data.phantom import write_synthetic_dataset
+
+    source = write_synthetic_dataset(tmp_path / "source", cases=1, unlabeled=1, size=48, slices=6, seed=11)
+    data = tiny_config.data
+    api.build_superpixels(data=source, cache_root=data.cache_root, scale=data.scale, sigma=data.sigma,
+                          min_size=data.min_size, size=data.size)
+    config = tiny_config.replace(pretrain={"method": "supervised+lrc", "source_data_dir": str(source)})
+    checkpoint = api.pretrain(config=config, out_dir=tmp_path / "pretrain", progress=False)
+    history = load_checkpoint(checkpoint)["history"]
+    assert {"loss_supervised", "loss_local"} <= set(history[0]) and history[0]["steps"] == 1, "6 labelled slices, batch 4"
+    results = api.finetune(config=config, checkpoint=checkpoint, progress=False)
+    assert 0.0 <= results["dice_mean"] <= 1.0
+
+
+def test_supervised_source_must_not_be_the_fine_tuning_data(tiny_config):
+    config = tiny_config.replace(pretrain={"method": "supervised", "source_data_dir": tiny_config.data.data_dir})
+    with pytest.raises(UserInputError, match="is the fine-tuning data set"):
+        api.pretrain(config=config, out_dir="unused", progress=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -20,6 +20,8 @@ from monai.utils import convert_to_tensor
 
 from lrc_ray.errors import UserInputError
 from lrc_ray.superpixels.felzenszwalb import IGNORED_REGION
+
+BACKGROUND_LABEL = 0
 
 
 @dataclass(frozen=True)
@@ -131,12 +133,15 @@ def warp_slice(
 
 @dataclass(frozen=True)
 class TwoViews:
-    """Two augmentations of one slice. Shapes: images (1, S, S) float32; regions (S, S) int64, -1 = ignored."""
+    """Two augmentations of one slice. Shapes: images (1, S, S) float32; regions (S, S) int64, -1 = ignored;
+    labels (S, S) int64 (background outside the slice), only when the slice's label was given."""
 
     image1: torch.Tensor
     image2: torch.Tensor
     regions1: torch.Tensor
     regions2: torch.Tensor
+    label1: torch.Tensor | None = None
+    label2: torch.Tensor | None = None
 
 
 class TwoViewAugment:
@@ -148,18 +153,24 @@ class TwoViewAugment:
         self.params = params
         self.output_size = output_size
 
-    def __call__(self, image: np.ndarray, superpixels: np.ndarray, rng: np.random.Generator) -> TwoViews:
-        """Args: image float in [0, 1], superpixels int ids with -1 = ignored; both shape (H, W)."""
-        if image.ndim != 2 or image.shape != superpixels.shape:
+    def __call__(
+        self, image: np.ndarray, superpixels: np.ndarray, rng: np.random.Generator, label: np.ndarray | None = None
+    ) -> TwoViews:
+        """Args: image float in [0, 1], superpixels int ids with -1 = ignored, optional organ label;
+        all shape (H, W). The label follows each view's geometry, without left-right flips, which
+        would put left-side organs on the right while their labels keep the side."""
+        if image.ndim != 2 or image.shape != superpixels.shape or (label is not None and label.shape != image.shape):
             raise ValueError(
-                f"expected a 2D image and a super-pixel map of its shape, got {image.shape} and {superpixels.shape}"
+                f"expected a 2D image and maps of its shape, got {image.shape}, {superpixels.shape}"
+                + ("" if label is None else f" and {label.shape}")
             )
         # Copies: arrays decoded from Arrow are read-only, which torch warns about.
         image_t = torch.from_numpy(np.array(image, dtype=np.float32))
         regions_t = torch.from_numpy(np.array(superpixels, dtype=np.int64))
-        image1, regions1 = self._view(image_t, regions_t, rng)
-        image2, regions2 = self._view(image_t, regions_t, rng)
-        return TwoViews(image1=image1, image2=image2, regions1=regions1, regions2=regions2)
+        label_t = None if label is None else torch.from_numpy(np.array(label, dtype=np.int64))
+        image1, regions1, label1 = self._view(image_t, regions_t, label_t, rng)
+        image2, regions2, label2 = self._view(image_t, regions_t, label_t, rng)
+        return TwoViews(image1, image2, regions1, regions2, label1, label2)
 
     def draw_geometry(self, input_shape: tuple[int, int], rng: np.random.Generator) -> ViewGeometry:
         """A square random resized crop that fits in the slice, a rotation about its centre, flips."""
@@ -172,12 +183,17 @@ class TwoViewAugment:
         return ViewGeometry(center_offset=center_offset, crop_size=(side, side), angle=angle, flip=flip)
 
     def _view(
-        self, image: torch.Tensor, regions: torch.Tensor, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, image: torch.Tensor, regions: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         geometry = self.draw_geometry(tuple(image.shape), rng)
+        if label is not None:
+            geometry = replace(geometry, flip=(geometry.flip[0], False))  # keep left organs on the left
         output_shape = (self.output_size, self.output_size)
-        image, regions = warp_slice(image, regions, geometry, output_shape, index_fill=IGNORED_REGION)
-        return self._adjust_intensity(image, rng), regions
+        warped_image, warped_regions = warp_slice(image, regions, geometry, output_shape, index_fill=IGNORED_REGION)
+        warped_label = None
+        if label is not None:
+            _, warped_label = warp_slice(image, label, geometry, output_shape, index_fill=BACKGROUND_LABEL)
+        return self._adjust_intensity(warped_image, rng), warped_regions, warped_label
 
     def _adjust_intensity(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Contrast, gamma, blur, noise on a (1, S, S) image. Every draw is made, used or not,

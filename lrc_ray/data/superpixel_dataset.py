@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
-from lrc_ray.augment.two_views import TwoViewAugment, ViewGeometry, warp_slice
+from lrc_ray.augment.two_views import BACKGROUND_LABEL, TwoViewAugment, ViewGeometry, warp_slice
 from lrc_ray.errors import UserInputError
 from lrc_ray.superpixels.table import decode_row
 
@@ -24,7 +24,6 @@ from lrc_ray.superpixels.table import decode_row
 # still learn where organs lie.
 LABEL_ROTATE_DEGREES = 10.0
 LABEL_FLIP_PROB = 0.5
-BACKGROUND_LABEL = 0
 
 
 class _EpochSeeded(Dataset):
@@ -57,29 +56,39 @@ class _EpochSeeded(Dataset):
 class TwoViewSliceDataset(_EpochSeeded):
     """Slices of a super-pixel cache table -> two augmented views each.
 
-    Items: image1, image2 float32 (1, S, S); regions1, regions2 int64 (S, S), -1 = ignored.
+    Items: image1, image2 float32 (1, S, S); regions1, regions2 int64 (S, S), -1 = ignored;
+    with `with_labels`, also label1, label2 int64 (S, S), and only labelled slices are used.
     Slices with fewer than `min_regions` super-pixel regions are left out: they give the
     region contrast nothing to contrast.
     """
 
-    def __init__(self, table: pa.Table, augment: TwoViewAugment, *, seed: int, min_regions: int = 2) -> None:
+    def __init__(
+        self, table: pa.Table, augment: TwoViewAugment, *, seed: int, min_regions: int = 2, with_labels: bool = False
+    ) -> None:
         if "n_regions" not in table.column_names:
             raise UserInputError("the slice table has no super-pixels; run the super-pixel stage first")
         if isinstance(min_regions, bool) or not isinstance(min_regions, int) or min_regions < 1:
             raise UserInputError(f"min_regions: expected a whole number >= 1, got {min_regions!r}")
-        n_regions = table.column("n_regions").to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(n_regions >= min_regions)
+        keep = table.column("n_regions").to_numpy(zero_copy_only=False) >= min_regions
+        if with_labels:
+            keep &= pc.is_valid(table.column("label")).to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(keep)
         if rows.size == 0:
+            labelled = "labelled " if with_labels else ""
             raise UserInputError(
-                f"no slice has >= {min_regions} super-pixel regions; lower min_size/scale or check the cache"
+                f"no {labelled}slice has >= {min_regions} super-pixel regions; lower min_size/scale or check the cache"
             )
         super().__init__(table, rows, seed)
         self._augment = augment
+        self._with_labels = with_labels
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record, rng = self._record_and_rng(index)
-        views = self._augment(record.image, record.superpixels, rng)
-        return {"image1": views.image1, "image2": views.image2, "regions1": views.regions1, "regions2": views.regions2}
+        views = self._augment(record.image, record.superpixels, rng, label=record.label if self._with_labels else None)
+        item = {"image1": views.image1, "image2": views.image2, "regions1": views.regions1, "regions2": views.regions2}
+        if self._with_labels:
+            item.update(label1=views.label1, label2=views.label2)
+        return item
 
 
 class LabelledSliceDataset(_EpochSeeded):

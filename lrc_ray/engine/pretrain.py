@@ -2,7 +2,9 @@
 
 Methods (LRC_METHOD.md section 7): `global` = MoCo v2 on the encoder bottleneck, `lrc` =
 the contrastive sampling loss on the last decoder map, `global+lrc` = their weighted sum,
-`scratch` = no pre-training (the checkpoint holds the random initialisation).
+`supervised` = Dice + cross-entropy of a segmentation head on a labelled source set,
+`supervised+lrc` = that plus LRC, `scratch` = no pre-training (the checkpoint holds the
+random initialisation).
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from monai.losses import DiceCELoss
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from lrc_ray.config import PretrainConfig
 from lrc_ray.errors import TrainingError
 from lrc_ray.losses import ContrastiveSamplingLoss, MoCoV2Loss, momentum_update, sample_region_pixels
+from lrc_ray.models.heads import SegmentationHead
 from lrc_ray.models.networks import LrcNetwork, NetworkParams
 
 
@@ -29,16 +33,22 @@ class BatchLosses:
 class LrcPretrainer(nn.Module):
     """Everything pre-training updates: the online network, its momentum copy, the MoCo queue."""
 
-    def __init__(self, config: PretrainConfig, network: NetworkParams, *, seed: int = 0) -> None:
+    def __init__(
+        self, config: PretrainConfig, network: NetworkParams, *, seed: int = 0, num_classes: int | None = None
+    ) -> None:
         super().__init__()
-        if config.method.startswith("supervised"):
-            raise TrainingError(f"pretrain.method: '{config.method}' needs a labelled source set, which is not built yet")
+        if config.uses_supervised and (num_classes is None or num_classes < 2):
+            raise ValueError(f"method '{config.method}' needs num_classes >= 2 (background + organs), got {num_classes}")
         self.config = config
         self.online = LrcNetwork(network)
         self.momentum_network: LrcNetwork | None = None
         self.moco: MoCoV2Loss | None = None
         self.local_loss: ContrastiveSamplingLoss | None = None
         self._pending_keys: Tensor | None = None
+        self.segmentation_head: SegmentationHead | None = None
+        if config.uses_supervised:
+            self.segmentation_head = SegmentationHead(self.online.backbone.decoder_channels, num_classes)
+            self.supervised_loss = DiceCELoss(to_onehot_y=True, softmax=True)
         if config.uses_global:
             self.momentum_network = copy.deepcopy(self.online).requires_grad_(False)
             self.moco = MoCoV2Loss(network.global_dim, config.queue_size, config.moco_temperature, seed=seed)
@@ -48,10 +58,11 @@ class LrcPretrainer(nn.Module):
     @property
     def trains(self) -> bool:
         """False for `scratch`: nothing to optimise."""
-        return self.moco is not None or self.local_loss is not None
+        return self.moco is not None or self.local_loss is not None or self.segmentation_head is not None
 
     def batch_losses(self, batch: dict[str, Tensor], generator: torch.Generator) -> BatchLosses:
-        """Loss of one batch of two-view pairs: image1/image2 (B, 1, S, S), regions1/regions2 (B, S, S)."""
+        """Loss of one batch of two-view pairs: image1/image2 (B, 1, S, S), regions1/regions2 (B, S, S),
+        and label1/label2 (B, S, S) for the supervised methods."""
         view1, view2 = self.online(batch["image1"]), self.online(batch["image2"])
         terms: dict[str, Tensor] = {}
         if self.moco is not None:
@@ -71,7 +82,13 @@ class LrcPretrainer(nn.Module):
             )
             embeddings = samples.gather(view1.local_embedding, view2.local_embedding)
             terms["local"] = self.local_loss(embeddings, samples.region_ids)
-        total = self.config.w_global * terms.get("global", 0.0) + self.config.w_local * terms.get("local", 0.0)
+        if self.segmentation_head is not None:
+            terms["supervised"] = 0.5 * sum(
+                self.supervised_loss(self.segmentation_head(view.features.decoder), batch[label][:, None])
+                for view, label in ((view1, "label1"), (view2, "label2"))
+            )
+        weights = {"global": self.config.w_global, "local": self.config.w_local, "supervised": self.config.w_supervised}
+        total = sum(weights[name] * value for name, value in terms.items())
         return BatchLosses(total=total, terms=terms)
 
     @torch.no_grad()
@@ -89,7 +106,9 @@ class LrcPretrainer(nn.Module):
 
 
 def build_optimizer(pretrainer: LrcPretrainer, config: PretrainConfig) -> torch.optim.Optimizer:
-    parameters = [p for p in pretrainer.online.parameters() if p.requires_grad]
+    # The online network and, for the supervised methods, the segmentation head; not the
+    # momentum encoder, which follows the online one by EMA.
+    parameters = [p for p in pretrainer.parameters() if p.requires_grad]
     return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 

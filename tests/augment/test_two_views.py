@@ -180,3 +180,21 @@ def test_bad_output_size_raises(output_size):
 def test_mismatched_inputs_raise():
     with pytest.raises(ValueError, match="shape"):
         TwoViewAugment(AugmentParams(), output_size=16)(np.zeros((8, 8)), np.zeros((8, 9)), np.random.default_rng(0))
+
+
+def test_labels_follow_the_view_without_left_right_flips():
+    """Left organs stay left: with a label, a view may flip front-back but never left-right."""
+    image = np.zeros((32, 32), np.float32)
+    image[:, :16], image[:, 16:] = 0.2, 0.8
+    label = np.where(np.arange(32)[None, :] < 16, 1, 2).repeat(32, axis=0)
+    regions = label - 1
+    params = AugmentParams(crop_scale=(1.0, 1.0), rotate_degrees=0.0, flip_prob=1.0, contrast_range=(1, 1),
+                           gamma_range=(1, 1), noise_std=0.0, blur_prob=0.0)
+    augment = TwoViewAugment(params, output_size=32)
+    unlabelled = augment(image, regions, np.random.default_rng(0))
+    assert unlabelled.image1[0, :, :4].mean() > 0.7, "without labels, views flip left-right"
+    labelled = augment(image, regions, np.random.default_rng(0), label=label)
+    assert set(labelled.label1.unique().tolist()) <= {0, 1, 2} and labelled.label1.dtype == torch.int64
+    assert (labelled.label1[:, :12] == 1).all() and (labelled.label1[:, 20:] == 2).all()
+    assert labelled.image1[0, :, :12].max() < 0.3, "the image stays aligned with its label"
+    assert torch.equal(labelled.regions1 + 1, labelled.label1), "super-pixels share the label's geometry"

@@ -75,6 +75,28 @@ def test_non_finite_loss_stops_the_run(slice_table):
                            generator=torch.Generator(), epoch=0, progress=False)
 
 
-def test_supervised_methods_say_what_is_missing():
-    with pytest.raises(TrainingError, match="needs a labelled source set"):
-        LrcPretrainer(_config("supervised+lrc"), NETWORK)
+def _labelled_loader(slice_table, batch_size=4):
+    augment = TwoViewAugment(AugmentParams(), output_size=32)
+    dataset = TwoViewSliceDataset(slice_table, augment, seed=0, with_labels=True)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True)
+
+
+@pytest.mark.parametrize(("method", "terms"), [("supervised", {"supervised"}), ("supervised+lrc", {"supervised", "local"})])
+def test_supervised_methods_add_a_segmentation_loss(slice_table, method, terms):
+    torch.manual_seed(0)
+    config = _config(method, source_data_dir="source", w_supervised=0.5)
+    pretrainer = LrcPretrainer(config, NETWORK, num_classes=10)
+    batch = next(iter(_labelled_loader(slice_table)))
+    assert batch["label1"].shape == (4, 32, 32) and batch["label1"].dtype == torch.int64
+    losses = pretrainer.batch_losses(batch, torch.Generator().manual_seed(0))
+    assert set(losses.terms) == terms
+    expected = 0.5 * losses.terms["supervised"] + losses.terms.get("local", 0.0)
+    assert losses.total.item() == pytest.approx(expected.item())
+    optimizer = build_optimizer(pretrainer, config)
+    head_weights = {id(p) for p in pretrainer.segmentation_head.parameters()}
+    assert head_weights <= {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_supervised_methods_need_the_number_of_classes():
+    with pytest.raises(ValueError, match="needs num_classes >= 2"):
+        LrcPretrainer(_config("supervised", source_data_dir="source"), NETWORK)
