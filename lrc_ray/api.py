@@ -10,8 +10,8 @@ from pathlib import Path
 from lrc_ray.atomic import write_json_atomic
 from lrc_ray.data.msd import check_headers, load_msd_dataset
 from lrc_ray.data.slices import DEFAULT_WINDOW_HU, SliceParams
-from lrc_ray.errors import UserInputError
 from lrc_ray.config import DataConfig, RunConfig, save_config
+from lrc_ray.errors import UserInputError
 from lrc_ray.superpixels.cache import (
     CACHE_MARKER,
     CacheEntry,
@@ -169,6 +169,10 @@ def pretrain(*, config: RunConfig, out_dir: str | Path, progress: bool = True) -
         pretrain_table, TwoViewAugment(config.augment, output_size=config.data.size), seed=config.seed,
         min_regions=settings.min_regions, with_labels=settings.uses_supervised,
     )
+    if pretrainer.trains and len(dataset) < settings.batch_size:
+        raise UserInputError(
+            f"pretrain.batch_size: {settings.batch_size} is more than the {len(dataset)} slices to pre-train on"
+        )
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True, generator=generator,
                         num_workers=settings.num_workers)

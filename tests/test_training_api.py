@@ -127,3 +127,10 @@ def test_supervised_source_must_not_be_the_fine_tuning_data(tiny_config):
     config = tiny_config.replace(pretrain={"method": "supervised", "source_data_dir": tiny_config.data.data_dir})
     with pytest.raises(UserInputError, match="is the fine-tuning data set"):
         api.pretrain(config=config, out_dir="unused", progress=False)
+
+
+def test_batch_larger_than_the_data(tiny_config, tmp_path):
+    config = tiny_config.replace(pretrain={"batch_size": 1000})
+    with pytest.raises(UserInputError, match=r"pretrain.batch_size: 1000 is more than the \d+ slices"):
+        api.pretrain(config=config, out_dir=tmp_path, progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()
