@@ -213,9 +213,8 @@ def finetune(
                 f"{checkpoint}: built with network {saved_network}, but the config asks for {config.to_dict()['network']}"
             )
         pretrained_state, source = payload["state_dict"], f"{checkpoint} ({payload['config']['pretrain']['method']})"
-    table, split = _training_table(config)
+    table, labels, split = _training_table(config)
     train_cases = label_fraction_subset(split.train_pool, config.finetune.label_fraction, seed=config.data.split_seed)
-    labels = _labels_of(config)
     model = build_segmentation_model(config.network, max(labels) + 1, pretrained_state)
     logger.info("fine-tuning from %s on %d of %d volumes", source, len(train_cases), len(split.train_pool))
     history = run_finetune(model, table, train_cases=train_cases, config=config.finetune, seed=config.seed, progress=progress)
@@ -236,33 +235,38 @@ def _pretraining_table(config: RunConfig):
     Self-supervised methods use every volume of the data set except the validation ones; the
     supervised methods use the labelled volumes of `pretrain.source_data_dir`, a separate set.
     """
-    from lrc_ray.superpixels.cache import read_entry_table
-
     source_dir = config.pretrain.source_data_dir
     if not config.pretrain.uses_supervised:
-        table, split = _training_table(config)
+        table, _, split = _training_table(config)
         return table.filter(_not_in(table, split.validation)), None
     if Path(source_dir).resolve() == Path(config.data.data_dir).resolve():
         raise UserInputError(
             f"pretrain.source_data_dir: {source_dir} is the fine-tuning data set; supervised pre-training on it "
             "would use labels beyond the label fraction"
         )
-    source = replace(config.data, data_dir=source_dir)
-    return read_entry_table(find_superpixels(source)), max(load_msd_dataset(source_dir).labels) + 1
+    table, labels = _cached_slices(replace(config.data, data_dir=source_dir))
+    return table, max(labels) + 1
+
+
+def _cached_slices(data: DataConfig):
+    """All cached slices of a data set, and its label names (kept in the entry's manifest)."""
+    from lrc_ray.superpixels.cache import read_entry_table
+
+    entry = find_superpixels(data)
+    return read_entry_table(entry), {int(value): name for value, name in entry.manifest["labels"].items()}
 
 
 def _training_table(config: RunConfig):
-    """The cached slices of the run's data, and the validation split of its labelled volumes."""
+    """The cached slices of the run's data, its label names, and the validation split of its labelled volumes."""
     import pyarrow.compute as pc
 
     from lrc_ray.engine.splits import split_labelled_cases
-    from lrc_ray.superpixels.cache import read_entry_table
 
-    table = read_entry_table(find_superpixels(config.data))
+    table, labels = _cached_slices(config.data)
     labelled = table.filter(pc.is_valid(table.column("label")))
     case_ids = [str(value) for value in pc.unique(labelled.column("case_id")).to_pylist()]
     split = split_labelled_cases(case_ids, validation_cases=config.data.validation_cases, seed=config.data.split_seed)
-    return table, split
+    return table, labels, split
 
 
 def _not_in(table, case_ids):
@@ -270,8 +274,4 @@ def _not_in(table, case_ids):
     import pyarrow.compute as pc
 
     return pc.invert(pc.is_in(table.column("case_id"), value_set=pa.array(list(case_ids), pa.string())))
-
-
-def _labels_of(config: RunConfig) -> dict[int, str]:
-    return load_msd_dataset(config.data.data_dir).labels
 

@@ -156,7 +156,7 @@ def global_batch_size(per_worker_batch: int, workers: int) -> int:
 def config_from_dict(raw: dict[str, Any] | None, *, source: str = "config") -> RunConfig:
     """Build and validate a RunConfig from nested plain values (as parsed from YAML)."""
     try:
-        return _build(RunConfig, raw or {}, prefix="", source=source)
+        return _build(RunConfig, raw or {}, prefix="")
     except UserInputError as exc:
         raise UserInputError(f"{source}: {exc}") from None
 
@@ -180,7 +180,7 @@ def save_config(config: RunConfig, path: str | Path) -> None:
         tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def _build(cls: type, raw: Any, *, prefix: str, source: str) -> Any:
+def _build(cls: type, raw: Any, *, prefix: str) -> Any:
     if isinstance(raw, cls):
         return raw
     if not isinstance(raw, dict):
@@ -193,21 +193,21 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str) -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; expected one of {', '.join(names)}"
             raise UserInputError(f"unknown key '{prefix}{key}'{hint}")
-        values[key] = _convert(hints[key], value, f"{prefix}{key}", source)
+        values[key] = _convert(hints[key], value, f"{prefix}{key}")
     return cls(**values)
 
 
-def _convert(hint: Any, value: Any, path: str, source: str) -> Any:
+def _convert(hint: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, prefix=f"{path}.", source=source)
+        return _build(hint, value, prefix=f"{path}.")
     origin, args = get_origin(hint), get_args(hint)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
             raise UserInputError(f"{path}: expected a list of {len(args)} values, got {value!r}")
         item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
-        return tuple(_convert(t, v, path, source) for t, v in zip(item_types, value))
+        return tuple(_convert(t, v, path) for t, v in zip(item_types, value))
     if args and type(None) in args:  # Optional[X]
-        return None if value is None else _convert(next(a for a in args if a is not type(None)), value, path, source)
+        return None if value is None else _convert(next(a for a in args if a is not type(None)), value, path)
     if hint is bool:
         if not isinstance(value, bool):
             raise UserInputError(f"{path}: expected true or false, got {value!r}")

@@ -46,8 +46,7 @@ def finetune(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history = []
     for epoch in range(config.epochs):
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         model.train()
         total, steps = 0.0, 0
         for batch in tqdm(loader, desc=f"finetune epoch {epoch}", disable=not progress, leave=False):
