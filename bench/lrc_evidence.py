@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=5)
     parser.add_argument("--finetune-epochs", type=int, default=40)
     parser.add_argument("--middle-fraction", type=float, default=0.5)
+    parser.add_argument("--flip-prob", type=float, default=None, help="augment.flip_prob for pre-training views")
+    parser.add_argument("--backbone-lr-scale", type=float, default=1.0, help="finetune.backbone_lr_scale")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -46,8 +49,11 @@ def main() -> None:
     base = RunConfig().replace(
         data={"data_dir": str(data_dir), "cache_root": str(workdir / "cache"), "size": args.size, "validation_cases": 2},
         pretrain={"epochs": args.pretrain_epochs, "batch_size": 16, "queue_size": 256},
-        finetune={"epochs": args.finetune_epochs, "batch_size": 8},
+        finetune={"epochs": args.finetune_epochs, "batch_size": 8, "backbone_lr_scale": args.backbone_lr_scale},
     )
+    if args.flip_prob is not None:
+        base = base.replace(augment={"flip_prob": args.flip_prob})
+    methods = [m for m in args.methods.split(",") if m]
     api.build_superpixels(data=data_dir, cache_root=base.data.cache_root, scale=base.data.scale, sigma=base.data.sigma,
                           min_size=base.data.min_size, size=base.data.size)
     lowest = 1 / (args.cases - base.data.validation_cases)  # one training volume
@@ -56,7 +62,7 @@ def main() -> None:
     dice: dict[tuple[str, float], list[float]] = {}
     started = time.perf_counter()
     for seed in range(args.seeds):
-        for method in METHODS:
+        for method in methods:
             config = base.replace(seed=seed, pretrain={"method": method})
             checkpoint = None
             if method != "scratch":
@@ -69,9 +75,10 @@ def main() -> None:
                       f"mean Dice {results['dice_mean']:.3f}", flush=True)
 
     print(f"\nmean validation Dice over {args.seeds} seeds (mean +- std), {args.size}x{args.size}, "
-          f"pre-train {args.pretrain_epochs} epochs, fine-tune {args.finetune_epochs} epochs")
+          f"pre-train {args.pretrain_epochs} epochs, fine-tune {args.finetune_epochs} epochs, "
+          f"flip_prob {base.augment.flip_prob}, backbone_lr_scale {args.backbone_lr_scale}")
     print(f"{'method':>12}" + "".join(f"{f'fraction {f:.2f}':>20}" for f in fractions))
-    for method in METHODS:
+    for method in methods:
         cells = [dice[(method, fraction)] for fraction in fractions]
         print(f"{method:>12}" + "".join(f"{np.mean(c):>13.3f} +- {np.std(c):.3f}" for c in cells))
     print(f"total {time.perf_counter() - started:.0f} s; data and checkpoints in {workdir}")

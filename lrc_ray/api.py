@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lrc_ray.atomic import write_json_atomic
 from lrc_ray.data.msd import check_headers, load_msd_dataset
 from lrc_ray.data.slices import DEFAULT_WINDOW_HU, SliceParams
-from lrc_ray.config import DataConfig, RunConfig, save_config
-from lrc_ray.errors import UserInputError
+from lrc_ray.config import DataConfig, RunConfig, config_from_dict, save_config
+from lrc_ray.errors import TrainingError, UserInputError
 from lrc_ray.superpixels.cache import (
     CACHE_MARKER,
     CacheEntry,
@@ -26,6 +29,10 @@ from lrc_ray.superpixels.cache import (
     staging_dir,
 )
 from lrc_ray.superpixels.felzenszwalb import FelzenszwalbParams
+
+if TYPE_CHECKING:
+    from lrc_ray.data.superpixel_dataset import RowSelection
+    from lrc_ray.engine.probe import ProbeSource
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +110,7 @@ def find_superpixels(config: DataConfig) -> CacheEntry:
     Raises:
         UserInputError: when it was never built, naming the command that builds it.
     """
-    params = _extraction_params(
-        scale=config.scale, sigma=config.sigma, min_size=config.min_size, window_hu=config.window_hu, size=config.size
-    )
+    params = extraction_params_for(config)
     dataset = load_msd_dataset(config.data_dir)
     root = Path(config.cache_root)
     entry = None
@@ -118,6 +123,21 @@ def find_superpixels(config: DataConfig) -> CacheEntry:
             f"--out {root} --scale {config.scale:g} --sigma {config.sigma:g} --min-size {config.min_size} --size {config.size}`"
         )
     return entry
+
+
+def extraction_params_for(config: DataConfig) -> ExtractionParams:
+    """The super-pixel cache parameters of a run config's data section."""
+    return _extraction_params(
+        scale=config.scale, sigma=config.sigma, min_size=config.min_size, window_hu=config.window_hu, size=config.size
+    )
+
+
+def superpixels_for(config: DataConfig, *, address: str | None = None) -> SuperpixelResult:
+    """Get or build the super-pixel cache entry a run config asks for."""
+    return build_superpixels(
+        data=config.data_dir, cache_root=config.cache_root, scale=config.scale, sigma=config.sigma,
+        min_size=config.min_size, window_hu=config.window_hu, size=config.size, address=address,
+    )
 
 
 def _extraction_params(*, scale, sigma, min_size, window_hu, size) -> ExtractionParams:
@@ -146,50 +166,142 @@ def describe_entry(entry: CacheEntry) -> dict:
     }
 
 
-def pretrain(*, config: RunConfig, out_dir: str | Path, progress: bool = True) -> Path:
+def pretrain(
+    *,
+    config: RunConfig,
+    out_dir: str | Path,
+    workers: int = 0,
+    use_gpu: bool = False,
+    name: str = "ray_train",
+    address: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Pre-train with `config.pretrain.method` on the cached super-pixels; returns the checkpoint path.
 
-    Validation volumes (see `data.validation_cases`) are left out of pre-training. A checkpoint
-    is written after every epoch (atomically), with the config and the loss history.
+    `workers` 0 runs the plain loop in this process; N >= 1 runs Ray Train with N data-parallel
+    workers (one GPU each with `use_gpu`), whose run `out_dir/name` resumes from its last epoch
+    when started again. Validation volumes are left out of pre-training. The checkpoint
+    (`out_dir/checkpoint.pt`, written atomically after every epoch of the plain loop and at the
+    end of a Ray Train run) carries the config and the loss history.
     """
+    from lrc_ray.engine.checkpoint import save_checkpoint
+
+    if workers < 0:
+        raise UserInputError(f"--workers: expected 0 (in-process) or more, got {workers}")
+    if use_gpu and workers == 0:
+        raise UserInputError("--gpu: needs --workers 1 or more (one GPU per Ray Train worker)")
+    out_dir = Path(out_dir).resolve()
+    data = pretraining_data(config)
+    save_config(config, out_dir / "config.yaml")
+    checkpoint = out_dir / "checkpoint.pt"
+    if workers == 0 or not pretrains(config):
+        return _pretrain_in_process(config, data, checkpoint, progress=progress)
+
+    from lrc_ray.distributed.runtime import ray_session
+    from lrc_ray.distributed.train import pretrain_with_ray_train
+
+    _check_batch_fits(config, data)
+    with ray_session(address=address):
+        outcome = pretrain_with_ray_train(
+            config, parquet_dir=str(data.entry.path), selection=data.selection, storage_path=str(out_dir), name=name,
+            workers=workers, use_gpu=use_gpu, num_classes=data.num_classes,
+        )
+    return save_checkpoint(checkpoint, state_dict=outcome.state_dict, config=config.to_dict(), epoch=outcome.epoch,
+                           history=outcome.history)
+
+
+@dataclass(frozen=True)
+class PretrainingData:
+    """The cached slices pre-training reads, and the number of classes when labels are used."""
+
+    entry: CacheEntry
+    selection: RowSelection
+    num_classes: int | None
+
+
+def pretraining_data(config: RunConfig) -> PretrainingData:
+    """Self-supervised methods use every volume of the data set except the validation ones; the
+    supervised methods use the labelled volumes of `pretrain.source_data_dir`, a separate set."""
+    from lrc_ray.data.superpixel_dataset import RowSelection
+
+    settings = config.pretrain
+    if not settings.uses_supervised:
+        _, _, split = _training_table(config)
+        selection = RowSelection(exclude_cases=split.validation, min_regions=settings.min_regions)
+        return PretrainingData(find_superpixels(config.data), selection, None)
+    if Path(settings.source_data_dir).resolve() == Path(config.data.data_dir).resolve():
+        raise UserInputError(
+            f"pretrain.source_data_dir: {settings.source_data_dir} is the fine-tuning data set; supervised "
+            "pre-training on it would use labels beyond the label fraction"
+        )
+    entry = find_superpixels(replace(config.data, data_dir=settings.source_data_dir))
+    selection = RowSelection(labelled_only=True, min_regions=settings.min_regions)
+    return PretrainingData(entry, selection, max(_entry_labels(entry)) + 1)
+
+
+def pretrains(config: RunConfig) -> bool:
+    """False when there is nothing to optimise (`scratch`, or zero epochs)."""
+    settings = config.pretrain
+    return settings.epochs > 0 and (settings.uses_global or settings.uses_local or settings.uses_supervised)
+
+
+def probe_source(config: RunConfig, entry: CacheEntry) -> "ProbeSource":
+    """The per-epoch probe's data: one labelled training volume that every label fraction's
+    subset contains (the first of the nested order), and the validation volumes."""
+    from lrc_ray.engine.probe import ProbeSource
+    from lrc_ray.engine.splits import label_fraction_subset
+
+    _, labels, split = _training_table(config)
+    smallest = 1 / (len(split.train_pool) + 1)  # rounds to a single volume
+    (train_case,) = label_fraction_subset(split.train_pool, smallest, seed=config.data.split_seed)
+    return ProbeSource(parquet_dir=str(entry.path), train_case=train_case, validation_cases=split.validation,
+                       num_classes=max(labels) + 1)
+
+
+def _check_batch_fits(config: RunConfig, data: PretrainingData, slices: int | None = None) -> None:
+    from lrc_ray.data.superpixel_dataset import select_rows
+    from lrc_ray.superpixels.cache import read_entry_table
+
+    if slices is None:
+        table = read_entry_table(data.entry, columns=["n_regions", "label"])
+        slices = select_rows(table, data.selection).num_rows
+    if slices < config.pretrain.batch_size:
+        raise UserInputError(f"pretrain.batch_size: {config.pretrain.batch_size} is more than the {slices} slices to pre-train on")
+
+
+def _pretrain_in_process(config: RunConfig, data: PretrainingData, checkpoint: Path, *, progress: bool) -> Path:
     import torch
     from torch.utils.data import DataLoader
 
     from lrc_ray.augment.two_views import TwoViewAugment
-    from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset
+    from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset, select_rows
     from lrc_ray.engine.checkpoint import save_checkpoint
     from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
+    from lrc_ray.superpixels.cache import read_entry_table
 
-    out_dir = Path(out_dir)
     settings = config.pretrain
-    pretrain_table, num_classes = _pretraining_table(config)
+    table = select_rows(read_entry_table(data.entry), data.selection)
     torch.manual_seed(config.seed)
-    pretrainer = LrcPretrainer(settings, config.network, seed=config.seed, num_classes=num_classes)
+    pretrainer = LrcPretrainer(settings, config.network, seed=config.seed, num_classes=data.num_classes)
+    if not pretrains(config):
+        return save_checkpoint(checkpoint, state_dict=pretrainer.online.state_dict(), config=config.to_dict(), epoch=-1, history=[])
     dataset = TwoViewSliceDataset(
-        pretrain_table, TwoViewAugment(config.augment, output_size=config.data.size), seed=config.seed,
+        table, TwoViewAugment(config.augment, output_size=config.data.size), seed=config.seed,
         min_regions=settings.min_regions, with_labels=settings.uses_supervised,
     )
-    if pretrainer.trains and len(dataset) < settings.batch_size:
-        raise UserInputError(
-            f"pretrain.batch_size: {settings.batch_size} is more than the {len(dataset)} slices to pre-train on"
-        )
+    _check_batch_fits(config, data, slices=len(dataset))
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True, generator=generator,
                         num_workers=settings.num_workers)
     logger.info("pre-training %s on %d slices, %d epochs, batch %d", settings.method, len(dataset), settings.epochs, settings.batch_size)
-    save_config(config, out_dir / "config.yaml")
     history: list[dict] = []
-    epochs = settings.epochs if pretrainer.trains else 0
-    optimizer = build_optimizer(pretrainer, settings) if pretrainer.trains else None
-    checkpoint = out_dir / "checkpoint.pt"
-    for epoch in range(epochs):
+    optimizer = build_optimizer(pretrainer, settings)
+    for epoch in range(settings.epochs):
         dataset.set_epoch(epoch)
         metrics = pretrain_one_epoch(pretrainer, loader, optimizer, generator=generator, epoch=epoch, progress=progress)
-        history.append({"epoch": epoch, **metrics})
+        history.append({"epoch": epoch + 1, **metrics})
         logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         save_checkpoint(checkpoint, state_dict=pretrainer.online.state_dict(), config=config.to_dict(), epoch=epoch, history=history)
-    if epochs == 0:
-        save_checkpoint(checkpoint, state_dict=pretrainer.online.state_dict(), config=config.to_dict(), epoch=-1, history=[])
     return checkpoint
 
 
@@ -229,31 +341,17 @@ def finetune(
     return results
 
 
-def _pretraining_table(config: RunConfig):
-    """Slices to pre-train on, and the number of classes when labels are used.
-
-    Self-supervised methods use every volume of the data set except the validation ones; the
-    supervised methods use the labelled volumes of `pretrain.source_data_dir`, a separate set.
-    """
-    source_dir = config.pretrain.source_data_dir
-    if not config.pretrain.uses_supervised:
-        table, _, split = _training_table(config)
-        return table.filter(_not_in(table, split.validation)), None
-    if Path(source_dir).resolve() == Path(config.data.data_dir).resolve():
-        raise UserInputError(
-            f"pretrain.source_data_dir: {source_dir} is the fine-tuning data set; supervised pre-training on it "
-            "would use labels beyond the label fraction"
-        )
-    table, labels = _cached_slices(replace(config.data, data_dir=source_dir))
-    return table, max(labels) + 1
-
-
 def _cached_slices(data: DataConfig):
     """All cached slices of a data set, and its label names (kept in the entry's manifest)."""
     from lrc_ray.superpixels.cache import read_entry_table
 
     entry = find_superpixels(data)
-    return read_entry_table(entry), {int(value): name for value, name in entry.manifest["labels"].items()}
+    return read_entry_table(entry), _entry_labels(entry)
+
+
+def _entry_labels(entry: CacheEntry) -> dict[int, str]:
+    """Label value -> name, as kept in the entry's manifest."""
+    return {int(value): name for value, name in entry.manifest["labels"].items()}
 
 
 def _training_table(config: RunConfig):
@@ -275,3 +373,113 @@ def _not_in(table, case_ids):
 
     return pc.invert(pc.is_in(table.column("case_id"), value_set=pa.array(list(case_ids), pa.string())))
 
+
+
+DEFAULT_STORAGE = Path(".lrc_ray/sweeps")
+BUILT_IN_DATA_ROOT = Path(".lrc_ray/data")
+
+
+def tune(
+    *,
+    space: str | Path,
+    data: str | Path | None = None,
+    storage: str | Path | None = None,
+    name: str | None = None,
+    num_samples: int | None = None,
+    resume: bool = False,
+    address: str | None = None,
+) -> Path:
+    """Run a sweep of `space` (a search-space YAML) on Ray; returns the experiment directory.
+
+    Without `data`, the space's built-in synthetic data set is made (once) and used. With
+    `resume`, an interrupted sweep continues with its finished trials kept.
+    """
+    from lrc_ray.distributed.runtime import ray_session
+    from lrc_ray.distributed.tune import SWEEP_FILE, TRIAL_SLOT, run_sweep, summarise_failures
+    from lrc_ray.search_space import load_search_space, run_config_for
+
+    search_space = load_search_space(space)
+    if num_samples is not None and num_samples < 1:
+        raise UserInputError(f"--samples: expected at least 1, got {num_samples}")
+    name = name or Path(space).stem
+    storage = Path(storage or DEFAULT_STORAGE).resolve()
+    _check_writable(storage)
+    experiment = storage / name
+    if resume and (experiment / SWEEP_FILE).is_file():
+        base = config_from_dict(_read_json(experiment / SWEEP_FILE)["base"], source=str(experiment / SWEEP_FILE))
+    else:
+        base = run_config_for(search_space, {})
+        data_dir = Path(data) if data is not None else _built_in_data(search_space, base)
+        _check_metric(search_space.sweep.metric, load_msd_dataset(data_dir).labels, search_space.source)
+        base = base.replace(data={"data_dir": str(data_dir.resolve()), "cache_root": str(Path(base.data.cache_root).resolve())})
+    with ray_session(address=address, resources={TRIAL_SLOT: os.cpu_count() or 1}):
+        result_grid = run_sweep(search_space, base=base, storage=storage, name=name, num_samples=num_samples, resume=resume)
+        failure = summarise_failures(result_grid)
+    if failure:
+        raise TrainingError(f"sweep {experiment}: {failure}")
+    return experiment
+
+
+def results(
+    *, experiment: str | Path, metric: str | None = None, by: str = "label_fraction", out: str | Path | None = None
+) -> dict:
+    """Read a sweep (finished, interrupted or resumed) and write its tables, chosen configs and plots."""
+    import yaml
+
+    from lrc_ray.distributed.tune import SWEEP_FILE, read_trials
+    from lrc_ray.results import SweepInfo, write_results
+    from lrc_ray.search_space import parse_search_space
+
+    experiment = Path(experiment).resolve()
+    if not experiment.is_dir():
+        raise UserInputError(f"{experiment}: no such sweep directory")
+    records = read_trials(experiment)
+    recorded = _read_json(experiment / SWEEP_FILE)
+    info = SweepInfo(metric=metric or recorded["metric"], mode=recorded["mode"], base=recorded["base"], fixed=recorded["fixed"])
+    space = None
+    if recorded.get("space_yaml"):
+        space = parse_search_space(yaml.safe_load(recorded["space_yaml"]), source=recorded["source"])
+    out_dir = Path(out) if out is not None else experiment / "results"
+    written = write_results(records, info, out_dir, by=by, space=space)
+    return written | {"out_dir": out_dir, "metric": info.metric, "mode": info.mode, "by": by}
+
+
+def _check_metric(metric: str, labels: dict[int, str], source: str) -> None:
+    """Trials report dice_mean and dice/<organ>; a sweep on another name would never see it."""
+    import difflib
+
+    reported = ["dice_mean", *(f"dice/{name}" for value, name in sorted(labels.items()) if value != 0)]
+    if metric not in reported:
+        close = difflib.get_close_matches(metric, reported, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(reported)}"
+        raise UserInputError(f"{source}: sweep.metric: trials do not report '{metric}'{hint}")
+
+
+def _built_in_data(space, base: RunConfig) -> Path:
+    if space.data is None:
+        raise UserInputError(f"{space.source}: has no data: section for built-in data; pass --data with an MSD-layout data set")
+    spec = space.data
+    data_dir = BUILT_IN_DATA_ROOT / f"synthetic_{spec.cases}c_{spec.unlabeled}u_{spec.slices}s_{base.data.size}px"
+    if not (data_dir / "dataset.json").is_file():
+        make_synthetic_data(out=data_dir, cases=spec.cases, unlabeled=spec.unlabeled, size=base.data.size,
+                            slices=spec.slices, seed=0)
+        logger.info("wrote the built-in synthetic data set to %s", data_dir)
+    return data_dir
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UserInputError(f"--storage {directory}: not writable ({exc.strerror or exc})") from None
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{path}: unreadable ({exc})") from None

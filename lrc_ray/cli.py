@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_config_options(pretrain)
     pretrain.add_argument("--out", type=Path, default=DEFAULT_WORKDIR / "pretrain", help="output directory")
+    pretrain.add_argument("--workers", type=int, default=0,
+                          help="Ray Train data-parallel workers; 0 (default) runs in this process without Ray")
+    pretrain.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bfloat16 autocast)")
+    pretrain.add_argument("--name", default="ray_train",
+                          help="Ray Train run name under --out; a rerun with the same name resumes (default ray_train)")
+    pretrain.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     pretrain.set_defaults(handler=_run_pretrain)
 
     finetune = commands.add_parser(
@@ -91,8 +97,37 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--out", type=Path, default=DEFAULT_WORKDIR / "finetune", help="where results.json goes")
     finetune.set_defaults(handler=_run_finetune)
 
-    demo = commands.add_parser("demo", help="the quick start on the built-in data")
-    demo.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"where data and caches go (default {DEFAULT_WORKDIR})")
+    sweep = commands.add_parser(
+        "tune",
+        help="search hyper-parameters with Ray Tune (Optuna TPE + ASHA) from a search-space YAML",
+        description="Run a sweep: each trial gets or builds its super-pixel cache, pre-trains with Ray Train "
+        "(reporting a probe Dice every epoch, for ASHA), fine-tunes at its label fraction and reports per-organ "
+        "Dice. Ends by printing the results table and the chosen configuration.",
+    )
+    sweep.add_argument("space", type=Path, help="search space YAML (see search_spaces/)")
+    sweep.add_argument("--data", type=Path, default=None, help="MSD-layout data set (default: the space's built-in synthetic data)")
+    sweep.add_argument("--storage", type=Path, default=None, help=f"where sweeps are kept (default {DEFAULT_WORKDIR / 'sweeps'}; shared storage on a cluster)")
+    sweep.add_argument("--name", default=None, help="sweep name (default: the space file's name)")
+    sweep.add_argument("--samples", type=int, default=None, help="number of trials (default: the space's sweep.num_samples)")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep, keeping finished trials")
+    sweep.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    sweep.set_defaults(handler=_run_tune)
+
+    results = commands.add_parser(
+        "results",
+        help="tables, chosen configs and plots of a sweep",
+        description="Read a sweep with Ray Tune's API; print a sorted table; write results.parquet, results.csv, "
+        "results.md, the best config per group (a file `lrc-ray pretrain --config` takes) and PNG plots.",
+    )
+    results.add_argument("experiment", type=Path, help="the sweep directory (STORAGE/NAME)")
+    results.add_argument("--metric", default=None, help="column to rank by (default: the sweep's metric)")
+    results.add_argument("--by", default="label_fraction", help="pick the best setting per value of this column (default label_fraction)")
+    results.add_argument("--top", type=int, default=20, help="rows to print (default 20)")
+    results.add_argument("--out", type=Path, default=None, help="where files go (default EXPERIMENT/results)")
+    results.set_defaults(handler=_run_results)
+
+    demo = commands.add_parser("demo", help="the quick start: a small sweep on the built-in data, then its results")
+    demo.add_argument("--storage", type=Path, default=None, help=f"where the sweep goes (default {DEFAULT_WORKDIR / 'sweeps'})")
     demo.set_defaults(handler=_run_demo)
     return parser
 
@@ -135,7 +170,8 @@ def _load_run_config(args: argparse.Namespace, **overrides: dict) -> RunConfig:
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     config = _load_run_config(args)
-    checkpoint = api.pretrain(config=config, out_dir=args.out)
+    checkpoint = api.pretrain(config=config, out_dir=args.out, workers=args.workers, use_gpu=args.gpu, name=args.name,
+                              address=args.address)
     print(f"checkpoint: {checkpoint}")
     return 0
 
@@ -149,18 +185,63 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    data = RunConfig().data
-    data_dir = args.workdir / "data" / "synthetic_abdomen"
-    if not (data_dir / "dataset.json").is_file():
-        api.make_synthetic_data(out=data_dir, cases=6, unlabeled=4, size=data.size, slices=24, seed=0)
-        print(f"wrote the synthetic data set to {data_dir}")
-    result = api.build_superpixels(
-        data=data_dir, cache_root=args.workdir / "superpixels", scale=data.scale, sigma=data.sigma,
-        min_size=data.min_size, window_hu=data.window_hu, size=data.size,
-    )
-    _print_entry(result)
+def _run_tune(args: argparse.Namespace) -> int:
+    experiment = api.tune(space=args.space, data=args.data, storage=args.storage, name=args.name,
+                          num_samples=args.samples, resume=args.resume, address=args.address)
+    print(f"sweep: {experiment}")
+    _print_results(api.results(experiment=experiment), top=20)
     return 0
+
+
+def _run_results(args: argparse.Namespace) -> int:
+    if args.top < 1:
+        raise UserInputError(f"--top: expected at least 1, got {args.top}")
+    _print_results(api.results(experiment=args.experiment, metric=args.metric, by=args.by, out=args.out), top=args.top)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    """The quick-start sweep; a second run finds it finished and prints its results again."""
+    from lrc_ray.distributed.tune import SWEEP_FILE
+
+    space = _bundled_search_space("quickstart.yaml")
+    storage = (args.storage or DEFAULT_WORKDIR / "sweeps").resolve()
+    resume = (storage / "quickstart" / SWEEP_FILE).is_file()
+    experiment = api.tune(space=space, storage=storage, name="quickstart", resume=resume)
+    print(f"sweep: {experiment}")
+    _print_results(api.results(experiment=experiment), top=20)
+    return 0
+
+
+def _print_results(written: dict, *, top: int) -> None:
+    import pandas as pd
+
+    from lrc_ray.results import summary_columns
+
+    table, metric, by = written["table"], written["metric"], written["by"]
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print(f"\ntrials, best {metric} first:")
+        print(table[summary_columns(table, metric)].head(top).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nfiles in {written['out_dir']}: results.parquet, results.csv, results.md"
+          + "".join(f", {path.name}" for path in written["plots"]))
+    if not written["chosen"]:
+        print("no trial has finished fine-tuning yet: no configuration chosen")
+        return
+    for group, path in written["chosen"].items():
+        print(f"best for {by} {group}: {path.name}")
+    overall = written["best"].sort_values(metric, ascending=written["mode"] == "min").iloc[0]
+    chosen = written["chosen"][overall[by]]
+    print(f"\nchosen configuration ({metric} {overall[metric]:.3f}, {by} {overall[by]}): {chosen}")
+    print(f"use it with: lrc-ray pretrain --config {chosen}\n")
+    print(chosen.read_text())
+
+
+def _bundled_search_space(name: str) -> Path:
+    """A file of the project's search_spaces/ (beside the package in a checkout or working_dir)."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / "search_spaces" / name).is_file():
+            return root / "search_spaces" / name
+    raise UserInputError(f"search_spaces/{name}: not found; run from the lrc_ray checkout")
 
 
 def _print_entry(result: api.SuperpixelResult) -> None:

@@ -114,6 +114,9 @@ class FinetuneConfig:
     epochs: int = 20
     batch_size: int = 16
     lr: float = 1e-3
+    # The backbone's learning rate is lr * backbone_lr_scale: below 1 keeps more of a
+    # pre-trained start while the new head learns at the full rate.
+    backbone_lr_scale: float = 1.0
     weight_decay: float = 1e-4
     augment: bool = True
 
@@ -122,6 +125,7 @@ class FinetuneConfig:
         _require(self.epochs >= 1, "finetune.epochs", "at least 1", self.epochs)
         _require(self.batch_size >= 1, "finetune.batch_size", "at least 1", self.batch_size)
         _require(self.lr > 0, "finetune.lr", "a positive number", self.lr)
+        _require(0 < self.backbone_lr_scale <= 1, "finetune.backbone_lr_scale", "in (0, 1]", self.backbone_lr_scale)
         _require(self.weight_decay >= 0, "finetune.weight_decay", "at least 0", self.weight_decay)
 
 

@@ -16,12 +16,15 @@ logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def ray_session(*, address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(
+    *, address: str | None = None, num_cpus: int | None = None, resources: dict[str, float] | None = None
+) -> Iterator[None]:
     """Use Ray for the duration of the block and shut down only what this block started.
 
     - Ray already initialised in this process (tests, notebooks, Tune trials): use it as is.
     - `address` given, or RAY_ADDRESS set (e.g. inside `ray job submit`): connect to that cluster.
-    - Otherwise start a local instance with `num_cpus` CPUs (default: all) and no dashboard.
+    - Otherwise start a local instance with `num_cpus` CPUs (default: all), the custom
+      `resources` given, and a dashboard on 127.0.0.1.
     """
     if ray.is_initialized():
         yield
@@ -37,7 +40,9 @@ def ray_session(*, address: str | None = None, num_cpus: int | None = None) -> I
     else:
         # A short private temp dir: Ray's socket paths must stay under 108 characters.
         temp_dir = tempfile.mkdtemp(prefix="lrc_ray_")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, _temp_dir=temp_dir)
+        # The dashboard serves the state API, which Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level=logging.WARNING, _temp_dir=temp_dir)
         logger.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
     try:
         yield
@@ -47,3 +52,16 @@ def ray_session(*, address: str | None = None, num_cpus: int | None = None) -> I
 
 def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def ray_error_message(error: BaseException) -> str:
+    """The first line of the innermost cause of an error Ray wrapped (worker errors come wrapped
+    several times, with the user's exception last in the text)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip() or type(error).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith(("lrc_ray.errors.", "TrainingError", "UserInputError")):
+            return line.split(":", 1)[-1].strip()
+    return lines[-1] if lines else text

@@ -43,7 +43,11 @@ def finetune(
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    parameter_groups = [
+        {"params": model.backbone.parameters(), "lr": config.lr * config.backbone_lr_scale},
+        {"params": model.segmentation_head.parameters(), "lr": config.lr},
+    ]
+    optimizer = torch.optim.AdamW(parameter_groups, lr=config.lr, weight_decay=config.weight_decay)
     history = []
     for epoch in range(config.epochs):
         dataset.set_epoch(epoch)

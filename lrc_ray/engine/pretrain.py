@@ -21,7 +21,7 @@ from lrc_ray.config import PretrainConfig
 from lrc_ray.errors import TrainingError
 from lrc_ray.losses import ContrastiveSamplingLoss, MoCoV2Loss, momentum_update, sample_region_pixels
 from lrc_ray.models.heads import SegmentationHead
-from lrc_ray.models.networks import LrcNetwork, NetworkParams
+from lrc_ray.models.networks import Features, LrcNetwork, LrcOutputs, NetworkParams
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,18 @@ class LrcPretrainer(nn.Module):
         """False for `scratch`: nothing to optimise."""
         return self.moco is not None or self.local_loss is not None or self.segmentation_head is not None
 
-    def batch_losses(self, batch: dict[str, Tensor], generator: torch.Generator) -> BatchLosses:
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> BatchLosses:
         """Loss of one batch of two-view pairs: image1/image2 (B, 1, S, S), regions1/regions2 (B, S, S),
-        and label1/label2 (B, S, S) for the supervised methods."""
-        view1, view2 = self.online(batch["image1"]), self.online(batch["image2"])
+        and label1/label2 (B, S, S) for the supervised methods.
+
+        Both views go through the online network in one call: one forward per step is what
+        DistributedDataParallel expects, and instance norm makes it equal to two calls.
+        """
+        return self.batch_losses(batch, generator)
+
+    def batch_losses(self, batch: dict[str, Tensor], generator: torch.Generator) -> BatchLosses:
+        both = self.online(torch.cat([batch["image1"], batch["image2"]]))
+        view1, view2 = _split_views(both)
         terms: dict[str, Tensor] = {}
         if self.moco is not None:
             keys1, keys2 = self._momentum_keys(batch["image1"]), self._momentum_keys(batch["image2"])
@@ -105,6 +113,20 @@ class LrcPretrainer(nn.Module):
         return network.global_head(network.backbone(images).bottleneck)
 
 
+def _split_views(outputs: LrcOutputs) -> tuple[LrcOutputs, LrcOutputs]:
+    """Undo the concatenation of the two views along the batch dimension."""
+    halves = [
+        LrcOutputs(global_embedding=g, local_embedding=l, features=Features(bottleneck=b, decoder=d))
+        for g, l, b, d in zip(
+            outputs.global_embedding.chunk(2),
+            outputs.local_embedding.chunk(2),
+            outputs.features.bottleneck.chunk(2),
+            outputs.features.decoder.chunk(2),
+        )
+    ]
+    return halves[0], halves[1]
+
+
 def build_optimizer(pretrainer: LrcPretrainer, config: PretrainConfig) -> torch.optim.Optimizer:
     # The online network and, for the supervised methods, the segmentation head; not the
     # momentum encoder, which follows the online one by EMA.
@@ -120,8 +142,15 @@ def pretrain_one_epoch(
     generator: torch.Generator,
     epoch: int,
     progress: bool = True,
+    step_model: nn.Module | None = None,
+    device: torch.device | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns the mean total loss and mean of each term.
+
+    `step_model` is what computes the loss (default: `pretrainer`; a DistributedDataParallel
+    wrapper of it under Ray Train). Batches move to `device` when given; `autocast_dtype`
+    (e.g. bfloat16 on GPU) runs the forward pass in mixed precision.
 
     Raises:
         TrainingError: on a non-finite loss (the run stops; lower lr or raise temperature).
@@ -129,8 +158,13 @@ def pretrain_one_epoch(
     pretrainer.train()
     sums: dict[str, float] = {}
     steps = 0
+    step_model = step_model if step_model is not None else pretrainer
     for batch in tqdm(loader, desc=f"pretrain epoch {epoch}", disable=not progress, leave=False):
-        losses = pretrainer.batch_losses(batch, generator)
+        if device is not None:
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        device_type = device.type if device is not None else "cpu"
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            losses = step_model(batch, generator)
         if not torch.isfinite(losses.total):
             raise TrainingError(
                 f"pre-training epoch {epoch} step {steps}: loss is {losses.total.item()}; "

@@ -196,7 +196,12 @@ def build_manifest(dataset: MsdDataset, fingerprint: str, params: ExtractionPara
 
 def read_entry_table(entry: CacheEntry, columns: list[str] | None = None):
     """All rows of an entry as one pyarrow Table, sorted by (case_id, slice_index)."""
-    parts = [str(part) for part in sorted(entry.path.glob("*.parquet"))]
+    return read_parquet_dir(entry.path, columns)
+
+
+def read_parquet_dir(path: Path, columns: list[str] | None = None):
+    """All rows of a directory of slice Parquet files, sorted by (case_id, slice_index)."""
+    parts = [str(part) for part in sorted(Path(path).glob("*.parquet"))]
     if columns is not None:
         columns = list(dict.fromkeys(["case_id", "slice_index", *columns]))
     table = pq.read_table(parts, columns=columns)

@@ -1,0 +1,200 @@
+"""Ray Train around the plain pre-training epoch: DDP workers, streamed shards, checkpoints, resume.
+
+The worker loop is `engine.pretrain.pretrain_one_epoch` with three differences, all here:
+- data: each worker streams its shard of the super-pixel Parquet (`get_dataset_shard`), so
+  no worker holds the whole data set; rows become two-view batches in the worker;
+- the model is wrapped by `prepare_model` (DistributedDataParallel when there are several
+  workers: gloo on CPU, NCCL on GPU), and GPU runs use bfloat16 autocast;
+- every epoch ends in `ray.train.report` with a checkpoint (rank 0 writes it), so a rerun
+  under the same name, or a worker group restarted by `FailureConfig`, resumes from the last
+  finished epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.utils.data import default_collate
+
+from lrc_ray.config import RunConfig, config_from_dict, global_batch_size
+from lrc_ray.data.superpixel_dataset import RowSelection, select_rows
+from lrc_ray.distributed.runtime import ray_error_message
+from lrc_ray.engine.probe import ProbeSource
+from lrc_ray.errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "pretrain_state.pt"
+# Rows a worker shuffles among while streaming: enough to mix neighbouring slices of a volume.
+SHUFFLE_BUFFER_ROWS = 256
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    state_dict: dict  # the online network's weights
+    epoch: int  # last finished epoch (0-based)
+    history: list[dict]
+
+
+def pretrain_with_ray_train(
+    config: RunConfig,
+    *,
+    parquet_dir: str,
+    selection: RowSelection,
+    storage_path: str,
+    name: str,
+    workers: int,
+    use_gpu: bool = False,
+    num_classes: int | None = None,
+    probe: ProbeSource | None = None,
+    report_to_tune: bool = False,
+    max_failures: int = 2,
+) -> TrainOutcome:
+    """Run (or resume) pre-training on `workers` Ray Train workers; returns the final weights."""
+    # Workers stream quietly: a progress bar per epoch and worker would bury Train's own reports.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset = ray.data.read_parquet(parquet_dir, file_extensions=["parquet"]).map_batches(
+        select_rows, fn_kwargs={"selection": selection}, batch_format="pyarrow", batch_size=None
+    )
+    callbacks = []
+    if report_to_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    logger.info(
+        "Ray Train: %d worker(s)%s, global batch %d (= %d workers x %d)",
+        workers, " with one GPU each" if use_gpu else "", global_batch_size(config.pretrain.batch_size, workers),
+        workers, config.pretrain.batch_size,
+    )
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "config": config.to_dict(), "use_gpu": use_gpu, "num_classes": num_classes, "probe": probe,
+            "labelled_only": selection.labelled_only,
+        },
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        datasets={"train": dataset},
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Train wraps worker errors; show the cause, not the wrapper
+        raise TrainingError(f"pre-training run {name} failed: {ray_error_message(exc)}") from None
+    if result.checkpoint is None:
+        raise TrainingError(f"pre-training run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    online = {key.removeprefix("online."): value for key, value in state["pretrainer"].items() if key.startswith("online.")}
+    return TrainOutcome(state_dict=online, epoch=state["epoch"], history=state["history"])
+
+
+def _worker_loop(loop_config: dict) -> None:
+    from lrc_ray.augment.two_views import TwoViewAugment
+    from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
+    from lrc_ray.engine.probe import linear_probe_dice, probe_slices
+    from lrc_ray.superpixels.cache import read_parquet_dir
+
+    config = config_from_dict(loop_config["config"])
+    settings = config.pretrain
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    use_gpu = loop_config["use_gpu"]
+    torch.manual_seed(config.seed)
+    pretrainer = LrcPretrainer(settings, config.network, seed=config.seed, num_classes=loop_config["num_classes"])
+    pretrainer.to(device)
+    optimizer = build_optimizer(pretrainer, settings)
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
+        pretrainer.load_state_dict(state["pretrainer"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"] + 1, list(state["history"])
+
+    # DDP (static graph: each method leaves the same heads unused every step); the MoCo queue is
+    # kept identical on every rank by all-gathering keys, so buffers need no broadcast.
+    step_model = ray.train.torch.prepare_model(
+        pretrainer, parallel_strategy_kwargs={"static_graph": True, "broadcast_buffers": False}
+    )
+    probe = None
+    if rank == 0 and loop_config["probe"] is not None:
+        source: ProbeSource = loop_config["probe"]
+        table = read_parquet_dir(Path(source.parquet_dir), columns=["image", "label", "height", "width"])
+        probe = probe_slices(table, train_case=source.train_case, validation_cases=source.validation_cases,
+                             num_classes=source.num_classes)
+
+    augment = TwoViewAugment(config.augment, output_size=config.data.size)
+    shard = ray.train.get_dataset_shard("train")
+    generator = torch.Generator(device=device)
+    for epoch in range(start_epoch, settings.epochs):
+        generator.manual_seed(_derived_seed(config.seed, epoch, rank))
+        arrow_batches = shard.iter_batches(
+            batch_size=settings.batch_size, batch_format="pyarrow", drop_last=True,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS, local_shuffle_seed=_derived_seed(config.seed, epoch, rank),
+        )
+        batches = two_view_batches(arrow_batches, augment, seed=config.seed, epoch=epoch, rank=rank,
+                                   with_labels=loop_config["labelled_only"])
+        metrics = pretrain_one_epoch(
+            pretrainer, batches, optimizer, generator=generator, epoch=epoch, progress=False, step_model=step_model,
+            device=device, autocast_dtype=torch.bfloat16 if use_gpu else None,
+        )
+        metrics = _mean_over_ranks(metrics, device) | {"epoch": epoch + 1}
+        if probe is not None:
+            metrics["probe_dice"] = linear_probe_dice(pretrainer.online.backbone, probe, seed=config.seed)
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as directory:
+            epoch_checkpoint = None
+            if rank == 0:
+                torch.save({"pretrainer": pretrainer.state_dict(), "optimizer": optimizer.state_dict(),
+                            "epoch": epoch, "history": history}, Path(directory) / STATE_FILE)
+                epoch_checkpoint = Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=epoch_checkpoint)
+
+
+def two_view_batches(arrow_batches, augment, *, seed: int, epoch: int, rank: int, with_labels: bool):
+    """Arrow record batches of cached slices -> collated two-view training batches.
+
+    Each batch's augmentation is seeded by (seed, epoch, rank, batch index), so a resumed or
+    retried epoch draws the same views.
+    """
+    from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset
+
+    for step, table in enumerate(arrow_batches):
+        dataset = TwoViewSliceDataset(table, augment, seed=_derived_seed(seed, rank, step), with_labels=with_labels)
+        dataset.set_epoch(epoch)
+        yield default_collate([dataset[index] for index in range(len(dataset))])
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each rank's loss is over its shard; report the mean over ranks (steps are equal)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return metrics
+    names = sorted(metrics)
+    values = torch.tensor([float(metrics[name]) for name in names], device=device, dtype=torch.float64)
+    dist.all_reduce(values)
+    values /= dist.get_world_size()
+    return {name: (int(round(value)) if name == "steps" else float(value)) for name, value in zip(names, values.tolist())}

@@ -1,0 +1,328 @@
+"""Ray Tune sweeps: Optuna TPE proposes settings, ASHA stops poor pre-trainings early.
+
+One trial, run by a Tune driver function that holds one `trial_slot` (a custom resource, so the
+driver takes no CPU that its Train workers and Ray Data tasks need):
+1. get or build the super-pixel cache entry of its Felzenszwalb settings (trials share
+   entries; concurrent builders of one entry build it once);
+2. pre-train with Ray Train, reporting a frozen-feature probe Dice every epoch (the number
+   ASHA compares). Trials whose pre-training settings are equal share one pre-trained
+   checkpoint: the first trains it, the others replay its reports and only fine-tune;
+3. fine-tune at the trial's label fraction in a Ray task (one CPU or GPU) and report the
+   per-organ and mean 3D Dice (the number Optuna optimises by default).
+`scratch` has nothing to pre-train, so ASHA never sees a probe value for it: it always
+reaches fine-tuning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from lrc_ray.atomic import write_json_atomic
+from lrc_ray.config import RunConfig, config_from_dict
+from lrc_ray.distributed.runtime import ray_error_message
+from lrc_ray.errors import UserInputError
+from lrc_ray.search_space import Choice, Fixed, LogUniform, QUniform, RandInt, SearchSpace, Uniform
+
+logger = logging.getLogger(__name__)
+
+TRIAL_SLOT = "trial_slot"
+PROBE_METRIC = "probe_dice"
+EPOCH = "epoch"  # pre-training epochs finished (ASHA's time attribute)
+SWEEP_FILE = "lrc_ray_sweep.json"  # what `results` needs beyond Tune's own files
+PRETRAINED_DIR = "pretrained"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial needs besides its sampled values (plain data: it is pickled to trials)."""
+
+    base: dict  # the run config before the trial's values, with absolute paths
+    space_params: dict  # dotted key -> fixed value, merged under the trial's values
+    pretrained_root: str
+    workers: int
+    use_gpu: bool
+
+
+def tune_param_space(space: SearchSpace) -> dict[str, Any]:
+    """The searched keys as Tune domains (the whitelist of the schema); fixed keys are left out."""
+    domains = {}
+    for key, spec in space.params.items():
+        if isinstance(spec, Fixed):
+            continue
+        if isinstance(spec, Choice):
+            domains[key] = tune.choice(list(spec.values))
+        elif isinstance(spec, Uniform):
+            domains[key] = tune.uniform(spec.low, spec.high)
+        elif isinstance(spec, LogUniform):
+            domains[key] = tune.loguniform(spec.low, spec.high)
+        elif isinstance(spec, RandInt):
+            domains[key] = tune.randint(spec.low, spec.high + 1)  # Tune's upper end is exclusive
+        elif isinstance(spec, QUniform):
+            domains[key] = tune.quniform(spec.low, spec.high, spec.q)
+        else:  # a new schema type must be mapped here before it can be used
+            raise TypeError(f"no Tune distribution for {type(spec).__name__}")
+    return domains
+
+
+def fixed_values(space: SearchSpace) -> dict[str, Any]:
+    return {key: spec.value for key, spec in space.params.items() if isinstance(spec, Fixed)}
+
+
+def trial_concurrency(resources: dict[str, float], *, workers: int, use_gpu: bool, cap: int | None) -> int:
+    """Trials that fit at once: each needs `workers` CPUs (or GPUs) for Train plus one CPU for its
+    Ray Data reads and fine-tuning task; never more than the trial slots."""
+    fits = int(resources.get("CPU", 1) // (workers + 1))
+    if use_gpu:
+        fits = min(fits, int(resources.get("GPU", 0) // max(workers, 1)))
+    if TRIAL_SLOT in resources:
+        fits = min(fits, int(resources[TRIAL_SLOT]))
+    if fits < 1:
+        need = f"{workers} GPU(s) and {workers + 1} CPUs" if use_gpu else f"{workers + 1} CPUs"
+        raise UserInputError(f"sweep.workers_per_trial: a trial needs {need}, the cluster has {resources}")
+    return min(fits, cap) if cap else fits
+
+
+def driver_resources(resources: dict[str, float]) -> dict[str, float]:
+    """A trial slot where the cluster defines them (lrc_ray's local Ray and cluster files do),
+    else one CPU: a driver must reserve something, and zero CPUs is refused."""
+    return {TRIAL_SLOT: 1} if TRIAL_SLOT in resources else {"CPU": 1}
+
+
+def pretraining_key(config: RunConfig, superpixel_key: str, workers: int) -> str:
+    """Equal for trials whose pre-training would be identical (the fine-tuning section differs)."""
+    relevant = {
+        "superpixels": superpixel_key,
+        "split": [config.data.validation_cases, config.data.split_seed],
+        "source": config.pretrain.source_data_dir,
+        "augment": config.to_dict()["augment"],
+        "network": config.to_dict()["network"],
+        "pretrain": config.to_dict()["pretrain"],
+        "seed": config.seed,
+        "workers": workers,  # the global batch
+    }
+    digest = hashlib.blake2b(json.dumps(relevant, sort_keys=True).encode(), digest_size=10).hexdigest()
+    return f"{config.pretrain.method.replace('+', '_')}-{digest}"
+
+
+class _FinalResultOptunaSearch(OptunaSearch):
+    """OptunaSearch that ignores the per-epoch probe reports, which lack the searched metric.
+
+    Optuna's intermediate values feed only pruners, and OptunaSearch runs a no-op pruner
+    (ASHA does the stopping), so nothing is lost.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+
+def run_sweep(
+    space: SearchSpace,
+    *,
+    base: RunConfig,
+    storage: Path,
+    name: str,
+    num_samples: int | None = None,
+    resume: bool = False,
+):
+    """Run (or, with `resume`, continue) a sweep in the connected Ray cluster; returns the ResultGrid."""
+    experiment = storage / name
+    settings = space.sweep
+    # Per-epoch probe reports lack the searched metric by design (only fine-tuning reports it);
+    # Tune's check would refuse them. The metric name is checked against the data's organs instead.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    resources = ray.cluster_resources()
+    concurrency = trial_concurrency(
+        resources, workers=settings.workers_per_trial, use_gpu=settings.use_gpu, cap=settings.max_concurrent_trials
+    )
+    context = SweepContext(
+        base=base.to_dict(), space_params=fixed_values(space), pretrained_root=str(experiment / PRETRAINED_DIR),
+        workers=settings.workers_per_trial, use_gpu=settings.use_gpu,
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), driver_resources(resources))
+    if resume:
+        if not tune.Tuner.can_restore(str(experiment)):
+            raise UserInputError(f"--resume: no sweep to resume at {experiment}")
+        logger.info("resuming %s with up to %d trial(s) at a time", experiment, concurrency)
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, restart_errored=True)
+        return tuner.fit()
+    if experiment.exists() and any(experiment.iterdir()):
+        raise UserInputError(f"--name {name}: {experiment} already holds a sweep; pass --resume to continue it or pick another name")
+    (experiment / PRETRAINED_DIR).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(experiment / SWEEP_FILE, {
+        "source": space.source, "description": space.description, "metric": settings.metric, "mode": settings.mode,
+        "base": base.to_dict(), "fixed": fixed_values(space), "searched": sorted(tune_param_space(space)),
+        "space_yaml": Path(space.source).read_text() if Path(space.source).is_file() else None,
+    })
+    max_epochs = max(1, _largest_epochs(space, base))
+    # stop_last_trials=False: a trial whose pre-training reaches the last epoch goes on to fine-tune.
+    scheduler = ASHAScheduler(
+        time_attr=EPOCH, metric=PROBE_METRIC, mode="max", max_t=max_epochs, stop_last_trials=False,
+        grace_period=min(settings.grace_period, max_epochs), reduction_factor=settings.reduction_factor,
+    )
+    searcher = _FinalResultOptunaSearch(metric=settings.metric, mode=settings.mode, seed=settings.seed)
+    logger.info("sweep %s: %d trial(s), up to %d at a time", experiment, num_samples or settings.num_samples, concurrency)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=tune_param_space(space),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=num_samples or settings.num_samples,
+            max_concurrent_trials=concurrency,
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+        ),
+    )
+    return tuner.fit()
+
+
+def _largest_epochs(space: SearchSpace, base: RunConfig) -> int:
+    spec = space.params.get("pretrain.epochs")
+    if spec is None:
+        return base.pretrain.epochs
+    if isinstance(spec, Fixed):
+        return int(spec.value)
+    if isinstance(spec, Choice):
+        return int(max(spec.values))
+    return int(spec.high)
+
+
+def run_trial(trial_values: dict, context: SweepContext) -> None:
+    """One Tune trial (a driver function: Train workers and tasks do the compute)."""
+    from lrc_ray import api
+    from lrc_ray.engine.checkpoint import load_checkpoint, save_checkpoint
+    from lrc_ray.superpixels.cache import entry_lock
+
+    config = _trial_config(context, trial_values)
+    entry = api.superpixels_for(config.data).entry
+    checkpoint, epochs_run, reused, history = None, 0, False, []
+    if api.pretrains(config):
+        data = api.pretraining_data(config)
+        key = pretraining_key(config, data.entry.path.name, context.workers)
+        root = Path(context.pretrained_root)
+        final = root / key / "checkpoint.pt"
+        with entry_lock(root, key):
+            if final.is_file():  # another trial pre-trained these settings: replay its epochs for ASHA
+                history, reused = load_checkpoint(final)["history"], True
+                for metrics in history:
+                    tune.report(metrics)
+            else:
+                outcome = _pretrain(config, data, entry, root, key, context)
+                history = outcome.history
+                save_checkpoint(final, state_dict=outcome.state_dict, config=config.to_dict(), epoch=outcome.epoch,
+                                history=history)
+        checkpoint, epochs_run = str(final), len(history)
+    # Outside the trial's placement group, which holds only its trial slot.
+    task = ray.remote(_finetune_task).options(
+        num_cpus=0 if context.use_gpu else 1, num_gpus=1 if context.use_gpu else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )
+    results = ray.get(task.remote(config.to_dict(), checkpoint))
+    final_metrics = {
+        "dice_mean": results["dice_mean"],
+        **{f"dice/{organ}": value for organ, value in results["dice_per_organ"].items() if value is not None},
+        "label_fraction": config.finetune.label_fraction,
+        EPOCH: epochs_run,
+        **({PROBE_METRIC: history[-1][PROBE_METRIC]} if epochs_run and PROBE_METRIC in history[-1] else {}),
+        "pretrained_reused": reused,
+        "finetune_seconds": results["seconds"],
+    }
+    tune.report(final_metrics)
+
+
+def _trial_config(context: SweepContext, trial_values: dict) -> RunConfig:
+    from lrc_ray.search_space import trial_overrides
+
+    merged = dict(context.base)
+    for section, values in trial_overrides({**context.space_params, **trial_values}).items():
+        merged[section] = {**merged[section], **values} if isinstance(values, dict) else values
+    return config_from_dict(merged, source="trial config")
+
+
+def _pretrain(config, data, entry, root: Path, key: str, context: SweepContext):
+    from lrc_ray import api
+    from lrc_ray.distributed.train import pretrain_with_ray_train
+
+    return pretrain_with_ray_train(
+        config, parquet_dir=str(data.entry.path), selection=data.selection, storage_path=str(root), name=key,
+        workers=context.workers, use_gpu=context.use_gpu, num_classes=data.num_classes,
+        probe=api.probe_source(config, entry), report_to_tune=True,
+    )
+
+
+def _finetune_task(config: dict, checkpoint: str | None) -> dict:
+    import time
+
+    from lrc_ray import api
+
+    started = time.perf_counter()
+    results = api.finetune(config=config_from_dict(config), checkpoint=checkpoint, progress=False)
+    return results | {"seconds": time.perf_counter() - started}
+
+
+def summarise_failures(result_grid) -> str | None:
+    """One line per distinct error when every trial failed (None otherwise)."""
+    errors = [result.error for result in result_grid if result.error is not None]
+    if not errors or len(errors) < len(result_grid):
+        return None
+    reasons: dict[str, int] = {}
+    for error in errors:
+        reasons[_first_line(error)] = reasons.get(_first_line(error), 0) + 1
+    listed = "; ".join(f"{count} x {reason}" for reason, count in reasons.items())
+    return f"all {len(errors)} trial(s) failed: {listed}"
+
+
+def _first_line(error: BaseException) -> str:
+    return ray_error_message(error)[:300]
+
+
+def default_storage() -> Path:
+    return Path(os.environ.get("LRC_RAY_STORAGE", ".lrc_ray/sweeps")).resolve()
+
+
+def read_trials(experiment: Path) -> list:
+    """Every trial of a sweep (finished, stopped, failed or interrupted), read with Tune's own
+    `ExperimentAnalysis`, as plain `TrialRecord`s."""
+    from ray.tune import ExperimentAnalysis
+
+    from lrc_ray.results import TrialRecord
+
+    if not (experiment / SWEEP_FILE).is_file():
+        raise UserInputError(f"{experiment}: not an lrc-ray sweep (no {SWEEP_FILE}); pass the directory that `lrc-ray tune` printed")
+    try:
+        analysis = ExperimentAnalysis(str(experiment))
+    except Exception as exc:  # Tune raises several types for a missing or empty experiment state
+        raise UserInputError(f"{experiment}: no trials recorded yet ({ray_error_message(exc)})") from None
+    records = []
+    for trial in analysis.trials:
+        error = None
+        error_file = Path(trial.path) / "error.txt"  # synced to storage; readable without Ray running
+        if trial.status == "ERROR" and error_file.is_file():
+            error = _last_error_line(error_file.read_text())
+        records.append(TrialRecord(
+            trial_id=trial.trial_id, status=trial.status, values=dict(trial.config), metrics=dict(trial.last_result or {}),
+            error=error,
+        ))
+    if not records:
+        raise UserInputError(f"{experiment}: the sweep has no trials")
+    return records
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith(("lrc_ray.errors.", "TrainingError", "UserInputError")):
+            return line.split(":", 1)[-1].strip()
+    return lines[-1] if lines else "unknown error"
