@@ -200,7 +200,7 @@ def pretrain(
     from lrc_ray.distributed.runtime import ray_session
     from lrc_ray.distributed.train import pretrain_with_ray_train
 
-    _check_batch_fits(config, data)
+    check_batch_fits(config, data)
     with ray_session(address=address):
         outcome = pretrain_with_ray_train(
             config, parquet_dir=str(data.entry.path), selection=data.selection, storage_path=str(out_dir), name=name,
@@ -258,7 +258,8 @@ def probe_source(config: RunConfig, entry: CacheEntry) -> "ProbeSource":
                        num_classes=max(labels) + 1)
 
 
-def _check_batch_fits(config: RunConfig, data: PretrainingData, slices: int | None = None) -> None:
+def check_batch_fits(config: RunConfig, data: PretrainingData, slices: int | None = None) -> None:
+    """Refuse a per-worker batch larger than the slices to pre-train on (no step would run)."""
     from lrc_ray.data.superpixel_dataset import select_rows
     from lrc_ray.superpixels.cache import read_entry_table
 
@@ -289,7 +290,7 @@ def _pretrain_in_process(config: RunConfig, data: PretrainingData, checkpoint: P
         table, TwoViewAugment(config.augment, output_size=config.data.size), seed=config.seed,
         min_regions=settings.min_regions, with_labels=settings.uses_supervised,
     )
-    _check_batch_fits(config, data, slices=len(dataset))
+    check_batch_fits(config, data, slices=len(dataset))
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True, generator=generator,
                         num_workers=settings.num_workers)
@@ -405,7 +406,9 @@ def tune(
     storage = Path(storage or DEFAULT_STORAGE).resolve()
     _check_writable(storage)
     experiment = storage / name
-    if resume and (experiment / SWEEP_FILE).is_file():
+    if resume and not (experiment / SWEEP_FILE).is_file():
+        raise UserInputError(f"--resume: no sweep to resume at {experiment}")
+    if resume:
         base = config_from_dict(_read_json(experiment / SWEEP_FILE)["base"], source=str(experiment / SWEEP_FILE))
     else:
         base = run_config_for(search_space, {})

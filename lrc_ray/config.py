@@ -40,10 +40,10 @@ class DataConfig:
     split_seed: int = 0  # fixes the validation volumes and label-fraction subsets across methods and seeds
 
     def __post_init__(self) -> None:
-        _require(self.size % 16 == 0 and self.size >= 32, "data.size", "a multiple of 16, at least 32", self.size)
-        _require(self.validation_cases >= 1, "data.validation_cases", "at least 1", self.validation_cases)
+        require(self.size % 16 == 0 and self.size >= 32, "data.size", "a multiple of 16, at least 32", self.size)
+        require(self.validation_cases >= 1, "data.validation_cases", "at least 1", self.validation_cases)
         for name in ("scale", "sigma", "min_size"):
-            _require(getattr(self, name) > 0, f"data.{name}", "a positive number", getattr(self, name))
+            require(getattr(self, name) > 0, f"data.{name}", "a positive number", getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -71,29 +71,29 @@ class PretrainConfig:
     num_workers: int = 0  # DataLoader worker processes
 
     def __post_init__(self) -> None:
-        _require_choice(self.method, METHODS, "pretrain.method")
-        _require_choice(self.negatives, NEGATIVES, "pretrain.negatives")
-        _require(self.epochs >= 0, "pretrain.epochs", "at least 0", self.epochs)
-        _require(self.batch_size >= 2, "pretrain.batch_size", "at least 2", self.batch_size)
-        _require(self.lr > 0, "pretrain.lr", "a positive number", self.lr)
-        _require(self.weight_decay >= 0, "pretrain.weight_decay", "at least 0", self.weight_decay)
-        _require(self.temperature > 0, "pretrain.temperature", "a positive number", self.temperature)
-        _require(self.moco_temperature > 0, "pretrain.moco_temperature", "a positive number", self.moco_temperature)
-        _require(self.regions_per_image >= 1, "pretrain.regions_per_image", "at least 1", self.regions_per_image)
-        _require(self.pixels_per_region >= 1, "pretrain.pixels_per_region", "at least 1", self.pixels_per_region)
-        _require(self.w_global >= 0, "pretrain.w_global", "a non-negative weight", self.w_global)
-        _require(self.w_local >= 0, "pretrain.w_local", "a non-negative weight", self.w_local)
-        _require(self.w_supervised >= 0, "pretrain.w_supervised", "a non-negative weight", self.w_supervised)
-        _require(
+        require_choice(self.method, METHODS, "pretrain.method")
+        require_choice(self.negatives, NEGATIVES, "pretrain.negatives")
+        require(self.epochs >= 0, "pretrain.epochs", "at least 0", self.epochs)
+        require(self.batch_size >= 2, "pretrain.batch_size", "at least 2", self.batch_size)
+        require(self.lr > 0, "pretrain.lr", "a positive number", self.lr)
+        require(self.weight_decay >= 0, "pretrain.weight_decay", "at least 0", self.weight_decay)
+        require(self.temperature > 0, "pretrain.temperature", "a positive number", self.temperature)
+        require(self.moco_temperature > 0, "pretrain.moco_temperature", "a positive number", self.moco_temperature)
+        require(self.regions_per_image >= 1, "pretrain.regions_per_image", "at least 1", self.regions_per_image)
+        require(self.pixels_per_region >= 1, "pretrain.pixels_per_region", "at least 1", self.pixels_per_region)
+        require(self.w_global >= 0, "pretrain.w_global", "a non-negative weight", self.w_global)
+        require(self.w_local >= 0, "pretrain.w_local", "a non-negative weight", self.w_local)
+        require(self.w_supervised >= 0, "pretrain.w_supervised", "a non-negative weight", self.w_supervised)
+        require(
             not self.uses_supervised or bool(self.source_data_dir),
             "pretrain.source_data_dir",
             f"a labelled source data set for method '{self.method}' (e.g. one made by `lrc-ray data synth --seed 1`)",
             self.source_data_dir,
         )
-        _require(0 <= self.moco_momentum < 1, "pretrain.moco_momentum", "in [0, 1)", self.moco_momentum)
-        _require(self.queue_size >= 1, "pretrain.queue_size", "at least 1", self.queue_size)
-        _require(self.min_regions >= 1, "pretrain.min_regions", "at least 1", self.min_regions)
-        _require(self.num_workers >= 0, "pretrain.num_workers", "at least 0", self.num_workers)
+        require(0 <= self.moco_momentum < 1, "pretrain.moco_momentum", "in [0, 1)", self.moco_momentum)
+        require(self.queue_size >= 1, "pretrain.queue_size", "at least 1", self.queue_size)
+        require(self.min_regions >= 1, "pretrain.min_regions", "at least 1", self.min_regions)
+        require(self.num_workers >= 0, "pretrain.num_workers", "at least 0", self.num_workers)
 
     @property
     def uses_global(self) -> bool:
@@ -121,12 +121,12 @@ class FinetuneConfig:
     augment: bool = True
 
     def __post_init__(self) -> None:
-        _require(0 < self.label_fraction <= 1, "finetune.label_fraction", "in (0, 1]", self.label_fraction)
-        _require(self.epochs >= 1, "finetune.epochs", "at least 1", self.epochs)
-        _require(self.batch_size >= 1, "finetune.batch_size", "at least 1", self.batch_size)
-        _require(self.lr > 0, "finetune.lr", "a positive number", self.lr)
-        _require(0 < self.backbone_lr_scale <= 1, "finetune.backbone_lr_scale", "in (0, 1]", self.backbone_lr_scale)
-        _require(self.weight_decay >= 0, "finetune.weight_decay", "at least 0", self.weight_decay)
+        require(0 < self.label_fraction <= 1, "finetune.label_fraction", "in (0, 1]", self.label_fraction)
+        require(self.epochs >= 1, "finetune.epochs", "at least 1", self.epochs)
+        require(self.batch_size >= 1, "finetune.batch_size", "at least 1", self.batch_size)
+        require(self.lr > 0, "finetune.lr", "a positive number", self.lr)
+        require(0 < self.backbone_lr_scale <= 1, "finetune.backbone_lr_scale", "in (0, 1]", self.backbone_lr_scale)
+        require(self.weight_decay >= 0, "finetune.weight_decay", "at least 0", self.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def global_batch_size(per_worker_batch: int, workers: int) -> int:
 def config_from_dict(raw: dict[str, Any] | None, *, source: str = "config") -> RunConfig:
     """Build and validate a RunConfig from nested plain values (as parsed from YAML)."""
     try:
-        return _build(RunConfig, raw or {}, prefix="")
+        return build_dataclass(RunConfig, raw or {}, prefix="")
     except UserInputError as exc:
         raise UserInputError(f"{source}: {exc}") from None
 
@@ -184,7 +184,7 @@ def save_config(config: RunConfig, path: str | Path) -> None:
         tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def _build(cls: type, raw: Any, *, prefix: str) -> Any:
+def build_dataclass(cls: type, raw: Any, *, prefix: str) -> Any:
     if isinstance(raw, cls):
         return raw
     if not isinstance(raw, dict):
@@ -203,7 +203,7 @@ def _build(cls: type, raw: Any, *, prefix: str) -> Any:
 
 def _convert(hint: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, prefix=f"{path}.")
+        return build_dataclass(hint, value, prefix=f"{path}.")
     origin, args = get_origin(hint), get_args(hint)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
@@ -231,12 +231,12 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     return value
 
 
-def _require(ok: bool, path: str, expected: str, value: Any) -> None:
+def require(ok: bool, path: str, expected: str, value: Any) -> None:
     if not ok:
         raise UserInputError(f"{path}: expected {expected}, got {value!r}")
 
 
-def _require_choice(value: str, choices: tuple[str, ...], path: str) -> None:
+def require_choice(value: str, choices: tuple[str, ...], path: str) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""

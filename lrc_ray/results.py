@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from lrc_ray.atomic import atomic_write_path
-from lrc_ray.config import RunConfig, config_from_dict, save_config
+from lrc_ray.config import RunConfig, save_config
 from lrc_ray.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -58,14 +58,9 @@ class SweepInfo:
 
 def trial_config(info: SweepInfo, values: dict[str, Any]) -> RunConfig:
     """The run config a trial ran with: base, then the fixed and sampled values."""
-    merged = {section: dict(content) if isinstance(content, dict) else content for section, content in info.base.items()}
-    for key, value in {**info.fixed, **values}.items():
-        section, _, name = key.partition(".")
-        if name:
-            merged.setdefault(section, {})[name] = value
-        else:
-            merged[section] = value
-    return config_from_dict(merged, source="trial config")
+    from lrc_ray.search_space import config_with_values
+
+    return config_with_values(info.base, {**info.fixed, **values}, source="trial config")
 
 
 def results_table(records: list[TrialRecord], info: SweepInfo) -> pd.DataFrame:
@@ -128,7 +123,7 @@ def write_results(
         save_config(trial_config(info, record.values), path)
         chosen[row[by]] = path
     plots = []
-    if _plot_dice_vs_label_fraction(table, info.metric, out_dir / "dice_vs_label_fraction.png"):
+    if _plot_dice_vs_label_fraction(table, info.metric, info.mode, out_dir / "dice_vs_label_fraction.png"):
         plots.append(out_dir / "dice_vs_label_fraction.png")
     if space is not None and _plot_importance(records, info, space, out_dir / "parameter_importance.png"):
         plots.append(out_dir / "parameter_importance.png")
@@ -171,7 +166,7 @@ def _flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _plot_dice_vs_label_fraction(table: pd.DataFrame, metric: str, path: Path) -> bool:
+def _plot_dice_vs_label_fraction(table: pd.DataFrame, metric: str, mode: str, path: Path) -> bool:
     """The best metric per method at each label fraction, one line per method."""
     finished = table.dropna(subset=[metric])
     if finished.empty:
@@ -181,7 +176,8 @@ def _plot_dice_vs_label_fraction(table: pd.DataFrame, metric: str, path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best = finished.groupby(["method", "label_fraction"])[metric].max().reset_index()
+    grouped = finished.groupby(["method", "label_fraction"])[metric]
+    best = (grouped.min() if mode == "min" else grouped.max()).reset_index()
     figure, axes = plt.subplots(figsize=(6, 4))
     for method, rows in best.groupby("method"):
         axes.plot(rows["label_fraction"], rows[metric], marker="o", label=method)
@@ -208,7 +204,7 @@ def parameter_importance(records: list[TrialRecord], info: SweepInfo, space) -> 
         if isinstance(spec, Fixed):
             continue
         if isinstance(spec, Choice):
-            distributions[key] = optuna.distributions.CategoricalDistribution(list(spec.values))
+            distributions[key] = optuna.distributions.CategoricalDistribution([_categorical(v) for v in spec.values])
         elif isinstance(spec, RandInt):
             distributions[key] = optuna.distributions.IntDistribution(spec.low, spec.high)
         else:
@@ -217,7 +213,9 @@ def parameter_importance(records: list[TrialRecord], info: SweepInfo, space) -> 
             )
     trials = [
         optuna.trial.create_trial(
-            params={key: record.values[key] for key in distributions}, distributions=distributions,
+            params={key: _categorical(record.values[key]) if isinstance(space.params[key], Choice) else record.values[key]
+                    for key in distributions},
+            distributions=distributions,
             value=float(record.metrics[info.metric]),
         )
         for record in records
@@ -233,6 +231,11 @@ def parameter_importance(records: list[TrialRecord], info: SweepInfo, space) -> 
     except (RuntimeError, ValueError) as exc:  # e.g. every value equal
         logger.warning("parameter importance not computed: %s", exc)
         return {}
+
+
+def _categorical(value: Any) -> Any:
+    """Optuna's categorical choices must be scalars; a list choice (e.g. a crop range) becomes its text."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _plot_importance(records, info: SweepInfo, space, path: Path) -> bool:

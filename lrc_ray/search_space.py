@@ -24,7 +24,7 @@ from typing import Any, Union, get_type_hints
 import numpy as np
 import yaml
 
-from lrc_ray.config import RunConfig, _build, _require, _require_choice, config_from_dict
+from lrc_ray.config import RunConfig, build_dataclass, require, require_choice, config_from_dict
 from lrc_ray.errors import UserInputError
 
 
@@ -150,17 +150,17 @@ class SweepSettings:
     max_failures: int = 1  # retries of a failed trial
 
     def __post_init__(self) -> None:
-        _require(bool(self.metric), "sweep.metric", "a metric name", self.metric)
-        _require_choice(self.mode, ("max", "min"), "sweep.mode")
-        _require(self.num_samples >= 1, "sweep.num_samples", "at least 1", self.num_samples)
-        _require(
+        require(bool(self.metric), "sweep.metric", "a metric name", self.metric)
+        require_choice(self.mode, ("max", "min"), "sweep.mode")
+        require(self.num_samples >= 1, "sweep.num_samples", "at least 1", self.num_samples)
+        require(
             self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
             "sweep.max_concurrent_trials", "null or at least 1", self.max_concurrent_trials,
         )
-        _require(self.workers_per_trial >= 0, "sweep.workers_per_trial", "at least 0", self.workers_per_trial)
-        _require(self.grace_period >= 1, "sweep.grace_period", "at least 1", self.grace_period)
-        _require(self.reduction_factor >= 2, "sweep.reduction_factor", "at least 2", self.reduction_factor)
-        _require(self.max_failures >= 0, "sweep.max_failures", "at least 0", self.max_failures)
+        require(self.workers_per_trial >= 0, "sweep.workers_per_trial", "at least 0", self.workers_per_trial)
+        require(self.grace_period >= 1, "sweep.grace_period", "at least 1", self.grace_period)
+        require(self.reduction_factor >= 2, "sweep.reduction_factor", "at least 2", self.reduction_factor)
+        require(self.max_failures >= 0, "sweep.max_failures", "at least 0", self.max_failures)
 
 
 @dataclass(frozen=True)
@@ -172,9 +172,9 @@ class SyntheticDataSpec:
     slices: int = 24
 
     def __post_init__(self) -> None:
-        _require(self.cases >= 3, "data.cases", "at least 3", self.cases)
-        _require(self.unlabeled >= 0, "data.unlabeled", "at least 0", self.unlabeled)
-        _require(self.slices >= 4, "data.slices", "at least 4", self.slices)
+        require(self.cases >= 3, "data.cases", "at least 3", self.cases)
+        require(self.unlabeled >= 0, "data.unlabeled", "at least 0", self.unlabeled)
+        require(self.slices >= 4, "data.slices", "at least 4", self.slices)
 
 
 @dataclass(frozen=True)
@@ -214,8 +214,8 @@ def parse_search_space(raw: Any, source: str) -> SearchSpace:
     if not isinstance(description, str) or "\n" in description.strip():
         raise UserInputError(f"{source}: description: expected one line of text, got {description!r}")
     try:
-        sweep = _build(SweepSettings, raw.get("sweep") or {}, prefix="sweep.")
-        data = None if "data" not in raw else _build(SyntheticDataSpec, raw["data"] or {}, prefix="data.")
+        sweep = build_dataclass(SweepSettings, raw.get("sweep") or {}, prefix="sweep.")
+        data = None if "data" not in raw else build_dataclass(SyntheticDataSpec, raw["data"] or {}, prefix="data.")
     except UserInputError as exc:
         raise UserInputError(f"{source}: {exc}") from None
     base = raw.get("base") or {}
@@ -253,7 +253,12 @@ def trial_overrides(flat: dict[str, Any]) -> dict:
 
 def run_config_for(space: SearchSpace, flat_values: dict[str, Any]) -> RunConfig:
     """The run config of one trial: the space's base with the trial's dotted values on top."""
-    return config_from_dict(_merge(space.base, trial_overrides(flat_values)), source=space.source)
+    return config_with_values(space.base, flat_values, source=space.source)
+
+
+def config_with_values(base: dict, flat_values: dict[str, Any], *, source: str) -> RunConfig:
+    """A nested run-config dict with dotted values on top, validated."""
+    return config_from_dict(_merge(base, trial_overrides(flat_values)), source=source)
 
 
 def grid_points(space: SearchSpace) -> list[dict[str, Any]]:

@@ -29,10 +29,12 @@ def dataset_copy(tiny_dataset, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray with 2 CPUs for one test module, in its own short temp dir, shut down after."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     assert not ray.is_initialized(), "a previous test left Ray running"
     temp_dir = tempfile.mkdtemp(prefix="lrt_")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, _temp_dir=temp_dir)
+    # The dashboard serves the state API that Ray Train polls.
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING, _temp_dir=temp_dir)
     try:
         yield ray
     finally:

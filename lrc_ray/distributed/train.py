@@ -13,6 +13,8 @@ The worker loop is `engine.pretrain.pretrain_one_epoch` with three differences, 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from lrc_ray.errors import TrainingError
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "pretrain_state.pt"
+FAULT_ENV = "LRC_RAY_FAULT_KILL_AT_EPOCH"
 # Rows a worker shuffles among while streaming: enough to mix neighbouring slices of a volume.
 SHUFFLE_BUFFER_ROWS = 256
 
@@ -145,6 +148,7 @@ def _worker_loop(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     generator = torch.Generator(device=device)
     for epoch in range(start_epoch, settings.epochs):
+        _maybe_inject_fault(epoch)
         generator.manual_seed(_derived_seed(config.seed, epoch, rank))
         arrow_batches = shard.iter_batches(
             batch_size=settings.batch_size, batch_format="pyarrow", drop_last=True,
@@ -156,7 +160,7 @@ def _worker_loop(loop_config: dict) -> None:
             pretrainer, batches, optimizer, generator=generator, epoch=epoch, progress=False, step_model=step_model,
             device=device, autocast_dtype=torch.bfloat16 if use_gpu else None,
         )
-        metrics = _mean_over_ranks(metrics, device) | {"epoch": epoch + 1}
+        metrics = _mean_over_ranks(metrics, device) | {"epoch": epoch + 1, "run_start_epoch": start_epoch}
         if probe is not None:
             metrics["probe_dice"] = linear_probe_dice(pretrainer.online.backbone, probe, seed=config.seed)
         history.append(metrics)
@@ -167,6 +171,18 @@ def _worker_loop(loop_config: dict) -> None:
                             "epoch": epoch, "history": history}, Path(directory) / STATE_FILE)
                 epoch_checkpoint = Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=epoch_checkpoint)
+
+
+def _maybe_inject_fault(epoch: int) -> None:
+    """For the recovery tests: LRC_RAY_FAULT_KILL_AT_EPOCH="E:MARKER" makes this worker SIGKILL
+    itself at the start of epoch E (0-based), once: the marker file records that it happened."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    at_epoch, marker = spec.split(":", 1)
+    if int(at_epoch) == epoch and not Path(marker).exists():
+        Path(marker).write_text(f"killed at epoch {epoch}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def two_view_batches(arrow_batches, augment, *, seed: int, epoch: int, rank: int, with_labels: bool):

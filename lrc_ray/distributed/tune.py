@@ -33,7 +33,9 @@ from lrc_ray.atomic import write_json_atomic
 from lrc_ray.config import RunConfig, config_from_dict
 from lrc_ray.distributed.runtime import ray_error_message
 from lrc_ray.errors import UserInputError
-from lrc_ray.search_space import Choice, Fixed, LogUniform, QUniform, RandInt, SearchSpace, Uniform
+from lrc_ray.search_space import (
+    Choice, Fixed, LogUniform, QUniform, RandInt, SearchSpace, Uniform, config_with_values,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ def tune_param_space(space: SearchSpace) -> dict[str, Any]:
             domains[key] = tune.loguniform(spec.low, spec.high)
         elif isinstance(spec, RandInt):
             domains[key] = tune.randint(spec.low, spec.high + 1)  # Tune's upper end is exclusive
+        elif isinstance(spec, QUniform) and spec.integral:
+            domains[key] = tune.qrandint(int(spec.low), int(spec.high), int(spec.q))  # integer fields stay ints
         elif isinstance(spec, QUniform):
             domains[key] = tune.quniform(spec.low, spec.high, spec.q)
         else:  # a new schema type must be mapped here before it can be used
@@ -210,6 +214,7 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
     checkpoint, epochs_run, reused, history = None, 0, False, []
     if api.pretrains(config):
         data = api.pretraining_data(config)
+        api.check_batch_fits(config, data)
         key = pretraining_key(config, data.entry.path.name, context.workers)
         root = Path(context.pretrained_root)
         final = root / key / "checkpoint.pt"
@@ -243,12 +248,7 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
 
 
 def _trial_config(context: SweepContext, trial_values: dict) -> RunConfig:
-    from lrc_ray.search_space import trial_overrides
-
-    merged = dict(context.base)
-    for section, values in trial_overrides({**context.space_params, **trial_values}).items():
-        merged[section] = {**merged[section], **values} if isinstance(values, dict) else values
-    return config_from_dict(merged, source="trial config")
+    return config_with_values(context.base, {**context.space_params, **trial_values}, source="trial config")
 
 
 def _pretrain(config, data, entry, root: Path, key: str, context: SweepContext):

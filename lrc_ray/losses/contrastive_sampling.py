@@ -55,8 +55,7 @@ def contrastive_sampling_loss(embeddings: Tensor, region_ids: Tensor, temperatur
     """
     _check_temperature(temperature)
     _check_inputs(embeddings, region_ids)
-    losses, has_positive = _image_negatives(embeddings, region_ids, temperature)
-    return _mean_over_anchors(losses, has_positive, distributed=False)
+    return _image_negatives_loss(embeddings, region_ids, temperature, distributed=False)
 
 
 class ContrastiveSamplingLoss(nn.Module):
@@ -104,10 +103,9 @@ class ContrastiveSamplingLoss(nn.Module):
         _check_inputs(embeddings, region_ids)
         distributed = self.gather_distributed and _world_size() > 1
         if self.negatives == "image":
-            losses, has_positive = _image_negatives(embeddings, region_ids, self.temperature)
-        else:
-            normalised = F.normalize(embeddings, dim=-1)
-            losses, has_positive = _batch_negatives(normalised, region_ids, self.temperature, distributed)
+            return _image_negatives_loss(embeddings, region_ids, self.temperature, distributed)
+        normalised = F.normalize(embeddings, dim=-1)
+        losses, has_positive = _batch_negatives(normalised, region_ids, self.temperature, distributed)
         return _mean_over_anchors(losses, has_positive, distributed)
 
     def extra_repr(self) -> str:
@@ -165,126 +163,116 @@ class _AllGatherWithGradient(torch.autograd.Function):
         return grad_gathered[ctx.local_rows]
 
 
-def _image_negatives(embeddings: Tensor, region_ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Per-anchor losses with each image's own samples as negatives.
-
-    Shape: embeddings (B, K, D) (not yet normalised), region_ids (B, K) -> (B, K), (B, K).
-    """
+def _image_negatives_loss(embeddings: Tensor, region_ids: Tensor, temperature: float, distributed: bool) -> Tensor:
+    """The loss with each image's own samples as negatives. Shape: (B, K, D) (not yet normalised), (B, K) -> ()."""
     group, num_positive = _region_groups(region_ids)
+    has_positive = num_positive > 0
     if temperature >= _MIN_UNSHIFTED_TEMPERATURE:
-        losses = _ImageNegativesLoss.apply(embeddings, region_ids >= 0, group, num_positive, temperature)
-        return losses, num_positive > 0
-    # Very low temperatures: autograd path with a row-max shift, which cannot underflow.
+        anchor_weight = _anchor_weights(has_positive, distributed, torch.promote_types(embeddings.dtype, torch.float32))
+        valid = region_ids >= 0
+        return _ImageNegativesLoss.apply(embeddings, valid, group, num_positive, anchor_weight, temperature)
+    # Very low temperatures: autograd path with a row-max shift, which cannot overflow.
     embeddings = F.normalize(embeddings, dim=-1)
     scaled = embeddings / temperature
     not_self = ~torch.eye(region_ids.shape[1], dtype=torch.bool, device=region_ids.device)
     in_denominator = (region_ids >= 0).unsqueeze(1) & not_self
     log_denominator = _MaskedLogSumExp.apply(torch.bmm(scaled, embeddings.transpose(1, 2)), in_denominator)
-    return _anchor_losses(scaled, embeddings, group, num_positive, log_denominator)
+    losses = _anchor_losses(scaled, embeddings, group, num_positive, log_denominator)
+    return _mean_over_anchors(losses, has_positive, distributed)
 
 
-# exp(z_i.z_a / t) of L2-normalised z lies in [exp(-1/t), exp(1/t)]: down to this
-# temperature (exp(32) ~ 8e13) it needs no max shift in float32, nor does 1 / (a row sum of it).
+# exp(z_i.z_a / t) of L2-normalised z lies in [exp(-1/t), exp(1/t)]: down to this temperature
+# (exp(32) ~ 8e13) neither it, its row sums (K < 1e20) nor their inverses leave float32's
+# normal range, so no max shift is needed.
 _MIN_UNSHIFTED_TEMPERATURE = 1 / 32
 _NORMALIZE_EPS = 1e-12  # as F.normalize
+# Images per chunk of the (B, K, K) work: about this many elements (16 MiB in float32).
+_CHUNK_ELEMENTS = 1 << 22
 
 
 class _ImageNegativesLoss(torch.autograd.Function):
-    """Per-anchor l_i for negatives "image", L2 normalisation included, with a hand-written backward.
+    """sum_i a_i l_i for negatives "image", L2 normalisation included, with a hand-written backward.
 
-    Why: at K ~ 1000 the (B, K, K) matrix dominates, and autograd of bmm + masked
-    log-sum-exp makes two matmuls and several passes over it, each pass allocating a new
-    one (whose page faults cost as much as the pass). Here the only (B, K, K) tensor is E:
-    - Logits x_ia = z_i.z_a / t of L2-normalised z lie in [-1/t, 1/t], so the fixed shift
-      E_ia = exp(x_ia - 1/t) needs no row-max pass and, for t >= _MIN_SHIFTED_TEMPERATURE,
-      cannot underflow. The diagonal and every row and column of an ignored sample are
-      zeroed, which keeps E symmetric (ignored samples are no anchors).
-    - lse_i = log(sum_a E_ia) + 1/t, and since x_ja is in lse_j and, as x_aj, in lse_a,
-      d(sum_i g_i lse_i)/dz_j = (1/t) sum_a (w_j + w_a) E_ja z_a with w_i = g_i / sum_a E_ia:
-      one matmul per image (autograd of z z^T would do two).
-    - Positive term via per-region sums S (index_add): l_i -= z_i.(S_r(i) - z_i) / (t n_i),
+    Why: at K ~ 1000 the (B, K, K) logits dominate, and autograd of normalize + bmm + masked
+    log-sum-exp makes two matmuls and several passes over fresh (B, K, K) tensors (whose page
+    faults cost as much as the passes themselves). Since the output is a scalar whose anchor
+    weights a_i are known in forward, its gradient is fixed up to the incoming scalar, so:
+    - Logits x_ia = z_i.z_a / t of L2-normalised z lie in [-1/t, 1/t]: for t >=
+      _MIN_UNSHIFTED_TEMPERATURE, E_ia = exp(x_ia) needs no max shift. The diagonal and the
+      rows and columns of ignored samples are zeroed (ignored samples are no anchors), which
+      keeps E symmetric, and lse_i = log(sum_a E_ia).
+    - x_ja is in lse_j and, as x_aj, in lse_a, so d(sum_i a_i lse_i)/dz_j = sum_a (w_j + w_a)
+      E_ja z_a with w_i = a_i / (t sum_a E_ia). Forward turns E into these pair weights in
+      place, chunk by chunk while the chunk is still in cache; backward is one bmm on them
+      (autograd of z z^T would make two). This is the one (B, K, K) tensor kept.
+    - Positive term from per-region sums S (index_add): l_i -= z_i.(S_r(i) - z_i) / (t n_i)
       with n_i = |P(i)|; its gradient is written out in backward, as is F.normalize's.
-    The K x K work runs one image at a time, so that the passes after each matmul find the
-    image's block in cache. Shape: embeddings (B, K, D), valid, group, num_positive (B, K)
-    (from `_region_groups`) -> (B, K), at least float32. Rows without a positive or without
-    any valid partner get finite, meaningless values and must get a zero gradient.
+    Shape: embeddings (B, K, D), valid, group, num_positive (from `_region_groups`) and
+    anchor_weight (B, K) -> scalar, at least float32. anchor_weight must be 0 wherever
+    num_positive is (those l_i are finite but meaningless).
     """
 
     @staticmethod
-    def forward(ctx, embeddings: Tensor, valid: Tensor, group: Tensor, num_positive: Tensor, temperature: float):
+    def forward(ctx, embeddings, valid, group, num_positive, anchor_weight, temperature):
         x = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
         inv_t = 1.0 / temperature
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
         inv_norm = norm.clamp(min=_NORMALIZE_EPS).reciprocal_()
         z = x * inv_norm
-        exp_logits = z.new_empty(z.shape[:-1] + z.shape[-2:-1])
+        # v_i = a_i / (t n_i), the weight of anchor i's positive logits
+        positive_weight = anchor_weight * inv_t / num_positive.clamp(min=1)
+
+        pair_weight = z.new_empty(z.shape[:-1] + z.shape[-2:-1])  # holds E first
         row_sum = z.new_empty(z.shape[:-1])
         all_valid = bool(valid.all())
         for chunk in _image_chunks(*valid.shape):
+            chunk_pairs = pair_weight[chunk]
             # exp(z_i.z_a / t), the 1/t applied by the matmul itself (beta=0 ignores `input`)
-            chunk_exp = exp_logits[chunk]
-            torch.baddbmm(chunk_exp, z[chunk], z[chunk].mT, beta=0, alpha=inv_t, out=chunk_exp).exp_()
-            chunk_exp.diagonal(dim1=1, dim2=2).zero_()
+            torch.baddbmm(chunk_pairs, z[chunk], z[chunk].mT, beta=0, alpha=inv_t, out=chunk_pairs).exp_()
+            chunk_pairs.diagonal(dim1=1, dim2=2).zero_()
             if not all_valid:
-                chunk_exp.mul_(valid[chunk].unsqueeze(2) & valid[chunk].unsqueeze(1))
-            torch.sum(chunk_exp, dim=2, out=row_sum[chunk])
-        log_denominator = row_sum.clamp(min=torch.finfo(z.dtype).tiny).log()
+                chunk_pairs.mul_(valid[chunk].unsqueeze(2) & valid[chunk].unsqueeze(1))
+            chunk_sum = torch.sum(chunk_pairs, dim=2, out=row_sum[chunk])
+            weight = torch.where(chunk_sum > 0, anchor_weight[chunk] * inv_t / chunk_sum, 0)
+            chunk_pairs.mul_(weight.unsqueeze(2) + weight.unsqueeze(1))
+            # + v_j z_j, one term of the positive gradient, rides on the zero diagonal
+            chunk_pairs.diagonal(dim1=1, dim2=2).copy_(positive_weight[chunk])
+        log_denominator = row_sum.clamp(min=torch.finfo(z.dtype).tiny).log_()
 
         flat_z, flat_group = z.view(-1, z.shape[-1]), group.flatten()
-        region_sum = torch.zeros_like(flat_z).index_add_(0, flat_group, flat_z)
+        num_groups = int(flat_group.max()) + 1
+        region_sum = flat_z.new_zeros(num_groups, flat_z.shape[1]).index_add_(0, flat_group, flat_z)
         positive_sum = region_sum.index_select(0, flat_group).sub_(flat_z)  # sum_{p in P(i)} z_p
         positive_logits = torch.linalg.vecdot(positive_sum, flat_z).view_as(row_sum) * inv_t
         losses = log_denominator - positive_logits / num_positive.clamp(min=1)
 
-        ctx.save_for_backward(z, inv_norm, norm > _NORMALIZE_EPS, exp_logits, row_sum, positive_sum, flat_group, num_positive)
-        ctx.temperature, ctx.embeddings_dtype = temperature, embeddings.dtype
-        return losses
+        ctx.save_for_backward(z, inv_norm, norm > _NORMALIZE_EPS, pair_weight, positive_sum, flat_group, positive_weight)
+        ctx.embeddings_dtype, ctx.num_groups = embeddings.dtype, num_groups
+        return (anchor_weight * losses).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        z, inv_norm, unclamped, exp_logits, row_sum, positive_sum, flat_group, num_positive = ctx.saved_tensors
-        grad = grad.to(z.dtype) / ctx.temperature
-        weight = torch.where(row_sum > 0, grad / row_sum, 0)  # w_i / t
-        # v_i / t, with v_i = g_i / n_i the weight of anchor i's positive logits
-        positive_weight = torch.where(num_positive > 0, grad / num_positive.clamp(min=1), 0)
-        grad_z = torch.empty_like(z)
-        if _MODE == "cat":
-            dim = z.shape[-1]
-            both = torch.bmm(exp_logits, torch.cat([z, weight.unsqueeze(-1) * z], dim=-1))
-            torch.addcmul(both[..., dim:], both[..., :dim], weight.unsqueeze(-1), out=grad_z)
-            grad_z.addcmul_(z, positive_weight.unsqueeze(-1))
-        else:
-            chunks = _image_chunks(*row_sum.shape)
-            pair_weight = exp_logits.new_empty((chunks[0].stop,) + exp_logits.shape[1:])
-            for chunk in chunks:
-                chunk_exp, chunk_weight = exp_logits[chunk], weight[chunk]
-                chunk_pairs = torch.mul(chunk_exp, chunk_weight.unsqueeze(2), out=pair_weight[: len(chunk_exp)])
-                chunk_pairs.addcmul_(chunk_exp, chunk_weight.unsqueeze(1))
-                # + v_j z_j, a term of the positive gradient below, costs nothing on the zero diagonal
-                chunk_pairs.diagonal(dim1=1, dim2=2).copy_(positive_weight[chunk])
-                torch.bmm(chunk_pairs, z[chunk], out=grad_z[chunk])
+        z, inv_norm, unclamped, pair_weight, positive_sum, flat_group, positive_weight = ctx.saved_tensors
+        grad_z = torch.bmm(pair_weight, z)
         # Positive term -sum_i v_i z_i.(S_r(i) - z_i): its gradient for z_j is
-        # -v_j (S_r(j) - z_j) - (sum_{i in r(j)} v_i z_i) + v_j z_j (the last one is in the loop).
+        # -v_j (S_r(j) - z_j) - sum_{i in r(j)} v_i z_i + v_j z_j (the last one came with the bmm).
         flat_grad, flat_z = grad_z.view(-1, z.shape[-1]), z.view(-1, z.shape[-1])
         positive_weight = positive_weight.view(-1, 1)
-        weighted_sum = torch.zeros_like(flat_z).index_add_(0, flat_group, positive_weight * flat_z)
+        weighted_sum = flat_z.new_zeros(ctx.num_groups, flat_z.shape[1])
+        weighted_sum.index_add_(0, flat_group, positive_weight * flat_z)
         flat_grad.addcmul_(positive_sum, positive_weight, value=-1).sub_(weighted_sum.index_select(0, flat_group))
         # F.normalize: dz/dx = (I - z z^T) / |x| (just 1 / eps for the clamped, tiny |x|)
         projection = torch.linalg.vecdot(flat_grad, flat_z).view_as(unclamped) * unclamped
-        grad_z.addcmul_(z, projection, value=-1).mul_(inv_norm)
-        return grad_z.to(ctx.embeddings_dtype), None, None, None, None
-
-
-_CHUNK_ELEMENTS = 1 << 22
-_MODE = 'pair'
+        grad_z.addcmul_(z, projection, value=-1).mul_(inv_norm * grad.to(z.dtype))
+        return grad_z.to(ctx.embeddings_dtype), None, None, None, None, None
 
 
 def _image_chunks(batch: int, num_samples: int) -> list[slice]:
-    """Slices of images whose (K, K) blocks hold about _CHUNK_ELEMENTS together (at least one image).
+    """Slices of whole images with about _CHUNK_ELEMENTS (K, K) elements each (at least one image).
 
-    Passes over a chunk right after its matmul find it in cache, and a scratch buffer of one
-    chunk is reused without new page faults; chunks are still large enough for few, long,
+    Passes right after a chunk's matmul find it in cache, and a chunk-sized temporary is
+    reused by the allocator without new page faults; chunks stay large enough for few, long,
     multi-threaded ops (many short ones stall whenever another process holds a core).
     """
     size = max(1, _CHUNK_ELEMENTS // max(1, num_samples * num_samples))
@@ -315,7 +303,8 @@ def _batch_negatives(
     in_denominator = (all_ids >= 0).reshape(1, -1) & not_self
     logits = scaled.reshape(-1, dim) @ all_embeddings.reshape(-1, dim).t()
     log_denominator = _MaskedLogSumExp.apply(logits, in_denominator).reshape(batch, num_samples)
-    return _anchor_losses(scaled, embeddings, *_region_groups(region_ids), log_denominator)
+    group, num_positive = _region_groups(region_ids)
+    return _anchor_losses(scaled, embeddings, group, num_positive, log_denominator), num_positive > 0
 
 
 class _MaskedLogSumExp(torch.autograd.Function):
@@ -352,48 +341,52 @@ class _MaskedLogSumExp(torch.autograd.Function):
 
 
 def _region_groups(region_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Each sample's region as a row in [0, B*K), and its number of positives |P(i)|.
+    """Each sample's region as a group index, counted over the whole batch, and |P(i)|.
 
-    Samples of one image with the same id share a row (ignored ids only ever share one with
-    each other); ignored samples have 0 positives. Shape: (B, K) -> (B, K) long, (B, K).
+    Samples of one image with the same id share a group (ignored ids only ever share one
+    with each other); ignored samples have 0 positives. Shape: (B, K) -> (B, K) long, (B, K).
     """
-    batch, num_samples = region_ids.shape
-    # Sort, then number the runs of equal ids.
+    # Sort each image, then number the runs of equal ids (a run never spans two images).
     sorted_ids, order = region_ids.sort(dim=1)
     new_run = torch.ones_like(sorted_ids, dtype=torch.bool)
     new_run[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    group = torch.empty_like(order).scatter_(1, order, new_run.long().cumsum(dim=1) - 1)
-    group += torch.arange(0, batch * num_samples, num_samples, device=group.device).unsqueeze(1)
-    group_size = torch.bincount(group.flatten(), minlength=batch * num_samples)
+    run = (new_run.flatten().cumsum(dim=0) - 1).view_as(order)
+    group = torch.empty_like(order).scatter_(1, order, run)
+    group_size = torch.bincount(group.flatten())
     return group, torch.where(region_ids >= 0, group_size[group] - 1, 0)
 
 
 def _anchor_losses(
     scaled: Tensor, embeddings: Tensor, group: Tensor, num_positive: Tensor, log_denominator: Tensor
-) -> tuple[Tensor, Tensor]:
-    """l_i = log_denominator_i - mean positive logit_i, and whether i has a positive.
+) -> Tensor:
+    """l_i = log_denominator_i - mean positive logit_i.
 
     Shape: scaled = embeddings / t and embeddings (B, K, D), group, num_positive (from
-    `_region_groups`) and log_denominator (B, K) -> (B, K), (B, K). Anchors without a
+    `_region_groups`) and log_denominator (B, K) -> (B, K). Anchors without a
     positive get a finite, meaningless l_i; callers mask them out.
     """
     # sum_{p in P(i)} z_p = (sum of z over i's region) - z_i
     flat, flat_group = embeddings.reshape(-1, embeddings.shape[-1]), group.flatten()
-    region_sum = torch.zeros_like(flat).index_add(0, flat_group, flat)
+    region_sum = flat.new_zeros(int(flat_group.max()) + 1, flat.shape[1]).index_add(0, flat_group, flat)
     positive_sum = region_sum.index_select(0, flat_group).view_as(embeddings) - embeddings
     mean_positive_logit = (scaled * positive_sum).sum(dim=-1) / num_positive.clamp(min=1)
-    return log_denominator - mean_positive_logit, num_positive > 0
+    return log_denominator - mean_positive_logit
+
+
+def _anchor_weights(has_positive: Tensor, distributed: bool, dtype: torch.dtype) -> Tensor:
+    """a_i such that sum_i a_i l_i is the mean of l_i over anchors with a positive (0 if none).
+
+    Distributed: world_size / global_count, so that averaging over ranks (as DDP does with
+    gradients) gives the global mean. Shape: (B, K) bool -> (B, K) of `dtype`.
+    """
+    count = has_positive.sum()
+    scale = 1
+    if distributed:
+        dist.all_reduce(count)
+        scale = dist.get_world_size()
+    return has_positive.to(dtype) * (scale / count.clamp(min=1).to(dtype))
 
 
 def _mean_over_anchors(losses: Tensor, has_positive: Tensor, distributed: bool) -> Tensor:
-    """Mean of l_i over anchors with a positive; 0 (still in the graph) when there are none.
-
-    Distributed: sum_local(l_i) * world_size / global_count, so that averaging over ranks
-    (as DDP does with gradients) gives the global mean.
-    """
-    total = torch.where(has_positive, losses, torch.zeros_like(losses)).sum()
-    count = has_positive.sum()
-    if not distributed:
-        return total / count.clamp(min=1)
-    dist.all_reduce(count)
-    return total * dist.get_world_size() / count.clamp(min=1)
+    """sum_i a_i l_i (`_anchor_weights`); a zero still in the graph when no anchor has a positive."""
+    return (torch.where(has_positive, losses, 0) * _anchor_weights(has_positive, distributed, losses.dtype)).sum()

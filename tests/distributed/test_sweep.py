@@ -1,0 +1,140 @@
+"""Sweeps end to end on a local 2-CPU Ray, through the command line: run, SIGKILL mid-sweep, read the
+interrupted sweep, resume it with its finished trials kept, read it again, use the chosen config;
+and the sweep-level bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from lrc_ray.config import load_config
+
+pytestmark = pytest.mark.ray
+
+TINY_SPACE = {
+    "description": "tiny test sweep",
+    "sweep": {"num_samples": 4, "seed": 0, "grace_period": 1, "reduction_factor": 2, "max_failures": 1},
+    "data": {"cases": 4, "unlabeled": 1, "slices": 6},
+    "base": {
+        "data": {"size": 48, "validation_cases": 1},
+        "network": {"features": [4, 4, 8, 8, 16, 4], "global_dim": 8, "global_hidden": 16, "local_dim": 8},
+        "pretrain": {"epochs": 2, "batch_size": 4, "queue_size": 16},
+        "finetune": {"epochs": 2, "batch_size": 4},
+    },
+    "space": {
+        "pretrain.method": {"choice": ["scratch", "lrc"]},
+        "finetune.label_fraction": {"choice": [0.5, 1.0]},
+    },
+}
+
+
+def _lrc_ray(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lrc_ray.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _write_space(path: Path, **changes) -> Path:
+    space = json.loads(json.dumps(TINY_SPACE))
+    for section, values in changes.items():
+        space[section] = {**space[section], **values}
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def _finished_trials(experiment: Path) -> dict[str, float]:
+    """trial id -> dice_mean of every trial whose result.json holds the final report."""
+    finished = {}
+    for result_file in experiment.glob("run_trial_*/result.json"):
+        for line in result_file.read_text().splitlines():
+            result = json.loads(line)
+            if "dice_mean" in result:
+                finished[result["trial_id"]] = result["dice_mean"]
+    return finished
+
+
+def test_sweep_survives_sigkill_and_resumes_keeping_finished_trials(tmp_path):
+    space = _write_space(tmp_path / "tiny.yaml")
+    experiment = tmp_path / "store" / "tiny"
+    command = [sys.executable, "-m", "lrc_ray.cli", "tune", str(space), "--storage", str(tmp_path / "store")]
+    # Own session: the kill reaches the sweep and the local Ray it started, nothing else.
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 420
+        while not _finished_trials(experiment) and sweep.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert sweep.poll() is None, "the sweep ended before it could be interrupted"
+        assert _finished_trials(experiment), "no trial finished in time"
+    finally:
+        os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait()
+    before = _finished_trials(experiment)
+
+    # The interrupted sweep can be read.
+    interrupted = _lrc_ray("results", str(experiment), "--out", str(tmp_path / "interrupted"), cwd=tmp_path)
+    assert interrupted.returncode == 0, interrupted.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "interrupted" / "results.csv")
+    assert set(before) <= set(table["trial_id"])
+
+    resumed = _lrc_ray("tune", str(space), "--storage", str(tmp_path / "store"), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "chosen configuration" in resumed.stdout
+    after = _finished_trials(experiment)
+    assert {trial: after[trial] for trial in before} == before, "finished trials kept, not rerun"
+
+    table = pd.read_parquet(experiment / "results" / "results.parquet")
+    assert len(table) == 4
+    finished = table.dropna(subset=["dice_mean"])
+    assert not finished.empty and finished["dice_mean"].between(0, 1).all()
+    assert set(table["method"]) <= {"scratch", "lrc"}
+    assert (experiment / "results" / "results.md").read_text().startswith("| trial_id |")
+    assert (experiment / "results" / "dice_vs_label_fraction.png").read_bytes()[:4] == b"\x89PNG"
+    chosen = sorted((experiment / "results").glob("best_config_label_fraction_*.yaml"))
+    assert chosen, "a config per label fraction"
+    assert any(path.name.startswith("events.out.tfevents") for path in experiment.glob("run_trial_*/*")), "TensorBoard"
+
+    # The chosen config is taken unchanged by `lrc-ray pretrain`.
+    config = load_config(chosen[0])
+    assert Path(config.data.data_dir).is_absolute()
+    pretrained = _lrc_ray("-q", "pretrain", "--config", str(chosen[0]), "--out", str(tmp_path / "chosen"), cwd=tmp_path)
+    assert pretrained.returncode == 0, pretrained.stderr[-2000:]
+    assert (tmp_path / "chosen" / "checkpoint.pt").is_file()
+
+
+def test_a_sweep_whose_every_trial_fails_ends_with_one_summary_line(tmp_path):
+    space = _write_space(tmp_path / "failing.yaml", base={**TINY_SPACE["base"], "pretrain": {"epochs": 2, "batch_size": 64}},
+                         sweep={"num_samples": 2, "max_failures": 0})
+    space_text = yaml.safe_load(space.read_text())
+    space_text["space"] = {"pretrain.method": {"choice": ["lrc", "global"]}}
+    space.write_text(yaml.safe_dump(space_text))
+    completed = _lrc_ray("tune", str(space), "--storage", str(tmp_path / "store"), cwd=tmp_path)
+    assert completed.returncode == 3
+    last = completed.stderr.strip().splitlines()[-1]
+    assert last.startswith("lrc-ray: training stopped: sweep ")
+    assert "all 2 trial(s) failed: 2 x pretrain.batch_size: 64 is more than the" in last
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tune", "{space}", "--storage", "{tmp}/store", "--resume"], "--resume: no sweep to resume at"),
+        (["results", "{tmp}"], "not an lrc-ray sweep"),
+        (["tune", "{tmp}/missing.yaml"], "search space file not found"),
+        (["tune", "{space}", "--storage", "/proc/forbidden"], "--storage /proc/forbidden: not writable"),
+    ],
+)
+def test_sweep_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    space = _write_space(tmp_path / "tiny.yaml")
+    completed = _lrc_ray(*[a.format(space=space, tmp=tmp_path) for a in args], cwd=tmp_path, timeout=120)
+    assert completed.returncode == 2
+    assert completed.stderr.count("\n") == 1 and message in completed.stderr, completed.stderr
+    assert "Traceback" not in completed.stderr
