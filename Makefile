@@ -29,6 +29,8 @@ test: install
 bench: install
 	$(BIN)/python bench/superpixels.py
 	$(BIN)/python bench/loss.py
+	$(BIN)/python bench/train_overhead.py
+	$(BIN)/python bench/sweep_overhead.py
 
 clean:
 	rm -rf $(VENV) .lrc_ray

@@ -328,9 +328,14 @@ def finetune(
         pretrained_state, source = payload["state_dict"], f"{checkpoint} ({payload['config']['pretrain']['method']})"
     table, labels, split = _training_table(config)
     train_cases = label_fraction_subset(split.train_pool, config.finetune.label_fraction, seed=config.data.split_seed)
+    import torch
+
+    torch.manual_seed(config.seed)  # the new head (and, for scratch, the backbone) starts the same in any process
     model = build_segmentation_model(config.network, max(labels) + 1, pretrained_state)
     logger.info("fine-tuning from %s on %d of %d volumes", source, len(train_cases), len(split.train_pool))
-    history = run_finetune(model, table, train_cases=train_cases, config=config.finetune, seed=config.seed, progress=progress)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a Ray task given a GPU sees one
+    history = run_finetune(model, table, train_cases=train_cases, config=config.finetune, seed=config.seed,
+                           progress=progress, device=device)
     results = evaluate(model, table, cases=split.validation, labels=labels) | {
         "label_fraction": config.finetune.label_fraction,
         "train_cases": list(train_cases),
@@ -389,6 +394,7 @@ def tune(
     num_samples: int | None = None,
     resume: bool = False,
     address: str | None = None,
+    search: str = "tpe",
 ) -> Path:
     """Run a sweep of `space` (a search-space YAML) on Ray; returns the experiment directory.
 
@@ -416,7 +422,8 @@ def tune(
         _check_metric(search_space.sweep.metric, load_msd_dataset(data_dir).labels, search_space.source)
         base = base.replace(data={"data_dir": str(data_dir.resolve()), "cache_root": str(Path(base.data.cache_root).resolve())})
     with ray_session(address=address, resources={TRIAL_SLOT: os.cpu_count() or 1}):
-        result_grid = run_sweep(search_space, base=base, storage=storage, name=name, num_samples=num_samples, resume=resume)
+        result_grid = run_sweep(search_space, base=base, storage=storage, name=name, num_samples=num_samples,
+                                resume=resume, search=search)
         failure = summarise_failures(result_grid)
     if failure:
         raise TrainingError(f"sweep {experiment}: {failure}")

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--storage", type=Path, default=None, help=f"where sweeps are kept (default {DEFAULT_WORKDIR / 'sweeps'}; shared storage on a cluster)")
     sweep.add_argument("--name", default=None, help="sweep name (default: the space file's name)")
     sweep.add_argument("--samples", type=int, default=None, help="number of trials (default: the space's sweep.num_samples)")
+    sweep.add_argument("--search", choices=("tpe", "grid"), default="tpe",
+                       help="tpe (default): Optuna TPE + ASHA early stopping; grid: every point of a space of choices, no early stopping")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep, keeping finished trials")
     sweep.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     sweep.set_defaults(handler=_run_tune)
@@ -125,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--top", type=int, default=20, help="rows to print (default 20)")
     results.add_argument("--out", type=Path, default=None, help="where files go (default EXPERIMENT/results)")
     results.set_defaults(handler=_run_results)
+
+    cluster = commands.add_parser("cluster", help="a local Ray head for `ray job submit`").add_subparsers(
+        dest="cluster_command", required=True)
+    up = cluster.add_parser(
+        "up", help="start a Ray head on 127.0.0.1 (dashboard + job server, token authentication on)",
+        description="Start a Ray head bound to 127.0.0.1 with its own auth token and temp dir under --workdir; "
+        "writes WORKDIR/env.sh with RAY_ADDRESS, RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH for `ray job` commands.",
+    )
+    up.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "cluster", help=f"state, token and logs (default {DEFAULT_WORKDIR / 'cluster'})")
+    up.add_argument("--num-cpus", type=int, default=None, help="CPUs the head offers (default: all)")
+    up.add_argument("--port", type=int, default=6379, help="GCS port (default 6379)")
+    up.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server port (default 8265)")
+    up.set_defaults(handler=_run_cluster_up)
+    down = cluster.add_parser("down", help="stop the head that `lrc-ray cluster up` started (only that one)")
+    down.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "cluster", help=f"as given to `up` (default {DEFAULT_WORKDIR / 'cluster'})")
+    down.set_defaults(handler=_run_cluster_down)
 
     demo = commands.add_parser("demo", help="the quick start: a small sweep on the built-in data, then its results")
     demo.add_argument("--storage", type=Path, default=None, help=f"where the sweep goes (default {DEFAULT_WORKDIR / 'sweeps'})")
@@ -187,7 +205,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 def _run_tune(args: argparse.Namespace) -> int:
     experiment = api.tune(space=args.space, data=args.data, storage=args.storage, name=args.name,
-                          num_samples=args.samples, resume=args.resume, address=args.address)
+                          num_samples=args.samples, resume=args.resume, address=args.address, search=args.search)
     print(f"sweep: {experiment}")
     _print_results(api.results(experiment=experiment), top=20)
     return 0
@@ -197,6 +215,25 @@ def _run_results(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UserInputError(f"--top: expected at least 1, got {args.top}")
     _print_results(api.results(experiment=args.experiment, metric=args.metric, by=args.by, out=args.out), top=args.top)
+    return 0
+
+
+def _run_cluster_up(args: argparse.Namespace) -> int:
+    from lrc_ray.distributed.cluster import local_up
+
+    head = local_up(args.workdir, num_cpus=args.num_cpus, port=args.port, dashboard_port=args.dashboard_port)
+    print(f"Ray head running (pid {head.pid}); dashboard and job server at {head.dashboard_url}")
+    print(f"for `ray job ...` commands: source {head.env_file}")
+    print(f"submit a sweep: source {head.env_file} && ray job submit --runtime-env cluster/runtime_env.yaml "
+          "--working-dir . -- lrc-ray tune search_spaces/quickstart.yaml --storage $PWD/.lrc_ray/sweeps --name quickstart")
+    print("stop it: lrc-ray cluster down")
+    return 0
+
+
+def _run_cluster_down(args: argparse.Namespace) -> int:
+    from lrc_ray.distributed.cluster import local_down
+
+    print("stopped the local Ray head" if local_down(args.workdir) else f"no local head was running ({args.workdir})")
     return 0
 
 

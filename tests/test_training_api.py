@@ -134,3 +134,14 @@ def test_batch_larger_than_the_data(tiny_config, tmp_path):
     with pytest.raises(UserInputError, match=r"pretrain.batch_size: 1000 is more than the \d+ slices"):
         api.pretrain(config=config, out_dir=tmp_path, progress=False)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_finetune_gives_the_same_dice_whatever_ran_before_in_the_process(checkpoint, tiny_config):
+    """Sweeps reuse worker processes: the random state they leave must not change a result."""
+    import torch
+
+    config = tiny_config.replace(finetune={"epochs": 1})
+    first = api.finetune(config=config, checkpoint=checkpoint, progress=False)
+    torch.rand(1000)  # what an earlier task might have drawn
+    second = api.finetune(config=config, checkpoint=checkpoint, progress=False)
+    assert first["dice_per_organ"] == second["dice_per_organ"]

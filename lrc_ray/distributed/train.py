@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +163,9 @@ def _worker_loop(loop_config: dict) -> None:
         )
         metrics = _mean_over_ranks(metrics, device) | {"epoch": epoch + 1, "run_start_epoch": start_epoch}
         if probe is not None:
+            started = time.perf_counter()
             metrics["probe_dice"] = linear_probe_dice(pretrainer.online.backbone, probe, seed=config.seed)
+            metrics["probe_seconds"] = time.perf_counter() - started
         history.append(metrics)
         with tempfile.TemporaryDirectory() as directory:
             epoch_checkpoint = None

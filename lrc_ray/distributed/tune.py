@@ -31,15 +31,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lrc_ray.atomic import write_json_atomic
 from lrc_ray.config import RunConfig, config_from_dict
+from lrc_ray.distributed.cluster import TRIAL_SLOT
 from lrc_ray.distributed.runtime import ray_error_message
 from lrc_ray.errors import UserInputError
 from lrc_ray.search_space import (
-    Choice, Fixed, LogUniform, QUniform, RandInt, SearchSpace, Uniform, config_with_values,
+    Choice, Fixed, LogUniform, QUniform, RandInt, SearchSpace, Uniform, config_with_values, grid_points,
 )
 
 logger = logging.getLogger(__name__)
 
-TRIAL_SLOT = "trial_slot"
 PROBE_METRIC = "probe_dice"
 EPOCH = "epoch"  # pre-training epochs finished (ASHA's time attribute)
 SWEEP_FILE = "lrc_ray_sweep.json"  # what `results` needs beyond Tune's own files
@@ -94,7 +94,10 @@ def trial_concurrency(resources: dict[str, float], *, workers: int, use_gpu: boo
         fits = min(fits, int(resources[TRIAL_SLOT]))
     if fits < 1:
         need = f"{workers} GPU(s) and {workers + 1} CPUs" if use_gpu else f"{workers + 1} CPUs"
-        raise UserInputError(f"sweep.workers_per_trial: a trial needs {need}, the cluster has {resources}")
+        raise UserInputError(
+            f"sweep.workers_per_trial: a trial needs {need}, the cluster has {resources}; on an autoscaling "
+            "cluster, request the nodes first (see cluster/aws-gpu.yaml)"
+        )
     return min(fits, cap) if cap else fits
 
 
@@ -105,14 +108,26 @@ def driver_resources(resources: dict[str, float]) -> dict[str, float]:
 
 
 def pretraining_key(config: RunConfig, superpixel_key: str, workers: int) -> str:
-    """Equal for trials whose pre-training would be identical (the fine-tuning section differs)."""
+    """Equal for trials whose pre-training would be identical: they differ only in fine-tuning, or
+    in settings their method does not use (e.g. the LRC temperature of a `global` trial)."""
+    pretrain = config.to_dict()["pretrain"]
+    unused = {
+        "local": ("temperature", "regions_per_image", "pixels_per_region", "negatives", "w_local"),
+        "global": ("moco_momentum", "moco_temperature", "queue_size", "w_global"),
+        "supervised": ("w_supervised", "source_data_dir"),
+    }
+    uses = {"local": config.pretrain.uses_local, "global": config.pretrain.uses_global,
+            "supervised": config.pretrain.uses_supervised}
+    for part, names in unused.items():
+        if not uses[part]:
+            for name in names:
+                pretrain.pop(name)
     relevant = {
         "superpixels": superpixel_key,
         "split": [config.data.validation_cases, config.data.split_seed],
-        "source": config.pretrain.source_data_dir,
         "augment": config.to_dict()["augment"],
         "network": config.to_dict()["network"],
-        "pretrain": config.to_dict()["pretrain"],
+        "pretrain": pretrain,
         "seed": config.seed,
         "workers": workers,  # the global batch
     }
@@ -140,8 +155,13 @@ def run_sweep(
     name: str,
     num_samples: int | None = None,
     resume: bool = False,
+    search: str = "tpe",
 ):
-    """Run (or, with `resume`, continue) a sweep in the connected Ray cluster; returns the ResultGrid."""
+    """Run (or, with `resume`, continue) a sweep in the connected Ray cluster; returns the ResultGrid.
+
+    `search` "tpe": Optuna TPE proposes `num_samples` settings and ASHA stops weak pre-trainings
+    early. "grid": every point of a space of choices, each run to the end (no early stopping).
+    """
     experiment = storage / name
     settings = space.sweep
     # Per-epoch probe reports lack the searched metric by design (only fine-tuning reports it);
@@ -170,21 +190,27 @@ def run_sweep(
         "base": base.to_dict(), "fixed": fixed_values(space), "searched": sorted(tune_param_space(space)),
         "space_yaml": Path(space.source).read_text() if Path(space.source).is_file() else None,
     })
-    max_epochs = max(1, _largest_epochs(space, base))
-    # stop_last_trials=False: a trial whose pre-training reaches the last epoch goes on to fine-tune.
-    scheduler = ASHAScheduler(
-        time_attr=EPOCH, metric=PROBE_METRIC, mode="max", max_t=max_epochs, stop_last_trials=False,
-        grace_period=min(settings.grace_period, max_epochs), reduction_factor=settings.reduction_factor,
-    )
-    searcher = _FinalResultOptunaSearch(metric=settings.metric, mode=settings.mode, seed=settings.seed)
-    logger.info("sweep %s: %d trial(s), up to %d at a time", experiment, num_samples or settings.num_samples, concurrency)
+    if search == "grid":
+        trials = len(grid_points(space))  # also refuses continuous parameters, by name
+        param_space = {key: tune.grid_search(list(spec.values)) for key, spec in space.params.items() if isinstance(spec, Choice)}
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency)
+    else:
+        trials = num_samples or settings.num_samples
+        max_epochs = max(1, _largest_epochs(space, base))
+        # stop_last_trials=False: a trial whose pre-training reaches the last epoch goes on to fine-tune.
+        scheduler = ASHAScheduler(
+            time_attr=EPOCH, metric=PROBE_METRIC, mode="max", max_t=max_epochs, stop_last_trials=False,
+            grace_period=min(settings.grace_period, max_epochs), reduction_factor=settings.reduction_factor,
+        )
+        searcher = _FinalResultOptunaSearch(metric=settings.metric, mode=settings.mode, seed=settings.seed)
+        param_space = tune_param_space(space)
+        tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
+                                      max_concurrent_trials=concurrency)
+    logger.info("sweep %s (%s): %d trial(s), up to %d at a time", experiment, search, trials, concurrency)
     tuner = tune.Tuner(
         trainable,
-        param_space=tune_param_space(space),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=num_samples or settings.num_samples,
-            max_concurrent_trials=concurrency,
-        ),
+        param_space=param_space,
+        tune_config=tune_config,
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=settings.max_failures),
         ),
@@ -210,8 +236,9 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
     from lrc_ray.superpixels.cache import entry_lock
 
     config = _trial_config(context, trial_values)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the progress shown
     entry = api.superpixels_for(config.data).entry
-    checkpoint, epochs_run, reused, history = None, 0, False, []
+    checkpoint, epochs_run, reused, history, pretrain_seconds = None, 0, False, [], 0.0
     if api.pretrains(config):
         data = api.pretraining_data(config)
         api.check_batch_fits(config, data)
@@ -222,10 +249,11 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
             if final.is_file():  # another trial pre-trained these settings: replay its epochs for ASHA
                 history, reused = load_checkpoint(final)["history"], True
                 for metrics in history:
-                    tune.report(metrics)
+                    tune.report(metrics | {"replayed": True})
             else:
                 outcome = _pretrain(config, data, entry, root, key, context)
                 history = outcome.history
+                pretrain_seconds = sum(metrics["seconds"] + metrics.get("probe_seconds", 0.0) for metrics in history)
                 save_checkpoint(final, state_dict=outcome.state_dict, config=config.to_dict(), epoch=outcome.epoch,
                                 history=history)
         checkpoint, epochs_run = str(final), len(history)
@@ -243,6 +271,8 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
         **({PROBE_METRIC: history[-1][PROBE_METRIC]} if epochs_run and PROBE_METRIC in history[-1] else {}),
         "pretrained_reused": reused,
         "finetune_seconds": results["seconds"],
+        # This trial's own training compute (replayed epochs cost nothing): what search budgets compare.
+        "compute_seconds": pretrain_seconds + results["seconds"],
     }
     tune.report(final_metrics)
 

@@ -36,9 +36,11 @@ def finetune(
     config: FinetuneConfig,
     seed: int,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> list[dict]:
     """Train with Dice + cross-entropy on the slices of `train_cases`; returns per-epoch losses."""
     torch.manual_seed(seed)
+    model.to(device)
     dataset = LabelledSliceDataset(table, case_ids=train_cases, augment=config.augment, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
@@ -54,7 +56,8 @@ def finetune(
         model.train()
         total, steps = 0.0, 0
         for batch in tqdm(loader, desc=f"finetune epoch {epoch}", disable=not progress, leave=False):
-            loss = loss_function(model(batch["image"]), batch["label"][:, None])
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            loss = loss_function(model(image), label[:, None])
             if not torch.isfinite(loss):
                 raise TrainingError(f"fine-tuning epoch {epoch}: loss is {loss.item()}; lower finetune.lr")
             optimizer.zero_grad(set_to_none=True)
@@ -80,7 +83,8 @@ def evaluate(
         if not records or records[0].label is None:
             raise TrainingError(f"validation volume {case_id}: no labelled slices in the super-pixel cache")
         images = torch.from_numpy(np.stack([record.image for record in records]))[:, None]
-        prediction = torch.cat([model(chunk).argmax(dim=1) for chunk in images.split(batch_size)]).numpy()
+        device = next(model.parameters()).device
+        prediction = torch.cat([model(chunk.to(device)).argmax(dim=1).cpu() for chunk in images.split(batch_size)]).numpy()
         label = np.stack([record.label for record in records])
         per_volume.append(volume_dice(prediction, label, num_classes))
     return summarise_dice(per_volume, organ_names) | {"validation_cases": list(cases)}

@@ -10,6 +10,7 @@ random initialisation).
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,13 @@ class LrcPretrainer(nn.Module):
 
     def batch_losses(self, batch: dict[str, Tensor], generator: torch.Generator) -> BatchLosses:
         both = self.online(torch.cat([batch["image1"], batch["image2"]]))
-        view1, view2 = _split_views(both)
+        # Under mixed precision only the network runs in low precision: the contrastive logits
+        # (divided by small temperatures) and their log-sum-exps stay in float32.
+        with torch.autocast(both.global_embedding.device.type, enabled=False):
+            return self._losses(_split_views(_float32(both)), batch, generator)
+
+    def _losses(self, views: tuple[LrcOutputs, LrcOutputs], batch: dict[str, Tensor], generator) -> BatchLosses:
+        view1, view2 = views
         terms: dict[str, Tensor] = {}
         if self.moco is not None:
             keys1, keys2 = self._momentum_keys(batch["image1"]), self._momentum_keys(batch["image2"])
@@ -113,6 +120,12 @@ class LrcPretrainer(nn.Module):
         return network.global_head(network.backbone(images).bottleneck)
 
 
+def _float32(outputs: LrcOutputs) -> LrcOutputs:
+    features = Features(bottleneck=outputs.features.bottleneck.float(), decoder=outputs.features.decoder.float())
+    return LrcOutputs(global_embedding=outputs.global_embedding.float(), local_embedding=outputs.local_embedding.float(),
+                      features=features)
+
+
 def _split_views(outputs: LrcOutputs) -> tuple[LrcOutputs, LrcOutputs]:
     """Undo the concatenation of the two views along the batch dimension."""
     halves = [
@@ -146,7 +159,7 @@ def pretrain_one_epoch(
     device: torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns the mean total loss and mean of each term.
+    """One pass over `loader`; returns the mean total loss and of each term, the steps and the seconds.
 
     `step_model` is what computes the loss (default: `pretrainer`; a DistributedDataParallel
     wrapper of it under Ray Train). Batches move to `device` when given; `autocast_dtype`
@@ -156,6 +169,7 @@ def pretrain_one_epoch(
         TrainingError: on a non-finite loss (the run stops; lower lr or raise temperature).
     """
     pretrainer.train()
+    started = time.perf_counter()
     sums: dict[str, float] = {}
     steps = 0
     step_model = step_model if step_model is not None else pretrainer
@@ -177,4 +191,5 @@ def pretrain_one_epoch(
         for name, value in {"loss": losses.total, **{f"loss_{k}": v for k, v in losses.terms.items()}}.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         steps += 1
-    return {name: total / max(steps, 1) for name, total in sums.items()} | {"steps": steps}
+    seconds = time.perf_counter() - started
+    return {name: total / max(steps, 1) for name, total in sums.items()} | {"steps": steps, "seconds": seconds}

@@ -14,13 +14,18 @@ computed from logits as
 
     l_i = logsumexp_{a != i} (z_i.z_a / t) - z_i.(sum_{p in P(i)} z_p) / (t |P(i)|)
 
-- The log-sum-exp runs over a batched matmul of logits, with the diagonal and ignored
-  samples filled with the dtype's most negative finite value (finite, not -inf, so an
-  anchor with no valid partner at all still gets finite gradients), in a small autograd
-  function whose backward is one multiply by the saved softmax.
+- Negatives "image" (t >= 1/32): one autograd function, `_ImageNegativesLoss`, with a
+  hand-written backward. For L2-normalised z the logits lie in [-1/t, 1/t], so exp needs no
+  max shift; exp(logits) with zeroed diagonal and ignored rows/columns is symmetric, which
+  makes the gradient of all the log-sum-exps one matmul with pair weights that forward
+  prepares in place of exp(logits). Below t = 1/32, and for negatives "batch", the
+  log-sum-exp runs over a batched matmul of logits with the diagonal and ignored samples
+  filled with the dtype's most negative finite value (finite, not -inf, so an anchor with
+  no valid partner at all still gets finite gradients), in a small autograd function whose
+  backward is one multiply by the saved softmax.
 - The positive term needs no K x K matrix: the samples of each image are grouped by region
   id (a sort), and sum_{p in P(i)} z_p = (sum of z over i's region) - z_i.
-Cost: the (B, K, K) logits for negatives "image", (B*K, world*B*K) for "batch"; everything
+Cost: one (B, K, K) tensor for negatives "image", (B*K, world*B*K) for "batch"; everything
 else is O(B * K * D).
 """
 
@@ -165,19 +170,18 @@ class _AllGatherWithGradient(torch.autograd.Function):
 
 def _image_negatives_loss(embeddings: Tensor, region_ids: Tensor, temperature: float, distributed: bool) -> Tensor:
     """The loss with each image's own samples as negatives. Shape: (B, K, D) (not yet normalised), (B, K) -> ()."""
-    group, num_positive = _region_groups(region_ids)
-    has_positive = num_positive > 0
+    groups = _region_groups(region_ids)
+    has_positive = groups[2] > 0
     if temperature >= _MIN_UNSHIFTED_TEMPERATURE:
-        anchor_weight = _anchor_weights(has_positive, distributed, torch.promote_types(embeddings.dtype, torch.float32))
-        valid = region_ids >= 0
-        return _ImageNegativesLoss.apply(embeddings, valid, group, num_positive, anchor_weight, temperature)
+        weight = _anchor_weights(has_positive, distributed, torch.promote_types(embeddings.dtype, torch.float32))
+        return _ImageNegativesLoss.apply(embeddings, region_ids >= 0, groups, weight, temperature)
     # Very low temperatures: autograd path with a row-max shift, which cannot overflow.
     embeddings = F.normalize(embeddings, dim=-1)
     scaled = embeddings / temperature
     not_self = ~torch.eye(region_ids.shape[1], dtype=torch.bool, device=region_ids.device)
     in_denominator = (region_ids >= 0).unsqueeze(1) & not_self
     log_denominator = _MaskedLogSumExp.apply(torch.bmm(scaled, embeddings.transpose(1, 2)), in_denominator)
-    losses = _anchor_losses(scaled, embeddings, group, num_positive, log_denominator)
+    losses = _anchor_losses(scaled, embeddings, groups, log_denominator)
     return _mean_over_anchors(losses, has_positive, distributed)
 
 
@@ -207,13 +211,14 @@ class _ImageNegativesLoss(torch.autograd.Function):
       (autograd of z z^T would make two). This is the one (B, K, K) tensor kept.
     - Positive term from per-region sums S (index_add): l_i -= z_i.(S_r(i) - z_i) / (t n_i)
       with n_i = |P(i)|; its gradient is written out in backward, as is F.normalize's.
-    Shape: embeddings (B, K, D), valid, group, num_positive (from `_region_groups`) and
-    anchor_weight (B, K) -> scalar, at least float32. anchor_weight must be 0 wherever
-    num_positive is (those l_i are finite but meaningless).
+    Shape: embeddings (B, K, D), valid (B, K), groups (group, num_groups, num_positive) from
+    `_region_groups`, anchor_weight (B, K) -> scalar, at least float32. anchor_weight must be
+    0 wherever num_positive is (those l_i are finite but meaningless).
     """
 
     @staticmethod
-    def forward(ctx, embeddings, valid, group, num_positive, anchor_weight, temperature):
+    def forward(ctx, embeddings, valid, groups, anchor_weight, temperature):
+        group, num_groups, num_positive = groups
         x = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
         inv_t = 1.0 / temperature
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
@@ -240,13 +245,13 @@ class _ImageNegativesLoss(torch.autograd.Function):
         log_denominator = row_sum.clamp(min=torch.finfo(z.dtype).tiny).log_()
 
         flat_z, flat_group = z.view(-1, z.shape[-1]), group.flatten()
-        num_groups = int(flat_group.max()) + 1
         region_sum = flat_z.new_zeros(num_groups, flat_z.shape[1]).index_add_(0, flat_group, flat_z)
         positive_sum = region_sum.index_select(0, flat_group).sub_(flat_z)  # sum_{p in P(i)} z_p
         positive_logits = torch.linalg.vecdot(positive_sum, flat_z).view_as(row_sum) * inv_t
         losses = log_denominator - positive_logits / num_positive.clamp(min=1)
 
-        ctx.save_for_backward(z, inv_norm, norm > _NORMALIZE_EPS, pair_weight, positive_sum, flat_group, positive_weight)
+        unclamped = norm > _NORMALIZE_EPS
+        ctx.save_for_backward(z, inv_norm, unclamped, pair_weight, positive_sum, flat_group, positive_weight)
         ctx.embeddings_dtype, ctx.num_groups = embeddings.dtype, num_groups
         return (anchor_weight * losses).sum()
 
@@ -265,7 +270,7 @@ class _ImageNegativesLoss(torch.autograd.Function):
         # F.normalize: dz/dx = (I - z z^T) / |x| (just 1 / eps for the clamped, tiny |x|)
         projection = torch.linalg.vecdot(flat_grad, flat_z).view_as(unclamped) * unclamped
         grad_z.addcmul_(z, projection, value=-1).mul_(inv_norm * grad.to(z.dtype))
-        return grad_z.to(ctx.embeddings_dtype), None, None, None, None, None
+        return grad_z.to(ctx.embeddings_dtype), None, None, None, None
 
 
 def _image_chunks(batch: int, num_samples: int) -> list[slice]:
@@ -303,8 +308,8 @@ def _batch_negatives(
     in_denominator = (all_ids >= 0).reshape(1, -1) & not_self
     logits = scaled.reshape(-1, dim) @ all_embeddings.reshape(-1, dim).t()
     log_denominator = _MaskedLogSumExp.apply(logits, in_denominator).reshape(batch, num_samples)
-    group, num_positive = _region_groups(region_ids)
-    return _anchor_losses(scaled, embeddings, group, num_positive, log_denominator), num_positive > 0
+    groups = _region_groups(region_ids)
+    return _anchor_losses(scaled, embeddings, groups, log_denominator), groups[2] > 0
 
 
 class _MaskedLogSumExp(torch.autograd.Function):
@@ -340,11 +345,11 @@ class _MaskedLogSumExp(torch.autograd.Function):
         return (probabilities * grad.unsqueeze(-1)).to(ctx.logits_dtype), None
 
 
-def _region_groups(region_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Each sample's region as a group index, counted over the whole batch, and |P(i)|.
+def _region_groups(region_ids: Tensor) -> tuple[Tensor, int, Tensor]:
+    """Each sample's region as a group index numbered over the batch, the group count, and |P(i)|.
 
     Samples of one image with the same id share a group (ignored ids only ever share one
-    with each other); ignored samples have 0 positives. Shape: (B, K) -> (B, K) long, (B, K).
+    with each other); ignored samples have 0 positives. Shape: (B, K) -> (B, K) long, int, (B, K).
     """
     # Sort each image, then number the runs of equal ids (a run never spans two images).
     sorted_ids, order = region_ids.sort(dim=1)
@@ -353,21 +358,22 @@ def _region_groups(region_ids: Tensor) -> tuple[Tensor, Tensor]:
     run = (new_run.flatten().cumsum(dim=0) - 1).view_as(order)
     group = torch.empty_like(order).scatter_(1, order, run)
     group_size = torch.bincount(group.flatten())
-    return group, torch.where(region_ids >= 0, group_size[group] - 1, 0)
+    return group, len(group_size), torch.where(region_ids >= 0, group_size[group] - 1, 0)
 
 
 def _anchor_losses(
-    scaled: Tensor, embeddings: Tensor, group: Tensor, num_positive: Tensor, log_denominator: Tensor
+    scaled: Tensor, embeddings: Tensor, groups: tuple[Tensor, int, Tensor], log_denominator: Tensor
 ) -> Tensor:
     """l_i = log_denominator_i - mean positive logit_i.
 
-    Shape: scaled = embeddings / t and embeddings (B, K, D), group, num_positive (from
-    `_region_groups`) and log_denominator (B, K) -> (B, K). Anchors without a
+    Shape: scaled = embeddings / t and embeddings (B, K, D), groups (from `_region_groups`),
+    log_denominator (B, K) -> (B, K). Anchors without a
     positive get a finite, meaningless l_i; callers mask them out.
     """
+    group, num_groups, num_positive = groups
     # sum_{p in P(i)} z_p = (sum of z over i's region) - z_i
     flat, flat_group = embeddings.reshape(-1, embeddings.shape[-1]), group.flatten()
-    region_sum = flat.new_zeros(int(flat_group.max()) + 1, flat.shape[1]).index_add(0, flat_group, flat)
+    region_sum = flat.new_zeros(num_groups, flat.shape[1]).index_add(0, flat_group, flat)
     positive_sum = region_sum.index_select(0, flat_group).view_as(embeddings) - embeddings
     mean_positive_logit = (scaled * positive_sum).sum(dim=-1) / num_positive.clamp(min=1)
     return log_denominator - mean_positive_logit

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -100,3 +102,18 @@ def test_supervised_methods_add_a_segmentation_loss(slice_table, method, terms):
 def test_supervised_methods_need_the_number_of_classes():
     with pytest.raises(ValueError, match="needs num_classes >= 2"):
         LrcPretrainer(_config("supervised", source_data_dir="source"), NETWORK)
+
+
+def test_mixed_precision_epoch_keeps_the_losses_in_float32(slice_table):
+    """The GPU path's bfloat16 autocast, run on CPU: the network in bfloat16, the losses in float32."""
+    torch.manual_seed(0)
+    pretrainer = LrcPretrainer(_config("global+lrc"), NETWORK)
+    seen = []
+    original = pretrainer._losses
+    pretrainer._losses = lambda views, batch, generator: seen.append(views[0].local_embedding.dtype) or original(views, batch, generator)
+    metrics = pretrain_one_epoch(
+        pretrainer, _loader(slice_table), build_optimizer(pretrainer, _config("global+lrc")),
+        generator=torch.Generator().manual_seed(0), epoch=0, progress=False, autocast_dtype=torch.bfloat16,
+    )
+    assert seen and set(seen) == {torch.float32}
+    assert math.isfinite(metrics["loss"]) and metrics["steps"] == 3

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lrc_ray.losses import ContrastiveSamplingLoss, contrastive_sampling_loss
+from lrc_ray.losses import contrastive_sampling as contrastive_sampling_module
 
 
 def naive_loss(embeddings: torch.Tensor, region_ids: torch.Tensor, temperature: float, negatives: str) -> torch.Tensor:
@@ -43,7 +44,8 @@ def random_inputs(seed: int, batch: int = 3, num_samples: int = 12, dim: int = 5
     return embeddings, region_ids
 
 
-@pytest.mark.parametrize("temperature", [0.5, 0.05])
+# 0.02 is below _MIN_UNSHIFTED_TEMPERATURE: the general (row-max shifted) path.
+@pytest.mark.parametrize("temperature", [0.5, 0.05, 0.02])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_naive_loop(temperature, seed):
     embeddings, region_ids = random_inputs(seed)
@@ -72,6 +74,31 @@ def test_gradcheck(negatives):
     embeddings, region_ids = random_inputs(9, batch=2, num_samples=6, dim=3)
     loss = ContrastiveSamplingLoss(0.3, negatives=negatives)
     assert torch.autograd.gradcheck(lambda z: loss(z, region_ids), embeddings.requires_grad_())
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 1])
+def test_hand_written_image_path_matches_autograd_path(monkeypatch, chunk_elements):
+    # The hand-written forward and backward (t >= _MIN_UNSHIFTED_TEMPERATURE) against the
+    # autograd path used below that temperature: a zero and a tiny (clamped by
+    # F.normalize) embedding, two ignored ids, an image with one valid sample, an upstream
+    # gradient other than 1, and (chunk_elements=1) one image per chunk.
+    embeddings, region_ids = random_inputs(11, batch=4, num_samples=10)
+    embeddings[0, 0] = 0.0
+    embeddings[0, 1] = 1e-14
+    region_ids[1, 2] = -2
+    region_ids[3, 1:] = -1
+    if chunk_elements is not None:
+        monkeypatch.setattr(contrastive_sampling_module, "_CHUNK_ELEMENTS", chunk_elements)
+
+    def loss_fn(z):
+        return 3 * contrastive_sampling_loss(z, region_ids, 0.1)
+
+    fast, fast_grad = value_and_grad(loss_fn, embeddings)
+    monkeypatch.setattr(contrastive_sampling_module, "_MIN_UNSHIFTED_TEMPERATURE", math.inf)
+    general, general_grad = value_and_grad(loss_fn, embeddings)
+    torch.testing.assert_close(fast, general)
+    torch.testing.assert_close(fast_grad, general_grad)
+    assert torch.equal(fast_grad[3, 1:], torch.zeros_like(fast_grad[3, 1:]))
 
 
 def test_batch_negatives_of_one_image_equal_image_negatives():

@@ -1,0 +1,54 @@
+"""Shared by the sweep benchmarks: run a sweep inside an already running Ray, and count each
+trial's own compute from the reports Tune stored (result.json, one line per report)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lrc_ray import api
+from lrc_ray.distributed.tune import run_sweep
+from lrc_ray.search_space import SearchSpace, run_config_for
+
+
+def base_config(space: SearchSpace, data_dir: Path, cache_root: Path):
+    return run_config_for(space, {}).replace(data={"data_dir": str(data_dir), "cache_root": str(cache_root)})
+
+
+def timed_sweep(space: SearchSpace, *, base, storage: Path, name: str, search: str, num_samples=None) -> float:
+    started = time.perf_counter()
+    run_sweep(space, base=base, storage=storage, name=name, search=search, num_samples=num_samples)
+    return time.perf_counter() - started
+
+
+def trial_reports(experiment: Path) -> dict[str, list[dict]]:
+    reports = {}
+    for result_file in sorted(experiment.glob("run_trial_*/result.json")):
+        lines = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        if lines:
+            reports[lines[0]["trial_id"]] = lines
+    return reports
+
+
+def own_compute_seconds(lines: list[dict]) -> float:
+    """Pre-training epochs this trial trained (not replayed from a shared checkpoint), their
+    probes, and its fine-tuning with evaluation."""
+    seconds = 0.0
+    for report in lines:
+        if "dice_mean" in report:
+            seconds += report["finetune_seconds"]
+        elif not report.get("replayed"):
+            seconds += report.get("seconds", 0.0) + report.get("probe_seconds", 0.0)
+    return seconds
+
+
+def best_metric(reports: dict[str, list[dict]], metric: str = "dice_mean") -> float:
+    values = [line[metric] for lines in reports.values() for line in lines if metric in line]
+    return max(values) if values else float("nan")
+
+
+def built_in_data(space: SearchSpace, workdir: Path) -> Path:
+    spec = space.data
+    return api.make_synthetic_data(out=workdir / "data", cases=spec.cases, unlabeled=spec.unlabeled,
+                                   size=run_config_for(space, {}).data.size, slices=spec.slices, seed=0)

@@ -1,0 +1,105 @@
+"""`ray job submit` end to end on a real local head with token authentication: start the head,
+submit a tiny sweep with the project's runtime_env, wait for SUCCEEDED, find the results table in
+`ray job logs`, read the results from outside the job, and stop the head (also on failure)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lrc_ray.distributed.cluster import client_env, local_down, local_up
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+TINY_SPACE = {
+    "description": "job submission test",
+    "sweep": {"num_samples": 2, "seed": 0},
+    "data": {"cases": 4, "unlabeled": 1, "slices": 6},
+    "base": {
+        "data": {"size": 48, "validation_cases": 1},
+        "network": {"features": [4, 4, 8, 8, 16, 4], "global_dim": 8, "global_hidden": 16, "local_dim": 8},
+        "pretrain": {"epochs": 1, "batch_size": 4, "queue_size": 16},
+        "finetune": {"epochs": 1, "batch_size": 4},
+    },
+    "space": {"pretrain.method": {"choice": ["scratch", "lrc"]}},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def head():
+    workdir = Path(tempfile.mkdtemp(prefix="lrch_"))  # short: Ray's socket paths are limited
+    started = local_up(workdir, num_cpus=2, port=_free_port(), dashboard_port=_free_port())
+    try:
+        yield started
+    finally:
+        local_down(workdir)
+        assert not (workdir / "head.json").exists()
+
+
+def test_submitted_sweep_succeeds_and_its_results_are_readable(head, tmp_path):
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(TINY_SPACE))
+    env = {**os.environ, **client_env(head.workdir)}
+    submitted = subprocess.run(
+        [RAY, "job", "submit", "--address", head.dashboard_url, "--runtime-env", "cluster/runtime_env.yaml",
+         "--working-dir", ".", "--submission-id", "lrc-test-sweep", "--",
+         "lrc-ray", "tune", str(space), "--storage", str(tmp_path / "sweeps"), "--name", "submitted"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
+    assert "SUCCEEDED" in submitted.stdout
+
+    logs = subprocess.run([RAY, "job", "logs", "--address", head.dashboard_url, "lrc-test-sweep"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert "trials, best dice_mean first:" in logs.stdout and "chosen configuration" in logs.stdout
+
+    results = subprocess.run([sys.executable, "-m", "lrc_ray.cli", "results", str(tmp_path / "sweeps" / "submitted")],
+                             capture_output=True, text=True, timeout=120)
+    assert results.returncode == 0, results.stderr[-2000:]
+    assert (tmp_path / "sweeps" / "submitted" / "results" / "results.parquet").is_file()
+
+
+def test_the_job_cli_without_the_token_is_refused(head):
+    env = {**os.environ, **client_env(head.workdir), "RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}
+    env.pop("RAY_AUTH_TOKEN", None)
+    listed = subprocess.run([RAY, "job", "list", "--address", head.dashboard_url], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert listed.returncode != 0
+
+
+def test_a_second_head_in_the_same_workdir_is_refused(head):
+    with pytest.raises(Exception, match="already running"):
+        local_up(head.workdir, num_cpus=1, port=_free_port(), dashboard_port=_free_port())
+
+
+def test_runtime_env_leaves_data_and_venv_behind(tmp_path):
+    """Ray's own packaging of the working dir, with our excludes: no venv, data or caches uploaded."""
+    from ray._private.runtime_env.packaging import create_package
+
+    excludes = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())["excludes"]
+    project = tmp_path / "project"
+    for relative in ("lrc_ray/api.py", ".venv/bin/python", ".lrc_ray/data/x.nii.gz", "data/case.nii.gz",
+                     "search_spaces/quickstart.yaml", "cache/part-0.parquet"):
+        (project / relative).parent.mkdir(parents=True, exist_ok=True)
+        (project / relative).write_text("x")
+    package = tmp_path / "package.zip"
+    create_package(str(project), package, include_gitignore=True, include_parent_dir=False, excludes=excludes)
+    names = set(zipfile.ZipFile(package).namelist())
+    assert "lrc_ray/api.py" in names and "search_spaces/quickstart.yaml" in names
+    assert not any(name.startswith((".venv", ".lrc_ray", "data/")) or name.endswith(".parquet") for name in names), names

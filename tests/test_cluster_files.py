@@ -1,0 +1,293 @@
+"""The cluster files under cluster/ (no cluster needed): the AWS launcher config validates the way
+`ray up` does, the KubeRay RayCluster / RayJob have what a GPU sweep needs, and
+search_spaces/full.yaml fits the GPU worker types they define."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+import ray.autoscaler
+from lrc_ray.distributed.tune import TRIAL_SLOT, driver_resources, trial_concurrency
+from lrc_ray.errors import UserInputError
+from lrc_ray.search_space import load_search_space
+
+ROOT = Path(__file__).resolve().parent.parent
+AWS = ROOT / "cluster" / "aws-gpu.yaml"
+RAYCLUSTER = ROOT / "cluster" / "kuberay" / "raycluster.yaml"
+RAYJOB = ROOT / "cluster" / "kuberay" / "rayjob.yaml"
+FULL = ROOT / "search_spaces" / "full.yaml"
+RAY_SCHEMA = Path(os.path.dirname(ray.autoscaler.__file__)) / "ray-schema.json"
+
+
+@pytest.fixture(scope="module")
+def aws() -> dict:
+    return yaml.safe_load(AWS.read_text())
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    space = load_search_space(FULL)
+    return space.sweep
+
+
+def _kuberay(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _cluster_spec(path: Path) -> dict:
+    doc = _kuberay(path)
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+# ---------------------------------------------------------------------------------------------
+# AWS cluster launcher (`ray up cluster/aws-gpu.yaml`)
+
+
+def _worker_types(config: dict) -> dict:
+    return {name: spec for name, spec in config["available_node_types"].items() if name != config["head_node_type"]}
+
+
+def test_aws_config_validates_against_rays_schema(aws):
+    schema = json.loads(RAY_SCHEMA.read_text())
+    jsonschema.validate(aws, schema)
+
+
+def test_aws_config_passes_ray_up_checks(aws):
+    """What `ray up` runs before touching AWS: defaults filled in, then the schema and the
+    cross-field checks (head type exists, sum of min_workers <= max_workers)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(aws)))
+
+
+def test_aws_head_hosts_the_trial_drivers(aws, sweep):
+    head = aws["available_node_types"][aws["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    assert head["resources"][TRIAL_SLOT] >= sweep.max_concurrent_trials
+    # lrc_ray's drivers then ask for a slot, not a CPU
+    assert driver_resources(head["resources"]) == {TRIAL_SLOT: 1}
+    assert all(TRIAL_SLOT not in spec["resources"] for spec in _worker_types(aws).values())
+
+
+def test_aws_worker_types_are_gpu_and_bounded(aws):
+    workers = _worker_types(aws)
+    assert len(workers) >= 2
+    for name, spec in workers.items():
+        assert spec["resources"]["GPU"] >= 1, name
+        assert spec["resources"]["CPU"] >= 1, name
+        assert 0 <= spec.get("min_workers", 0) <= spec["max_workers"], name
+    assert aws["max_workers"] >= sum(spec["max_workers"] for spec in workers.values())
+    gpus = {spec["node_config"]["InstanceType"]: spec["resources"]["GPU"] for spec in workers.values()}
+    assert gpus.get("g5.xlarge") == 1
+    assert gpus.get("p4d.24xlarge", gpus.get("g5.48xlarge")) == 8
+    spot = [spec for spec in workers.values() if spec["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    assert spot and all(spec["resources"]["GPU"] == 1 for spec in spot)
+
+
+def test_aws_setup_installs_the_project_on_every_node(aws):
+    from ray.autoscaler._private.util import prepare_config
+
+    config = prepare_config(copy.deepcopy(aws))  # merges setup_commands into head/worker lists
+    assert "~/lrc_ray" in config["file_mounts"]
+    head = config["head_setup_commands"]
+    worker_lists = [config["worker_setup_commands"]] + [
+        spec["worker_setup_commands"] for spec in _worker_types(config).values() if "worker_setup_commands" in spec
+    ]
+    for commands in [head, *worker_lists]:
+        installs = [i for i, command in enumerate(commands) if "pip install" in command and "-e ~/lrc_ray" in command]
+        torches = [i for i, command in enumerate(commands) if "pip install" in command and "torch==" in command]
+        assert installs and torches and torches[0] < installs[0], commands  # torch first, as the Makefile does
+    # the head has no GPU: the CPU build; the GPU workers: not the CPU build
+    assert any("torch==" in command and "whl/cpu" in command for command in head)
+    for commands in worker_lists:
+        assert not any("torch==" in command and "whl/cpu" in command for command in commands)
+
+
+def test_aws_start_commands(aws):
+    head = " ".join(aws["head_start_ray_commands"])
+    assert "ray start --head" in head and "--port=6379" in head
+    assert "--dashboard-host=0.0.0.0" in head and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
+    assert "ray start --address=$RAY_HEAD_IP:6379" in " ".join(aws["worker_start_ray_commands"])
+
+
+def test_aws_shared_storage_is_mounted_in_the_containers(aws):
+    assert any("mount" in command and "/mnt/shared" in command for command in aws["initialization_commands"])
+    assert "-v /mnt/shared:/mnt/shared" in aws["docker"]["run_options"]
+
+
+def test_full_sweep_fits_the_aws_gpu_types(aws, sweep):
+    assert sweep.use_gpu is True
+    need = sweep.max_concurrent_trials * sweep.workers_per_trial  # GPUs at once, one per Train worker
+    head = aws["available_node_types"][aws["head_node_type"]]["resources"]
+    workers = _worker_types(aws)
+    largest = max(workers.values(), key=lambda spec: spec["resources"]["GPU"])
+    assert need <= largest["resources"]["GPU"] * largest["max_workers"]
+    for name, spec in workers.items():
+        # each type alone can hold the sweep; lrc_ray then runs max_concurrent_trials at once
+        count = -(-need // spec["resources"]["GPU"])
+        assert count <= spec["max_workers"], name
+        resources = {key: head.get(key, 0) + count * spec["resources"].get(key, 0) for key in {*head, *spec["resources"]}}
+        assert trial_concurrency(resources, workers=sweep.workers_per_trial, use_gpu=True,
+                                 cap=sweep.max_concurrent_trials) == sweep.max_concurrent_trials, name
+
+
+def test_full_sweep_refuses_a_cluster_without_gpus_yet(aws, sweep):
+    """Why the files say to scale up before submitting: every worker type starts at 0."""
+    head = aws["available_node_types"][aws["head_node_type"]]["resources"]
+    with pytest.raises(UserInputError):
+        trial_concurrency(head, workers=sweep.workers_per_trial, use_gpu=True, cap=sweep.max_concurrent_trials)
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay
+
+
+def _quantity(value) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _container(group: dict) -> dict:
+    return group["template"]["spec"]["containers"][0]
+
+
+def _start_resources(group: dict) -> dict:
+    """KubeRay's format: a JSON object inside a quoted string, '"{\\"name\\": 1}"'."""
+    text = group.get("rayStartParams", {}).get("resources")
+    return json.loads(json.loads(text)) if text else {}
+
+
+def _gpu_groups(spec: dict) -> list[dict]:
+    return [g for g in spec["workerGroupSpecs"] if int(_container(g)["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1]
+
+
+def _mounts(group: dict) -> dict[str, str]:
+    """claimName -> mount path for every PersistentVolumeClaim the group's Ray container mounts."""
+    volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in group["template"]["spec"].get("volumes", [])
+               if "persistentVolumeClaim" in v}
+    return {volumes[m["name"]]: m["mountPath"] for m in _container(group).get("volumeMounts", []) if m["name"] in volumes}
+
+
+def _ray_resources(group: dict, replicas: int) -> dict:
+    limits = _container(group)["resources"]["limits"]
+    one = {"CPU": _quantity(limits["cpu"]), "GPU": int(limits.get("nvidia.com/gpu", 0)), **_start_resources(group)}
+    return {key: value * replicas for key, value in one.items()}
+
+
+@pytest.mark.parametrize("path, kind", [(RAYCLUSTER, "RayCluster"), (RAYJOB, "RayJob")])
+def test_kuberay_files_parse(path, kind):
+    doc = _kuberay(path)
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] == kind
+    assert doc["metadata"]["name"]
+
+
+@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB])
+def test_kuberay_head(path, sweep):
+    head = _cluster_spec(path)["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert _start_resources(head)[TRIAL_SLOT] >= sweep.max_concurrent_trials
+    assert "nvidia.com/gpu" not in _container(head)["resources"]["limits"]
+
+
+@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB])
+def test_kuberay_gpu_workers(path):
+    spec = _cluster_spec(path)
+    groups = _gpu_groups(spec)
+    assert groups
+    for group in groups:
+        resources = _container(group)["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == resources.get("requests", resources["limits"]).get("nvidia.com/gpu")
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        tolerations = group["template"]["spec"]["tolerations"]
+        assert any(t["key"] == "nvidia.com/gpu" and t.get("effect") == "NoSchedule" for t in tolerations)
+    images = {_container(spec["headGroupSpec"])["image"]} | {_container(g)["image"] for g in spec["workerGroupSpecs"]}
+    assert len(images) == 1  # one image everywhere
+
+
+@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB])
+def test_kuberay_shared_volumes_are_mounted_alike(path):
+    spec = _cluster_spec(path)
+    head = _mounts(spec["headGroupSpec"])
+    assert head.get("lrc-ray-sweeps") == "/mnt/sweeps"
+    assert "lrc-ray-data" in head
+    for group in spec["workerGroupSpecs"]:
+        assert _mounts(group) == head, group["groupName"]
+
+
+def test_raycluster_autoscales():
+    spec = _cluster_spec(RAYCLUSTER)
+    assert spec["enableInTreeAutoscaling"] is True
+
+
+def test_rayjob_has_the_same_cluster_shape_as_raycluster():
+    cluster, job = _cluster_spec(RAYCLUSTER), _cluster_spec(RAYJOB)
+    assert job["rayVersion"] == cluster["rayVersion"]
+    assert job["headGroupSpec"]["rayStartParams"] == cluster["headGroupSpec"]["rayStartParams"]
+    assert _container(job["headGroupSpec"])["resources"] == _container(cluster["headGroupSpec"])["resources"]
+    assert [g["groupName"] for g in job["workerGroupSpecs"]] == [g["groupName"] for g in cluster["workerGroupSpecs"]]
+    for job_group, cluster_group in zip(job["workerGroupSpecs"], cluster["workerGroupSpecs"]):
+        assert _container(job_group)["resources"] == _container(cluster_group)["resources"]
+        assert job_group["template"]["spec"]["tolerations"] == cluster_group["template"]["spec"]["tolerations"]
+        assert job_group["template"]["spec"]["volumes"] == cluster_group["template"]["spec"]["volumes"]
+
+
+def _entrypoint_argv() -> tuple[list[str], str]:
+    """The `lrc-ray tune ...` words of the RayJob entrypoint (which may be wrapped in `bash -c '...'`,
+    with shell variables it assigns first substituted) and the directory it changes to, if any."""
+    words = shlex.split(_kuberay(RAYJOB)["spec"]["entrypoint"])
+    if words[:2] == ["bash", "-c"]:
+        words = shlex.split(words[2])
+    cwd = words[words.index("cd") + 1] if "cd" in words else ""
+    start = words.index("lrc-ray")
+    assigned = dict(word.split("=", 1) for word in words[:start] if "=" in word and word.split("=", 1)[0].isidentifier())
+    argv = []
+    for word in words[start:]:
+        for name, value in assigned.items():
+            word = word.replace("$" + name, value)
+        argv.append(word)
+    return argv, cwd
+
+
+def test_rayjob_runs_the_full_sweep_on_the_shared_volumes():
+    doc = _kuberay(RAYJOB)
+    argv, cwd = _entrypoint_argv()
+    assert argv[:2] == ["lrc-ray", "tune"]
+    assert argv[2].endswith("search_spaces/full.yaml")
+    mounts = _mounts(_cluster_spec(RAYJOB)["headGroupSpec"])
+    storage = argv[argv.index("--storage") + 1]
+    data = argv[argv.index("--data") + 1]
+    assert storage == mounts["lrc-ray-sweeps"] or storage.startswith(mounts["lrc-ray-sweeps"] + "/")
+    assert data.startswith(mounts["lrc-ray-data"] + "/")
+    # the default super-pixel cache is relative to the working directory: it must be shared too
+    assert cwd.startswith(mounts["lrc-ray-sweeps"])
+    assert argv[argv.index("--name") + 1] == "full"
+    spec = doc["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
+    assert spec["submissionMode"] in {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+    assert "working_dir" in yaml.safe_load(spec["runtimeEnvYAML"])
+
+
+@pytest.mark.parametrize("path, count", [(RAYCLUSTER, "maxReplicas"), (RAYJOB, "replicas")])
+def test_full_sweep_fits_the_kuberay_gpu_group(path, count, sweep):
+    """RayCluster: at its largest; RayJob: with the pods KubeRay waits for before submitting."""
+    assert sweep.use_gpu is True
+    spec = _cluster_spec(path)
+    groups = _gpu_groups(spec)
+    largest = max(groups, key=lambda g: int(_container(g)["resources"]["limits"]["nvidia.com/gpu"]))
+    gpus = int(_container(largest)["resources"]["limits"]["nvidia.com/gpu"])
+    assert sweep.max_concurrent_trials * sweep.workers_per_trial <= gpus * largest["maxReplicas"]
+    resources = _ray_resources(spec["headGroupSpec"], 1)
+    for key, value in _ray_resources(largest, largest[count]).items():
+        resources[key] = resources.get(key, 0) + value
+    assert trial_concurrency(resources, workers=sweep.workers_per_trial, use_gpu=True,
+                             cap=sweep.max_concurrent_trials) == sweep.max_concurrent_trials
