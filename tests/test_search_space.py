@@ -69,7 +69,6 @@ def test_quickstart_is_all_discrete_and_its_grid_is_the_cartesian_product():
     for point in points:
         run_config_for(space, point)  # every grid point is a valid run config
     assert space.sweep.num_samples == 10 and not space.sweep.use_gpu
-    assert space.data == SyntheticDataSpec(cases=6, unlabeled=4, slices=16)
 
 
 def test_ablation_samples_its_whole_grid():

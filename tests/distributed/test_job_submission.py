@@ -63,7 +63,9 @@ def test_submitted_sweep_succeeds_and_its_results_are_readable(head, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
-    assert "SUCCEEDED" in submitted.stdout
+    status = subprocess.run([RAY, "job", "status", "--address", head.dashboard_url, "lrc-test-sweep"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert "Job 'lrc-test-sweep' succeeded" in status.stdout, status.stdout + status.stderr  # Ray's SUCCEEDED
 
     logs = subprocess.run([RAY, "job", "logs", "--address", head.dashboard_url, "lrc-test-sweep"],
                           env=env, capture_output=True, text=True, timeout=120)
