@@ -55,13 +55,17 @@ def cluster_cpus() -> int:
 
 
 def ray_error_message(error: BaseException) -> str:
-    """The first line of the innermost cause of an error Ray wrapped (worker errors come wrapped
-    several times, with the user's exception last in the text)."""
+    """The first line of the innermost cause of an error Ray wrapped."""
     while error.__cause__ is not None:
         error = error.__cause__
-    text = str(error).strip() or type(error).__name__
+    return user_error_line(str(error).strip() or type(error).__name__)
+
+
+def user_error_line(text: str) -> str:
+    """The line of a Ray error report (or a trial's error.txt) that says what went wrong: the
+    user's own exception comes last, after Ray's wrapping and traceback."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
         if line.startswith(("lrc_ray.errors.", "TrainingError", "UserInputError")):
             return line.split(":", 1)[-1].strip()
-    return lines[-1] if lines else text
+    return lines[-1] if lines else "unknown error"

@@ -32,7 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from lrc_ray.atomic import write_json_atomic
 from lrc_ray.config import RunConfig, config_from_dict
 from lrc_ray.distributed.cluster import TRIAL_SLOT
-from lrc_ray.distributed.runtime import ray_error_message
+from lrc_ray.distributed.runtime import ray_error_message, user_error_line
 from lrc_ray.errors import UserInputError
 from lrc_ray.search_space import (
     Choice, Fixed, LogUniform, QUniform, RandInt, SearchSpace, Uniform, config_with_values, grid_points,
@@ -193,7 +193,7 @@ def run_sweep(
     if search == "grid":
         trials = len(grid_points(space))  # also refuses continuous parameters, by name
         param_space = {key: tune.grid_search(list(spec.values)) for key, spec in space.params.items() if isinstance(spec, Choice)}
-        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency)
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, reuse_actors=True)
     else:
         trials = num_samples or settings.num_samples
         max_epochs = max(1, _largest_epochs(space, base))
@@ -204,8 +204,9 @@ def run_sweep(
         )
         searcher = _FinalResultOptunaSearch(metric=settings.metric, mode=settings.mode, seed=settings.seed)
         param_space = tune_param_space(space)
+        # reuse_actors: a trial driver process (with torch and MONAI imported) serves the next trial.
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
-                                      max_concurrent_trials=concurrency)
+                                      max_concurrent_trials=concurrency, reuse_actors=True)
     logger.info("sweep %s (%s): %d trial(s), up to %d at a time", experiment, search, trials, concurrency)
     tuner = tune.Tuner(
         trainable,
@@ -318,10 +319,6 @@ def _first_line(error: BaseException) -> str:
     return ray_error_message(error)[:300]
 
 
-def default_storage() -> Path:
-    return Path(os.environ.get("LRC_RAY_STORAGE", ".lrc_ray/sweeps")).resolve()
-
-
 def read_trials(experiment: Path) -> list:
     """Every trial of a sweep (finished, stopped, failed or interrupted), read with Tune's own
     `ExperimentAnalysis`, as plain `TrialRecord`s."""
@@ -340,7 +337,7 @@ def read_trials(experiment: Path) -> list:
         error = None
         error_file = Path(trial.path) / "error.txt"  # synced to storage; readable without Ray running
         if trial.status == "ERROR" and error_file.is_file():
-            error = _last_error_line(error_file.read_text())
+            error = user_error_line(error_file.read_text())
         records.append(TrialRecord(
             trial_id=trial.trial_id, status=trial.status, values=dict(trial.config), metrics=dict(trial.last_result or {}),
             error=error,
@@ -348,11 +345,3 @@ def read_trials(experiment: Path) -> list:
     if not records:
         raise UserInputError(f"{experiment}: the sweep has no trials")
     return records
-
-
-def _last_error_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith(("lrc_ray.errors.", "TrainingError", "UserInputError")):
-            return line.split(":", 1)[-1].strip()
-    return lines[-1] if lines else "unknown error"

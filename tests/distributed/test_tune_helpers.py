@@ -4,16 +4,16 @@ from types import SimpleNamespace
 
 import pytest
 
-ray = pytest.importorskip("ray")
-from ray import tune  # noqa: E402
-from ray.tune.search import sample  # noqa: E402
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+import ray
+from ray import tune
+from ray.tune.search import sample
+from ray.tune.search.optuna import OptunaSearch
 
-from lrc_ray.config import RunConfig  # noqa: E402
-from lrc_ray.distributed.tune import (  # noqa: E402
+from lrc_ray.config import RunConfig
+from lrc_ray.distributed.runtime import user_error_line
+from lrc_ray.distributed.tune import (
     TRIAL_SLOT,
     _FinalResultOptunaSearch,
-    _last_error_line,
     driver_resources,
     fixed_values,
     pretraining_key,
@@ -21,8 +21,8 @@ from lrc_ray.distributed.tune import (  # noqa: E402
     trial_concurrency,
     tune_param_space,
 )
-from lrc_ray.errors import TrainingError, UserInputError  # noqa: E402
-from lrc_ray.search_space import SearchSpace, parse_search_space  # noqa: E402
+from lrc_ray.errors import TrainingError, UserInputError
+from lrc_ray.search_space import SearchSpace, parse_search_space
 
 
 @pytest.fixture(autouse=True)
@@ -294,11 +294,11 @@ During handling of the above exception, another exception occurred:
 
 ray.exceptions.RayActorError: The actor died unexpectedly.
 """
-    assert _last_error_line(text) == "trial config: data.size: expected a multiple of 16, got 100"
+    assert user_error_line(text) == "trial config: data.size: expected a multiple of 16, got 100"
 
 
 def test_last_error_line_otherwise_the_last_line():
     text = "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: CUDA out of memory\n\n   \n"
-    assert _last_error_line(text) == "RuntimeError: CUDA out of memory"
-    assert _last_error_line("") == "unknown error"
-    assert _last_error_line("TrainingError: loss is nan\nsomething after") == "loss is nan"
+    assert user_error_line(text) == "RuntimeError: CUDA out of memory"
+    assert user_error_line("") == "unknown error"
+    assert user_error_line("TrainingError: loss is nan\nsomething after") == "loss is nan"
