@@ -5,7 +5,7 @@ fractions: the lowest one (a single training volume) and a middle one. Prints me
 of the validation mean Dice over seeds. Sized for ~15 minutes on 2 CPU cores; the budget
 flags make it longer (and more telling) on bigger machines.
 
-    .venv/bin/python bench/lrc_evidence.py [--seeds 3] [--pretrain-epochs 5] [--finetune-epochs 40]
+    .venv/bin/python bench/lrc_evidence.py [--seeds 3] [--pretrain-epochs 5] [--finetune-epochs 40] [--head-epochs 20]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--middle-fraction", type=float, default=0.5)
     parser.add_argument("--flip-prob", type=float, default=None, help="augment.flip_prob for pre-training views")
     parser.add_argument("--backbone-lr-scale", type=float, default=1.0, help="finetune.backbone_lr_scale")
+    parser.add_argument("--head-epochs", type=int, default=20,
+                        help="finetune.head_epochs: head-only epochs on the frozen backbone before full fine-tuning")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -49,7 +51,8 @@ def main() -> None:
     base = RunConfig().replace(
         data={"data_dir": str(data_dir), "cache_root": str(workdir / "cache"), "size": args.size, "validation_cases": 2},
         pretrain={"epochs": args.pretrain_epochs, "batch_size": 16, "queue_size": 256},
-        finetune={"epochs": args.finetune_epochs, "batch_size": 8, "backbone_lr_scale": args.backbone_lr_scale},
+        finetune={"epochs": args.finetune_epochs, "batch_size": 8, "backbone_lr_scale": args.backbone_lr_scale,
+                  "head_epochs": args.head_epochs},
     )
     if args.flip_prob is not None:
         base = base.replace(augment={"flip_prob": args.flip_prob})
@@ -76,7 +79,7 @@ def main() -> None:
 
     print(f"\nmean validation Dice over {args.seeds} seeds (mean +- std), {args.size}x{args.size}, "
           f"pre-train {args.pretrain_epochs} epochs, fine-tune {args.finetune_epochs} epochs, "
-          f"flip_prob {base.augment.flip_prob}, backbone_lr_scale {args.backbone_lr_scale}")
+          f"(+{args.head_epochs} head-only), flip_prob {base.augment.flip_prob}, backbone_lr_scale {args.backbone_lr_scale}")
     print(f"{'method':>12}" + "".join(f"{f'fraction {f:.2f}':>20}" for f in fractions))
     for method in methods:
         cells = [dice[(method, fraction)] for fraction in fractions]

@@ -140,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=6379, help="GCS port (default 6379)")
     up.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server port (default 8265)")
     up.set_defaults(handler=_run_cluster_up)
+    submit = cluster.add_parser(
+        "submit", help="`ray job submit` a command to the local head (token and runtime_env included)",
+        description="Submit the command after -- as a Ray job to the head `lrc-ray cluster up` started, with its "
+        "token and cluster/runtime_env.yaml, the checkout as working dir; waits and streams the logs.",
+    )
+    submit.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "cluster", help=f"as given to `up` (default {DEFAULT_WORKDIR / 'cluster'})")
+    submit.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
+    submit.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- lrc-ray tune search_spaces/quickstart.yaml")
+    submit.set_defaults(handler=_run_cluster_submit)
     down = cluster.add_parser("down", help="stop the head that `lrc-ray cluster up` started (only that one)")
     down.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "cluster", help=f"as given to `up` (default {DEFAULT_WORKDIR / 'cluster'})")
     down.set_defaults(handler=_run_cluster_down)
@@ -224,10 +233,19 @@ def _run_cluster_up(args: argparse.Namespace) -> int:
     head = local_up(args.workdir, num_cpus=args.num_cpus, port=args.port, dashboard_port=args.dashboard_port)
     print(f"Ray head running (pid {head.pid}); dashboard and job server at {head.dashboard_url}")
     print(f"for `ray job ...` commands: source {head.env_file}")
-    print(f"submit a sweep: source {head.env_file} && ray job submit --runtime-env cluster/runtime_env.yaml "
-          "--working-dir . -- lrc-ray tune search_spaces/quickstart.yaml --storage $PWD/.lrc_ray/sweeps --name quickstart")
+    print("submit a sweep: lrc-ray cluster submit -- lrc-ray tune search_spaces/quickstart.yaml "
+          "--storage $PWD/.lrc_ray/sweeps --name quickstart")
+    print(f"  (the same as: source {head.env_file} && ray job submit --runtime-env cluster/runtime_env.yaml "
+          "--working-dir . -- lrc-ray tune ...)")
     print("stop it: lrc-ray cluster down")
     return 0
+
+
+def _run_cluster_submit(args: argparse.Namespace) -> int:
+    from lrc_ray.distributed.cluster import submit
+
+    entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+    return submit(args.workdir, entrypoint, project=Path(__file__).resolve().parents[1], wait=not args.no_wait)
 
 
 def _run_cluster_down(args: argparse.Namespace) -> int:

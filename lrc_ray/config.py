@@ -117,6 +117,10 @@ class FinetuneConfig:
     # The backbone's learning rate is lr * backbone_lr_scale: below 1 keeps more of a
     # pre-trained start while the new head learns at the full rate.
     backbone_lr_scale: float = 1.0
+    # Epochs that train only the new head on the frozen backbone, at head_lr, before the
+    # `epochs` of full fine-tuning (linear probing, then fine-tuning).
+    head_epochs: int = 0
+    head_lr: float = 1e-2
     weight_decay: float = 1e-4
     augment: bool = True
 
@@ -125,6 +129,8 @@ class FinetuneConfig:
         require(self.epochs >= 1, "finetune.epochs", "at least 1", self.epochs)
         require(self.batch_size >= 1, "finetune.batch_size", "at least 1", self.batch_size)
         require(self.lr > 0, "finetune.lr", "a positive number", self.lr)
+        require(self.head_epochs >= 0, "finetune.head_epochs", "at least 0", self.head_epochs)
+        require(self.head_lr > 0, "finetune.head_lr", "a positive number", self.head_lr)
         require(0 < self.backbone_lr_scale <= 1, "finetune.backbone_lr_scale", "in (0, 1]", self.backbone_lr_scale)
         require(self.weight_decay >= 0, "finetune.weight_decay", "at least 0", self.weight_decay)
 

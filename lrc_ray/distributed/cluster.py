@@ -106,6 +106,24 @@ def local_up(
     return head
 
 
+def submit(workdir: Path, entrypoint: list[str], *, project: Path, wait: bool = True) -> int:
+    """`ray job submit` to the local head with its token and the project's runtime_env; returns
+    the job CLI's exit code (0 when the job succeeded, with --no-wait when it was accepted)."""
+    workdir = workdir.resolve()
+    if not (workdir / "head.json").is_file() or not _alive(_read_state(workdir)["pid"]):
+        raise UserInputError(f"no local Ray head is running ({workdir}); start one with `lrc-ray cluster up` "
+                             "(or cluster/local-up.sh)")
+    if not entrypoint:
+        raise UserInputError("nothing to submit; give the command after --, e.g. -- lrc-ray tune search_spaces/quickstart.yaml")
+    env = {**os.environ, **client_env(workdir)}
+    command = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"],
+        "--runtime-env", str(project / "cluster" / "runtime_env.yaml"), "--working-dir", str(project),
+        *([] if wait else ["--no-wait"]), "--", *entrypoint,
+    ]
+    return subprocess.run(command, env=env).returncode
+
+
 def local_down(workdir: Path, *, timeout: float = 60) -> bool:
     """Stop the head `local_up` started in `workdir` (only it); False when none was running."""
     workdir = workdir.resolve()

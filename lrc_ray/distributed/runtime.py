@@ -35,7 +35,7 @@ def ray_session(
             ray.init(address=address, logging_level=logging.WARNING)
         except ConnectionError as exc:
             raise UserInputError(
-                f"--address {address}: no Ray cluster answers there ({exc}); start one with `ray start --head`"
+                f"--address {address}: no Ray cluster answers there ({exc}); start one with `lrc-ray cluster up`"
             ) from None
     else:
         # A short private temp dir: Ray's socket paths must stay under 108 characters.

@@ -45,13 +45,30 @@ def finetune(
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    history = []
+    if config.head_epochs:
+        # Linear probing first (LP-FT): fit the new head on the frozen backbone, so that full
+        # fine-tuning starts from a head that uses the pre-trained features instead of
+        # pushing random-head gradients into them.
+        model.backbone.requires_grad_(False)
+        head_optimizer = torch.optim.AdamW(model.segmentation_head.parameters(), lr=config.head_lr,
+                                           weight_decay=config.weight_decay)
+        history += _epochs(model, loader, dataset, head_optimizer, loss_function, range(config.head_epochs),
+                           phase="head", progress=progress, device=device)
+        model.backbone.requires_grad_(True)
     parameter_groups = [
         {"params": model.backbone.parameters(), "lr": config.lr * config.backbone_lr_scale},
         {"params": model.segmentation_head.parameters(), "lr": config.lr},
     ]
     optimizer = torch.optim.AdamW(parameter_groups, lr=config.lr, weight_decay=config.weight_decay)
+    epochs = range(config.head_epochs, config.head_epochs + config.epochs)
+    return history + _epochs(model, loader, dataset, optimizer, loss_function, epochs, phase="all",
+                             progress=progress, device=device)
+
+
+def _epochs(model, loader, dataset, optimizer, loss_function, epochs, *, phase: str, progress: bool, device) -> list[dict]:
     history = []
-    for epoch in range(config.epochs):
+    for epoch in epochs:
         dataset.set_epoch(epoch)
         model.train()
         total, steps = 0.0, 0
@@ -64,7 +81,7 @@ def finetune(
             loss.backward()
             optimizer.step()
             total, steps = total + float(loss.detach()), steps + 1
-        history.append({"epoch": epoch, "loss": total / max(steps, 1)})
+        history.append({"epoch": epoch, "phase": phase, "loss": total / max(steps, 1)})
     return history
 
 

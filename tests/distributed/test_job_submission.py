@@ -105,3 +105,13 @@ def test_runtime_env_leaves_data_and_venv_behind(tmp_path):
     names = set(zipfile.ZipFile(package).namelist())
     assert "lrc_ray/api.py" in names and "search_spaces/quickstart.yaml" in names
     assert not any(name.startswith((".venv", ".lrc_ray", "data/")) or name.endswith(".parquet") for name in names), names
+
+
+def test_submitting_without_a_head_names_the_command_that_starts_one(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "lrc_ray.cli", "cluster", "submit", "--workdir", str(tmp_path), "--", "lrc-ray", "--version"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("lrc-ray: error: no local Ray head is running") and "lrc-ray cluster up" in completed.stderr
+    assert completed.stderr.count("\n") == 1

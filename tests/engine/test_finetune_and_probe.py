@@ -1,0 +1,49 @@
+import torch
+
+from lrc_ray.config import FinetuneConfig
+from lrc_ray.engine import finetune as finetune_module
+from lrc_ray.engine.finetune import build_segmentation_model, finetune
+from lrc_ray.engine.probe import linear_probe_dice, probe_slices
+from lrc_ray.models.networks import NetworkParams
+
+NETWORK = NetworkParams(features=(4, 4, 8, 8, 16, 4), global_dim=8, global_hidden=16, local_dim=8)
+NUM_CLASSES = 10
+
+
+def test_head_epochs_train_only_the_head_then_everything(slice_table, monkeypatch):
+    frozen_during = {}
+    original = finetune_module._epochs
+
+    def recording(model, *args, phase, **kwargs):
+        frozen_during[phase] = all(not p.requires_grad for p in model.backbone.parameters())
+        return original(model, *args, phase=phase, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "_epochs", recording)
+    torch.manual_seed(0)
+    model = build_segmentation_model(NETWORK, NUM_CLASSES, None)
+    before = [p.detach().clone() for p in model.backbone.parameters()]
+    history = finetune(model, slice_table, train_cases=("case_0",), seed=0, progress=False,
+                       config=FinetuneConfig(epochs=1, head_epochs=2, batch_size=2))
+    assert [entry["phase"] for entry in history] == ["head", "head", "all"]
+    assert [entry["epoch"] for entry in history] == [0, 1, 2]
+    assert frozen_during == {"head": True, "all": False}
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.backbone.parameters()))
+
+
+def test_without_head_epochs_the_backbone_trains_from_the_start(slice_table):
+    model = build_segmentation_model(NETWORK, NUM_CLASSES, None)
+    history = finetune(model, slice_table, train_cases=("case_0",), seed=0, progress=False,
+                       config=FinetuneConfig(epochs=2, batch_size=2))
+    assert [entry["phase"] for entry in history] == ["all", "all"]
+
+
+def test_probe_is_deterministic_and_a_dice(slice_table):
+    probe = probe_slices(slice_table, train_case="case_0", validation_cases=("case_1", "case_2"), num_classes=NUM_CLASSES)
+    assert probe.train_images.shape == (4, 1, 32, 32) and len(probe.validation) == 2
+    torch.manual_seed(0)
+    model = build_segmentation_model(NETWORK, NUM_CLASSES, None)
+    first = linear_probe_dice(model.backbone, probe, steps=20, seed=0)
+    second = linear_probe_dice(model.backbone, probe, steps=20, seed=0)
+    assert first == second and 0.0 <= first <= 1.0
+    assert model.backbone.training, "the backbone's mode is restored"
