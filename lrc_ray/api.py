@@ -446,6 +446,13 @@ def results(
     records = read_trials(experiment)
     recorded = _read_json(experiment / SWEEP_FILE)
     info = SweepInfo(metric=metric or recorded["metric"], mode=recorded["mode"], base=recorded["base"], fixed=recorded["fixed"])
+    reported = sorted({key for record in records for key in record.metrics if key.startswith("dice")})
+    if metric is not None and reported and metric not in reported:
+        import difflib
+
+        close = difflib.get_close_matches(metric, reported, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; the trials report {', '.join(reported)}"
+        raise UserInputError(f"--metric {metric}: no trial reports it{hint}")
     space = None
     if recorded.get("space_yaml"):
         space = parse_search_space(yaml.safe_load(recorded["space_yaml"]), source=recorded["source"])

@@ -93,6 +93,10 @@ def test_sweep_survives_sigkill_and_resumes_keeping_finished_trials(tmp_path):
 
     table = pd.read_parquet(experiment / "results" / "results.parquet")
     assert len(table) == 4
+    by_liver = _lrc_ray("results", str(experiment), "--metric", "dice/liver", "--out", str(tmp_path / "liver"), cwd=tmp_path)
+    assert by_liver.returncode == 0 and "best dice/liver first" in by_liver.stdout
+    misspelt = _lrc_ray("results", str(experiment), "--metric", "dice/livr", cwd=tmp_path)
+    assert misspelt.returncode == 2 and "did you mean 'dice/liver'?" in misspelt.stderr
     finished = table.dropna(subset=["dice_mean"])
     assert not finished.empty and finished["dice_mean"].between(0, 1).all()
     assert set(table["method"]) <= {"scratch", "lrc"}
