@@ -403,7 +403,9 @@ def tune(
     """
     from lrc_ray.distributed.runtime import ray_session
     from lrc_ray.distributed.tune import SWEEP_FILE, TRIAL_SLOT, run_sweep, summarise_failures
-    from lrc_ray.search_space import load_search_space, run_config_for
+    import yaml
+
+    from lrc_ray.search_space import load_search_space, parse_search_space, run_config_for
 
     search_space = load_search_space(space)
     if num_samples is not None and num_samples < 1:
@@ -415,7 +417,11 @@ def tune(
     if resume and not (experiment / SWEEP_FILE).is_file():
         raise UserInputError(f"--resume: no sweep to resume at {experiment}")
     if resume:
-        base = config_from_dict(_read_json(experiment / SWEEP_FILE)["base"], source=str(experiment / SWEEP_FILE))
+        # The sweep continues as it started, whatever the space file says now.
+        recorded = _read_json(experiment / SWEEP_FILE)
+        base = config_from_dict(recorded["base"], source=str(experiment / SWEEP_FILE))
+        if recorded.get("space_yaml"):
+            search_space = parse_search_space(yaml.safe_load(recorded["space_yaml"]), source=recorded["source"])
     else:
         base = run_config_for(search_space, {})
         data_dir = Path(data) if data is not None else _built_in_data(search_space, base)
