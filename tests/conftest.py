@@ -40,3 +40,34 @@ def local_ray():
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# A network small enough for 2 CPUs: the shape of BasicUNet with 4-16 channels.
+TINY_NETWORK = {"features": [4, 4, 8, 8, 16, 4], "global_dim": 8, "global_hidden": 16, "local_dim": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny_network() -> dict:
+    return dict(TINY_NETWORK)
+
+
+@pytest.fixture
+def tiny_sweep_space():
+    """A search space (as a dict) that runs in seconds per trial: 48 px built-in data, the tiny
+    network, short pre-training and fine-tuning; `space` and `sweep` settings per test."""
+
+    def make(*, space: dict, pretrain_epochs: int = 2, finetune_epochs: int = 2, **sweep) -> dict:
+        return {
+            "description": "tiny test sweep",
+            "sweep": {"seed": 0, **sweep},
+            "data": {"cases": 4, "unlabeled": 1, "slices": 6},
+            "base": {
+                "data": {"size": 48, "validation_cases": 1},
+                "network": dict(TINY_NETWORK),
+                "pretrain": {"epochs": pretrain_epochs, "batch_size": 4, "queue_size": 16},
+                "finetune": {"epochs": finetune_epochs, "batch_size": 4},
+            },
+            "space": space,
+        }
+
+    return make

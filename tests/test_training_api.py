@@ -13,15 +13,12 @@ from lrc_ray.errors import UserInputError
 
 pytestmark = pytest.mark.ray
 
-TINY_NETWORK = {"features": [4, 4, 8, 8, 16, 4], "global_dim": 8, "global_hidden": 16, "local_dim": 8}
-
-
 @pytest.fixture(scope="module")
-def tiny_config(local_ray, tiny_dataset, tmp_path_factory) -> RunConfig:
+def tiny_config(local_ray, tiny_dataset, tiny_network, tmp_path_factory) -> RunConfig:
     cache_root = tmp_path_factory.mktemp("cache")
     config = RunConfig().replace(
         data={"data_dir": str(tiny_dataset), "cache_root": str(cache_root), "size": 32, "validation_cases": 1},
-        network=TINY_NETWORK,
+        network=tiny_network,
         pretrain={"method": "global+lrc", "epochs": 1, "batch_size": 4, "queue_size": 16},
         finetune={"epochs": 1, "batch_size": 4},
     )
@@ -74,8 +71,8 @@ def test_corrupt_checkpoint(capsys, tiny_config, tmp_path):
     assert not (tmp_path / "ft").exists()
 
 
-def test_checkpoint_of_another_architecture(capsys, checkpoint, tiny_config, tmp_path):
-    other = tiny_config.replace(network={**TINY_NETWORK, "features": [8, 8, 8, 8, 16, 8]})
+def test_checkpoint_of_another_architecture(capsys, checkpoint, tiny_config, tiny_network, tmp_path):
+    other = tiny_config.replace(network={**tiny_network, "features": [8, 8, 8, 8, 16, 8]})
     save_config(other, tmp_path / "run.yaml")
     code, err = _cli(capsys, "finetune", "--config", str(tmp_path / "run.yaml"), "--checkpoint", str(checkpoint),
                      "--label-fraction", "0.5", "--out", str(tmp_path / "ft"))

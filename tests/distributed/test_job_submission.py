@@ -21,20 +21,6 @@ pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
-TINY_SPACE = {
-    "description": "job submission test",
-    "sweep": {"num_samples": 2, "seed": 0},
-    "data": {"cases": 4, "unlabeled": 1, "slices": 6},
-    "base": {
-        "data": {"size": 48, "validation_cases": 1},
-        "network": {"features": [4, 4, 8, 8, 16, 4], "global_dim": 8, "global_hidden": 16, "local_dim": 8},
-        "pretrain": {"epochs": 1, "batch_size": 4, "queue_size": 16},
-        "finetune": {"epochs": 1, "batch_size": 4},
-    },
-    "space": {"pretrain.method": {"choice": ["scratch", "lrc"]}},
-}
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -52,9 +38,10 @@ def head():
         assert not (workdir / "head.json").exists()
 
 
-def test_submitted_sweep_succeeds_and_its_results_are_readable(head, tmp_path):
+def test_submitted_sweep_succeeds_and_its_results_are_readable(head, tmp_path, tiny_sweep_space):
     space = tmp_path / "tiny.yaml"
-    space.write_text(yaml.safe_dump(TINY_SPACE))
+    space.write_text(yaml.safe_dump(tiny_sweep_space(space={"pretrain.method": {"choice": ["scratch", "lrc"]}},
+                                                     pretrain_epochs=1, finetune_epochs=1, num_samples=2)))
     env = {**os.environ, **client_env(head.workdir)}
     submitted = subprocess.run(
         [RAY, "job", "submit", "--address", head.dashboard_url, "--runtime-env", "cluster/runtime_env.yaml",

@@ -16,15 +16,12 @@ from lrc_ray.engine.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.ray
 
-TINY_NETWORK = {"features": [4, 4, 8, 8, 16, 4], "global_dim": 8, "global_hidden": 16, "local_dim": 8}
-
-
 @pytest.fixture(scope="module")
-def config(tiny_dataset, tmp_path_factory, local_ray) -> RunConfig:
+def config(tiny_dataset, tiny_network, tmp_path_factory, local_ray) -> RunConfig:
     cache = tmp_path_factory.mktemp("cache")
     config = RunConfig().replace(
         data={"data_dir": str(tiny_dataset), "cache_root": str(cache), "size": 48, "validation_cases": 1},
-        network=TINY_NETWORK,
+        network=tiny_network,
         pretrain={"method": "lrc", "epochs": 2, "batch_size": 4, "queue_size": 16},
     )
     api.superpixels_for(config.data)

@@ -20,21 +20,8 @@ from lrc_ray.config import load_config
 
 pytestmark = pytest.mark.ray
 
-TINY_SPACE = {
-    "description": "tiny test sweep",
-    "sweep": {"num_samples": 4, "seed": 0, "grace_period": 1, "reduction_factor": 2, "max_failures": 1},
-    "data": {"cases": 4, "unlabeled": 1, "slices": 6},
-    "base": {
-        "data": {"size": 48, "validation_cases": 1},
-        "network": {"features": [4, 4, 8, 8, 16, 4], "global_dim": 8, "global_hidden": 16, "local_dim": 8},
-        "pretrain": {"epochs": 2, "batch_size": 4, "queue_size": 16},
-        "finetune": {"epochs": 2, "batch_size": 4},
-    },
-    "space": {
-        "pretrain.method": {"choice": ["scratch", "lrc"]},
-        "finetune.label_fraction": {"choice": [0.5, 1.0]},
-    },
-}
+SPACE = {"pretrain.method": {"choice": ["scratch", "lrc"]}, "finetune.label_fraction": {"choice": [0.5, 1.0]}}
+SWEEP = {"num_samples": 4, "grace_period": 1, "reduction_factor": 2, "max_failures": 1}
 
 
 def _lrc_ray(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -42,10 +29,7 @@ def _lrc_ray(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Complete
                           timeout=timeout)
 
 
-def _write_space(path: Path, **changes) -> Path:
-    space = json.loads(json.dumps(TINY_SPACE))
-    for section, values in changes.items():
-        space[section] = {**space[section], **values}
+def _write_space(path: Path, space: dict) -> Path:
     path.write_text(yaml.safe_dump(space))
     return path
 
@@ -61,8 +45,8 @@ def _finished_trials(experiment: Path) -> dict[str, float]:
     return finished
 
 
-def test_sweep_survives_sigkill_and_resumes_keeping_finished_trials(tmp_path):
-    space = _write_space(tmp_path / "tiny.yaml")
+def test_sweep_survives_sigkill_and_resumes_keeping_finished_trials(tmp_path, tiny_sweep_space):
+    space = _write_space(tmp_path / "tiny.yaml", tiny_sweep_space(space=SPACE, **SWEEP))
     experiment = tmp_path / "store" / "tiny"
     command = [sys.executable, "-m", "lrc_ray.cli", "tune", str(space), "--storage", str(tmp_path / "store")]
     # Own session: the kill reaches the sweep and the local Ray it started, nothing else.
@@ -114,12 +98,10 @@ def test_sweep_survives_sigkill_and_resumes_keeping_finished_trials(tmp_path):
     assert (tmp_path / "chosen" / "checkpoint.pt").is_file()
 
 
-def test_a_sweep_whose_every_trial_fails_ends_with_one_summary_line(tmp_path):
-    space = _write_space(tmp_path / "failing.yaml", base={**TINY_SPACE["base"], "pretrain": {"epochs": 2, "batch_size": 64}},
-                         sweep={"num_samples": 2, "max_failures": 0})
-    space_text = yaml.safe_load(space.read_text())
-    space_text["space"] = {"pretrain.method": {"choice": ["lrc", "global"]}}
-    space.write_text(yaml.safe_dump(space_text))
+def test_a_sweep_whose_every_trial_fails_ends_with_one_summary_line(tmp_path, tiny_sweep_space):
+    failing = tiny_sweep_space(space={"pretrain.method": {"choice": ["lrc", "global"]}}, num_samples=2, max_failures=0)
+    failing["base"]["pretrain"]["batch_size"] = 64  # more than the slices: every trial fails the same way
+    space = _write_space(tmp_path / "failing.yaml", failing)
     completed = _lrc_ray("tune", str(space), "--storage", str(tmp_path / "store"), cwd=tmp_path)
     assert completed.returncode == 3
     last = completed.stderr.strip().splitlines()[-1]
@@ -136,8 +118,8 @@ def test_a_sweep_whose_every_trial_fails_ends_with_one_summary_line(tmp_path):
         (["tune", "{space}", "--storage", "/proc/forbidden"], "--storage /proc/forbidden: not writable"),
     ],
 )
-def test_sweep_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    space = _write_space(tmp_path / "tiny.yaml")
+def test_sweep_bad_input_is_one_line_and_exit_2(tmp_path, tiny_sweep_space, args, message):
+    space = _write_space(tmp_path / "tiny.yaml", tiny_sweep_space(space=SPACE, **SWEEP))
     completed = _lrc_ray(*[a.format(space=space, tmp=tmp_path) for a in args], cwd=tmp_path, timeout=120)
     assert completed.returncode == 2
     assert completed.stderr.count("\n") == 1 and message in completed.stderr, completed.stderr
