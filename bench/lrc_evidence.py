@@ -2,7 +2,7 @@
 
 For each seed, each pre-training method is trained once and fine-tuned at two label
 fractions: the lowest one (a single training volume) and a middle one. Prints mean +- std
-of the validation mean Dice over seeds. Sized for ~15 minutes on 2 CPU cores; the budget
+of the validation mean Dice over seeds. Sized for ~20 minutes on 2 CPU cores; the budget
 flags make it longer (and more telling) on bigger machines.
 
     .venv/bin/python bench/lrc_evidence.py [--seeds 3] [--pretrain-epochs 5] [--finetune-epochs 40] [--head-epochs 20]
