@@ -193,7 +193,7 @@ def run_sweep(
     if search == "grid":
         trials = len(grid_points(space))  # also refuses continuous parameters, by name
         param_space = {key: tune.grid_search(list(spec.values)) for key, spec in space.params.items() if isinstance(spec, Choice)}
-        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, reuse_actors=True)
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency)
     else:
         trials = num_samples or settings.num_samples
         max_epochs = max(1, _largest_epochs(space, base))
@@ -204,9 +204,10 @@ def run_sweep(
         )
         searcher = _FinalResultOptunaSearch(metric=settings.metric, mode=settings.mode, seed=settings.seed)
         param_space = tune_param_space(space)
-        # reuse_actors: a trial driver process (with torch and MONAI imported) serves the next trial.
+        # No reuse_actors: a trial ASHA stops must take its Train run down with its driver process
+        # (with reuse, Tune 2.60 keeps the driver alive and the stopped run holds its CPUs).
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
-                                      max_concurrent_trials=concurrency, reuse_actors=True)
+                                      max_concurrent_trials=concurrency)
     logger.info("sweep %s (%s): %d trial(s), up to %d at a time", experiment, search, trials, concurrency)
     tuner = tune.Tuner(
         trainable,
