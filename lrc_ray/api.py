@@ -226,7 +226,7 @@ def pretraining_data(config: RunConfig) -> PretrainingData:
 
     settings = config.pretrain
     if not settings.uses_supervised:
-        _, _, split = _training_table(config)
+        _, _, split = _training_table(config, columns=["label"])
         selection = RowSelection(exclude_cases=split.validation, min_regions=settings.min_regions)
         return PretrainingData(find_superpixels(config.data), selection, None)
     if Path(settings.source_data_dir).resolve() == Path(config.data.data_dir).resolve():
@@ -251,7 +251,7 @@ def probe_source(config: RunConfig, entry: CacheEntry) -> "ProbeSource":
     from lrc_ray.engine.probe import ProbeSource
     from lrc_ray.engine.splits import label_fraction_subset
 
-    _, labels, split = _training_table(config)
+    _, labels, split = _training_table(config, columns=["label"])
     smallest = 1 / (len(split.train_pool) + 1)  # rounds to a single volume
     (train_case,) = label_fraction_subset(split.train_pool, smallest, seed=config.data.split_seed)
     return ProbeSource(parquet_dir=str(entry.path), train_case=train_case, validation_cases=split.validation,
@@ -347,12 +347,13 @@ def finetune(
     return results
 
 
-def _cached_slices(data: DataConfig):
-    """All cached slices of a data set, and its label names (kept in the entry's manifest)."""
+def _cached_slices(data: DataConfig, columns: list[str] | None = None):
+    """The cached slices of a data set (all columns, or `columns`), and its label names (kept in
+    the entry's manifest)."""
     from lrc_ray.superpixels.cache import read_entry_table
 
     entry = find_superpixels(data)
-    return read_entry_table(entry), _entry_labels(entry)
+    return read_entry_table(entry, columns=columns), _entry_labels(entry)
 
 
 def _entry_labels(entry: CacheEntry) -> dict[int, str]:
@@ -360,24 +361,19 @@ def _entry_labels(entry: CacheEntry) -> dict[int, str]:
     return {int(value): name for value, name in entry.manifest["labels"].items()}
 
 
-def _training_table(config: RunConfig):
-    """The cached slices of the run's data, its label names, and the validation split of its labelled volumes."""
+def _training_table(config: RunConfig, columns: list[str] | None = None):
+    """The cached slices of the run's data, its label names, and the validation split of its labelled
+    volumes. Callers that need only the split read `columns=["label"]`, not the images."""
     import pyarrow.compute as pc
 
     from lrc_ray.engine.splits import split_labelled_cases
 
-    table, labels = _cached_slices(config.data)
+    table, labels = _cached_slices(config.data, columns)
     labelled = table.filter(pc.is_valid(table.column("label")))
     case_ids = [str(value) for value in pc.unique(labelled.column("case_id")).to_pylist()]
     split = split_labelled_cases(case_ids, validation_cases=config.data.validation_cases, seed=config.data.split_seed)
     return table, labels, split
 
-
-def _not_in(table, case_ids):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return pc.invert(pc.is_in(table.column("case_id"), value_set=pa.array(list(case_ids), pa.string())))
 
 
 
@@ -401,10 +397,10 @@ def tune(
     Without `data`, the space's built-in synthetic data set is made (once) and used. With
     `resume`, an interrupted sweep continues with its finished trials kept.
     """
-    from lrc_ray.distributed.runtime import ray_session
-    from lrc_ray.distributed.tune import SWEEP_FILE, TRIAL_SLOT, run_sweep, summarise_failures
     import yaml
 
+    from lrc_ray.distributed.runtime import ray_session
+    from lrc_ray.distributed.tune import SWEEP_FILE, TRIAL_SLOT, run_sweep, summarise_failures
     from lrc_ray.search_space import load_search_space, parse_search_space, run_config_for
 
     search_space = load_search_space(space)

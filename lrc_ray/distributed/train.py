@@ -83,7 +83,6 @@ def pretrain_with_ray_train(
         _worker_loop,
         train_loop_config={
             "config": config.to_dict(), "use_gpu": use_gpu, "num_classes": num_classes, "probe": probe,
-            "labelled_only": selection.labelled_only,
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         datasets={"train": dataset},
@@ -156,7 +155,7 @@ def _worker_loop(loop_config: dict) -> None:
             local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS, local_shuffle_seed=_derived_seed(config.seed, epoch, rank),
         )
         batches = two_view_batches(arrow_batches, augment, seed=config.seed, epoch=epoch, rank=rank,
-                                   with_labels=loop_config["labelled_only"])
+                                   with_labels=settings.uses_supervised)
         metrics = pretrain_one_epoch(
             pretrainer, batches, optimizer, generator=generator, epoch=epoch, progress=False, step_model=step_model,
             device=device, autocast_dtype=torch.bfloat16 if use_gpu else None,
