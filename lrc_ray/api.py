@@ -8,12 +8,12 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lrc_ray.atomic import write_json_atomic
 from lrc_ray.data.msd import check_headers, load_msd_dataset
 from lrc_ray.data.slices import DEFAULT_WINDOW_HU, SliceParams
 from lrc_ray.config import DataConfig, RunConfig, config_from_dict, save_config
+from lrc_ray.engine.splits import ProbeSource, label_fraction_subset, split_labelled_cases
 from lrc_ray.errors import TrainingError, UserInputError
 from lrc_ray.superpixels.cache import (
     CACHE_MARKER,
@@ -29,10 +29,7 @@ from lrc_ray.superpixels.cache import (
     staging_dir,
 )
 from lrc_ray.superpixels.felzenszwalb import FelzenszwalbParams
-
-if TYPE_CHECKING:
-    from lrc_ray.data.superpixel_dataset import RowSelection
-    from lrc_ray.engine.probe import ProbeSource
+from lrc_ray.superpixels.selection import RowSelection, select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +219,6 @@ class PretrainingData:
 def pretraining_data(config: RunConfig) -> PretrainingData:
     """Self-supervised methods use every volume of the data set except the validation ones; the
     supervised methods use the labelled volumes of `pretrain.source_data_dir`, a separate set."""
-    from lrc_ray.data.superpixel_dataset import RowSelection
 
     settings = config.pretrain
     if not settings.uses_supervised:
@@ -245,11 +241,9 @@ def pretrains(config: RunConfig) -> bool:
     return settings.epochs > 0 and (settings.uses_global or settings.uses_local or settings.uses_supervised)
 
 
-def probe_source(config: RunConfig, entry: CacheEntry) -> "ProbeSource":
+def probe_source(config: RunConfig, entry: CacheEntry) -> ProbeSource:
     """The per-epoch probe's data: one labelled training volume that every label fraction's
     subset contains (the first of the nested order), and the validation volumes."""
-    from lrc_ray.engine.probe import ProbeSource
-    from lrc_ray.engine.splits import label_fraction_subset
 
     _, labels, split = _training_table(config, columns=["label"])
     smallest = 1 / (len(split.train_pool) + 1)  # rounds to a single volume
@@ -260,7 +254,6 @@ def probe_source(config: RunConfig, entry: CacheEntry) -> "ProbeSource":
 
 def check_batch_fits(config: RunConfig, data: PretrainingData, slices: int | None = None) -> None:
     """Refuse a per-worker batch larger than the slices to pre-train on (no step would run)."""
-    from lrc_ray.data.superpixel_dataset import select_rows
     from lrc_ray.superpixels.cache import read_entry_table
 
     if slices is None:
@@ -275,7 +268,7 @@ def _pretrain_in_process(config: RunConfig, data: PretrainingData, checkpoint: P
     from torch.utils.data import DataLoader
 
     from lrc_ray.augment.two_views import TwoViewAugment
-    from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset, select_rows
+    from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset
     from lrc_ray.engine.checkpoint import save_checkpoint
     from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
     from lrc_ray.superpixels.cache import read_entry_table
@@ -315,7 +308,6 @@ def finetune(
     """
     from lrc_ray.engine.checkpoint import load_checkpoint
     from lrc_ray.engine.finetune import build_segmentation_model, evaluate, finetune as run_finetune
-    from lrc_ray.engine.splits import label_fraction_subset
 
     pretrained_state, source = None, "random initialisation"
     if checkpoint is not None:
@@ -366,7 +358,6 @@ def _training_table(config: RunConfig, columns: list[str] | None = None):
     volumes. Callers that need only the split read `columns=["label"]`, not the images."""
     import pyarrow.compute as pc
 
-    from lrc_ray.engine.splits import split_labelled_cases
 
     table, labels = _cached_slices(config.data, columns)
     labelled = table.filter(pc.is_valid(table.column("label")))

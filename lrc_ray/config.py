@@ -11,20 +11,133 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
 from lrc_ray.atomic import atomic_write_path
-from lrc_ray.augment.two_views import AugmentParams
 from lrc_ray.errors import UserInputError
-from lrc_ray.losses.contrastive_sampling import NEGATIVES
-from lrc_ray.models.networks import NetworkParams
 
 METHODS = ("scratch", "global", "lrc", "global+lrc", "supervised", "supervised+lrc")
+NEGATIVES = ("image", "batch")  # where the contrastive sampling loss takes its negatives
 
+# Setting name -> MONAI norm spec. Instance norm is affine, as in BasicUNet's own default, so
+# fine-tuning can rescale the pre-trained features; it is also independent of the per-worker
+# batch size, which data-parallel training makes small.
+NORMS: dict[str, str | tuple[str, dict]] = {
+    "instance": ("instance", {"affine": True}),
+    "batch": "batch",
+}
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Ranges from which each view draws its augmentation."""
+
+    crop_scale: tuple[float, float] = (0.4, 1.0)  # area of the square crop, as a fraction of the slice
+    rotate_degrees: float = 15.0  # angle drawn uniformly from [-rotate_degrees, rotate_degrees]
+    flip_prob: float = 0.5  # per in-plane axis
+    contrast_range: tuple[float, float] = (0.8, 1.2)  # factor on the distance to the view's mean
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    noise_std: float = 0.03  # Gaussian noise, in units of the [0, 1] window
+    blur_prob: float = 0.3
+    blur_sigma_range: tuple[float, float] = (0.5, 1.0)  # Gaussian blur sigma, output pixels
+
+    def __post_init__(self) -> None:
+        _check_range("crop_scale", self.crop_scale, low_open=0.0, high_closed=1.0)
+        _check_number("rotate_degrees", self.rotate_degrees, 0.0, 180.0)
+        _check_number("flip_prob", self.flip_prob, 0.0, 1.0)
+        _check_range("contrast_range", self.contrast_range, low_open=0.0)
+        _check_range("gamma_range", self.gamma_range, low_open=0.0)
+        _check_number("noise_std", self.noise_std, 0.0, math.inf)
+        _check_number("blur_prob", self.blur_prob, 0.0, 1.0)
+        _check_range("blur_sigma_range", self.blur_sigma_range, low_open=0.0)
+        # YAML gives lists; tuples keep the frozen config hashable.
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, list):
+                object.__setattr__(self, spec.name, tuple(float(item) for item in value))
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> None:
+    if not _is_finite_number(value) or not low <= value <= high:
+        raise UserInputError(f"augment.{name}: expected a number in [{low}, {high}], got {value!r}")
+
+
+def _check_range(name: str, value: object, *, low_open: float, high_closed: float = math.inf) -> None:
+    """A (low, high) pair with low_open < low <= high <= high_closed."""
+    is_pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+    if not is_pair or not all(_is_finite_number(v) for v in value):
+        raise UserInputError(f"augment.{name}: expected a pair [low, high] of numbers, got {value!r}")
+    low, high = value
+    if not low_open < low <= high <= high_closed:
+        upper = "" if math.isinf(high_closed) else f" <= {high_closed}"
+        raise UserInputError(f"augment.{name}: expected {low_open} < low <= high{upper}, got [{low}, {high}]")
+
+
+@dataclass(frozen=True)
+class NetworkParams:
+    """Sizes of the encoder-decoder and its projection heads (the `network` config section).
+
+    Args:
+        features: six BasicUNet widths: the five encoder levels (the fifth is the bottleneck
+            width C5) and the last decoder level (C_last). A list is stored as a tuple.
+            The small default suits CPU; BasicUNet's own is (32, 32, 64, 128, 256, 32).
+        global_dim: size of the MoCo projection.
+        global_hidden: hidden width of the MoCo projection MLP.
+        local_dim: size D of the per-pixel embedding.
+        norm: normalisation layer, one of `NORMS`.
+        dropout: dropout probability in every BasicUNet convolution, in [0, 1).
+
+    Raises UserInputError naming the field ("network.<field>") for a bad value.
+    """
+
+    features: tuple[int, int, int, int, int, int] = (16, 16, 32, 64, 128, 16)
+    global_dim: int = 128
+    global_hidden: int = 512
+    local_dim: int = 128
+    norm: str = "instance"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        features = self.features
+        if (
+            isinstance(features, (str, bytes))
+            or not isinstance(features, Sequence)
+            or len(features) != 6
+            or not all(_is_int(width) and width >= 1 for width in features)
+        ):
+            raise UserInputError(
+                "network.features must be 6 integers >= 1 (five encoder widths, then the last "
+                f"decoder width), got {features!r}"
+            )
+        if any(width < 2 for width in features[2:5]):
+            raise UserInputError(
+                f"network.features[2:5] must be >= 2 (the decoder halves them when upsampling), got {features!r}"
+            )
+        object.__setattr__(self, "features", tuple(features))
+        for name in ("global_dim", "global_hidden", "local_dim"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise UserInputError(f"network.{name} must be an integer >= 1, got {value!r}")
+        if self.norm not in NORMS:
+            close = difflib.get_close_matches(str(self.norm), NORMS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserInputError(f"network.norm must be one of {sorted(NORMS)}, got {self.norm!r}{hint}")
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
+            raise UserInputError(f"network.dropout must be a number in [0, 1), got {dropout!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def test_aws_head_hosts_the_trial_drivers(aws, sweep):
     assert head["resources"].get("GPU", 0) == 0
     assert head["resources"][TRIAL_SLOT] >= sweep.max_concurrent_trials
     # lrc_ray's drivers then ask for a slot, not a CPU
-    assert driver_resources(head["resources"]) == {TRIAL_SLOT: 1}
+    assert driver_resources(head["resources"], workers=sweep.workers_per_trial, use_gpu=True) == {TRIAL_SLOT: 1}
     assert all(TRIAL_SLOT not in spec["resources"] for spec in _worker_types(aws).values())
 
 

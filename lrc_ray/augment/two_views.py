@@ -10,67 +10,18 @@ nearest for the map, so the map keeps exact integer ids. Intensity changes touch
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from monai.transforms import AdjustContrast, AffineGrid, GaussianSmooth, Resample
 from monai.utils import convert_to_tensor
 
+from lrc_ray.config import AugmentParams
 from lrc_ray.errors import UserInputError
 from lrc_ray.superpixels.felzenszwalb import IGNORED_REGION
 
 BACKGROUND_LABEL = 0
-
-
-@dataclass(frozen=True)
-class AugmentParams:
-    """Ranges from which each view draws its augmentation."""
-
-    crop_scale: tuple[float, float] = (0.4, 1.0)  # area of the square crop, as a fraction of the slice
-    rotate_degrees: float = 15.0  # angle drawn uniformly from [-rotate_degrees, rotate_degrees]
-    flip_prob: float = 0.5  # per in-plane axis
-    contrast_range: tuple[float, float] = (0.8, 1.2)  # factor on the distance to the view's mean
-    gamma_range: tuple[float, float] = (0.7, 1.5)
-    noise_std: float = 0.03  # Gaussian noise, in units of the [0, 1] window
-    blur_prob: float = 0.3
-    blur_sigma_range: tuple[float, float] = (0.5, 1.0)  # Gaussian blur sigma, output pixels
-
-    def __post_init__(self) -> None:
-        _check_range("crop_scale", self.crop_scale, low_open=0.0, high_closed=1.0)
-        _check_number("rotate_degrees", self.rotate_degrees, 0.0, 180.0)
-        _check_number("flip_prob", self.flip_prob, 0.0, 1.0)
-        _check_range("contrast_range", self.contrast_range, low_open=0.0)
-        _check_range("gamma_range", self.gamma_range, low_open=0.0)
-        _check_number("noise_std", self.noise_std, 0.0, math.inf)
-        _check_number("blur_prob", self.blur_prob, 0.0, 1.0)
-        _check_range("blur_sigma_range", self.blur_sigma_range, low_open=0.0)
-        # YAML gives lists; tuples keep the frozen config hashable.
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, list):
-                object.__setattr__(self, field.name, tuple(float(item) for item in value))
-
-
-def _is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_number(name: str, value: object, low: float, high: float) -> None:
-    if not _is_finite_number(value) or not low <= value <= high:
-        raise UserInputError(f"augment.{name}: expected a number in [{low}, {high}], got {value!r}")
-
-
-def _check_range(name: str, value: object, *, low_open: float, high_closed: float = math.inf) -> None:
-    """A (low, high) pair with low_open < low <= high <= high_closed."""
-    is_pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
-    if not is_pair or not all(_is_finite_number(v) for v in value):
-        raise UserInputError(f"augment.{name}: expected a pair [low, high] of numbers, got {value!r}")
-    low, high = value
-    if not low_open < low <= high <= high_closed:
-        upper = "" if math.isinf(high_closed) else f" <= {high_closed}"
-        raise UserInputError(f"augment.{name}: expected {low_open} < low <= high{upper}, got [{low}, {high}]")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -25,26 +24,6 @@ from lrc_ray.superpixels.table import decode_row
 # still learn where organs lie.
 LABEL_ROTATE_DEGREES = 10.0
 LABEL_FLIP_PROB = 0.5
-
-
-@dataclass(frozen=True)
-class RowSelection:
-    """Which cached slices pre-training uses."""
-
-    exclude_cases: tuple[str, ...] = ()  # validation volumes
-    labelled_only: bool = False  # the supervised methods
-    min_regions: int = 1
-
-
-def select_rows(table: pa.Table, selection: RowSelection) -> pa.Table:
-    """The rows of a slice table (or of one streamed batch of it) that `selection` keeps."""
-    keep = pc.greater_equal(table.column("n_regions"), selection.min_regions)
-    if selection.exclude_cases:
-        excluded = pc.is_in(table.column("case_id"), value_set=pa.array(selection.exclude_cases, pa.string()))
-        keep = pc.and_(keep, pc.invert(excluded))
-    if selection.labelled_only:
-        keep = pc.and_(keep, pc.is_valid(table.column("label")))
-    return table.filter(keep)
 
 
 class _EpochSeeded(Dataset):

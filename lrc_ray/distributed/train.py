@@ -1,6 +1,6 @@
 """Ray Train around the plain pre-training epoch: DDP workers, streamed shards, checkpoints, resume.
 
-The worker loop is `engine.pretrain.pretrain_one_epoch` with three differences, all here:
+The loop is `engine.pretrain.pretrain_one_epoch` with three differences, all here:
 - data: each worker streams its shard of the super-pixel Parquet (`get_dataset_shard`), so
   no worker holds the whole data set; rows become two-view batches in the worker;
 - the model is wrapped by `prepare_model` (DistributedDataParallel when there are several
@@ -8,6 +8,8 @@ The worker loop is `engine.pretrain.pretrain_one_epoch` with three differences, 
 - every epoch ends in `ray.train.report` with a checkpoint (rank 0 writes it), so a rerun
   under the same name, or a worker group restarted by `FailureConfig`, resumes from the last
   finished epoch.
+Inside a Tune trial the same loop can also run in the trial's own process (`workers=0`): it
+streams the whole data set, and reports and checkpoints through the trial instead.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ import numpy as np
 import ray
 import ray.train
 import torch
+from ray import tune
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch.utils.data import default_collate
 
 from lrc_ray.config import RunConfig, config_from_dict, global_batch_size
-from lrc_ray.data.superpixel_dataset import RowSelection, select_rows
+from lrc_ray.superpixels.selection import RowSelection, select_rows
 from lrc_ray.distributed.runtime import ray_error_message
-from lrc_ray.engine.probe import ProbeSource
+from lrc_ray.engine.splits import ProbeSource
 from lrc_ray.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -63,12 +66,27 @@ def pretrain_with_ray_train(
     report_to_tune: bool = False,
     max_failures: int = 2,
 ) -> TrainOutcome:
-    """Run (or resume) pre-training on `workers` Ray Train workers; returns the final weights."""
+    """Run (or resume) pre-training on `workers` Ray Train workers; returns the final weights.
+
+    `workers=0` (only inside a Tune trial) runs the same loop in the trial's own process, on the
+    trial's device, reporting and checkpointing through the trial (`tune.report`), so Tune's own
+    trial retries resume it. It skips a worker group's start-up: a controller and a worker process,
+    each importing torch, about 20 s a run on 2 CPUs. (Train's own local mode, `num_workers=0`,
+    refuses to run inside a Tune function in Ray 2.60.)
+    """
     # Workers stream quietly: a progress bar per epoch and worker would bury Train's own reports.
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = ray.data.read_parquet(parquet_dir, file_extensions=["parquet"]).map_batches(
         select_rows, fn_kwargs={"selection": selection}, batch_format="pyarrow", batch_size=None
     )
+    loop_config = {"config": config.to_dict(), "use_gpu": use_gpu, "num_classes": num_classes, "probe": probe}
+    if workers == 0:
+        if not report_to_tune:
+            raise ValueError("workers=0 runs inside a Tune trial; use api.pretrain(workers=0) for a plain run")
+        try:
+            return _pretrain_loop(loop_config, _TrialProcess(dataset, use_gpu=use_gpu))
+        except Exception as exc:  # as for a Train run: the cause, in one line
+            raise TrainingError(f"pre-training run {name} failed: {ray_error_message(exc)}") from None
     callbacks = []
     if report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -81,9 +99,7 @@ def pretrain_with_ray_train(
     )
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={
-            "config": config.to_dict(), "use_gpu": use_gpu, "num_classes": num_classes, "probe": probe,
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         datasets={"train": dataset},
         run_config=ray.train.RunConfig(
@@ -98,15 +114,63 @@ def pretrain_with_ray_train(
         result = trainer.fit()
     except Exception as exc:  # Train wraps worker errors; show the cause, not the wrapper
         raise TrainingError(f"pre-training run {name} failed: {ray_error_message(exc)}") from None
-    if result.checkpoint is None:
-        raise TrainingError(f"pre-training run {name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    online = {key.removeprefix("online."): value for key, value in state["pretrainer"].items() if key.startswith("online.")}
-    return TrainOutcome(state_dict=online, epoch=state["epoch"], history=state["history"])
+    if result.return_value is None:
+        raise TrainingError(f"pre-training run {name} finished without its final weights")
+    return result.return_value
 
 
-def _worker_loop(loop_config: dict) -> None:
+class _TrainWorker:
+    """The loop's surroundings on a Ray Train worker: rank, device, data shard, checkpoints, reports."""
+
+    def __init__(self) -> None:
+        self.rank = ray.train.get_context().get_world_rank()
+        self.device = ray.train.torch.get_device()
+
+    def batches(self, **kwargs):
+        return ray.train.get_dataset_shard("train").iter_batches(**kwargs)
+
+    def prepare(self, pretrainer):
+        # DDP (static graph: each method leaves the same heads unused every step); the MoCo queue
+        # is kept identical on every rank by all-gathering keys, so buffers need no broadcast.
+        return ray.train.torch.prepare_model(
+            pretrainer, parallel_strategy_kwargs={"static_graph": True, "broadcast_buffers": False}
+        )
+
+    def last_checkpoint(self):
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint) -> None:
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class _TrialProcess:
+    """The same inside a Tune trial's own process: rank 0 of 1, the whole data set, Tune's checkpoints."""
+
+    rank = 0
+
+    def __init__(self, dataset, *, use_gpu: bool) -> None:
+        self.dataset = dataset
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+
+    def batches(self, **kwargs):
+        return self.dataset.iter_batches(**kwargs)
+
+    def prepare(self, pretrainer):
+        return pretrainer
+
+    def last_checkpoint(self):
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint) -> None:
+        tune.report(metrics, checkpoint=checkpoint)
+
+
+def _worker_loop(loop_config: dict) -> TrainOutcome | None:
+    return _pretrain_loop(loop_config, _TrainWorker())
+
+
+def _pretrain_loop(loop_config: dict, where: _TrainWorker | _TrialProcess) -> TrainOutcome | None:
+    """Pre-train on this worker's shard; rank 0 returns the final weights (Train hands them to `fit`)."""
     from lrc_ray.augment.two_views import TwoViewAugment
     from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
     from lrc_ray.engine.probe import linear_probe_dice, probe_slices
@@ -114,9 +178,7 @@ def _worker_loop(loop_config: dict) -> None:
 
     config = config_from_dict(loop_config["config"])
     settings = config.pretrain
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    device = ray.train.torch.get_device()
+    rank, device = where.rank, where.device
     use_gpu = loop_config["use_gpu"]
     torch.manual_seed(config.seed)
     pretrainer = LrcPretrainer(settings, config.network, seed=config.seed, num_classes=loop_config["num_classes"])
@@ -124,7 +186,7 @@ def _worker_loop(loop_config: dict) -> None:
     optimizer = build_optimizer(pretrainer, settings)
 
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = where.last_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
@@ -132,11 +194,7 @@ def _worker_loop(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, list(state["history"])
 
-    # DDP (static graph: each method leaves the same heads unused every step); the MoCo queue is
-    # kept identical on every rank by all-gathering keys, so buffers need no broadcast.
-    step_model = ray.train.torch.prepare_model(
-        pretrainer, parallel_strategy_kwargs={"static_graph": True, "broadcast_buffers": False}
-    )
+    step_model = where.prepare(pretrainer)
     probe = None
     if rank == 0 and loop_config["probe"] is not None:
         source: ProbeSource = loop_config["probe"]
@@ -145,12 +203,11 @@ def _worker_loop(loop_config: dict) -> None:
                              num_classes=source.num_classes)
 
     augment = TwoViewAugment(config.augment, output_size=config.data.size)
-    shard = ray.train.get_dataset_shard("train")
     generator = torch.Generator(device=device)
     for epoch in range(start_epoch, settings.epochs):
         _maybe_inject_fault(epoch)
         generator.manual_seed(_derived_seed(config.seed, epoch, rank))
-        arrow_batches = shard.iter_batches(
+        arrow_batches = where.batches(
             batch_size=settings.batch_size, batch_format="pyarrow", drop_last=True,
             local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS, local_shuffle_seed=_derived_seed(config.seed, epoch, rank),
         )
@@ -172,7 +229,12 @@ def _worker_loop(loop_config: dict) -> None:
                 torch.save({"pretrainer": pretrainer.state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": epoch, "history": history}, Path(directory) / STATE_FILE)
                 epoch_checkpoint = Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=epoch_checkpoint)
+            where.report(metrics, epoch_checkpoint)
+    if rank != 0:
+        return None
+    online = {key.removeprefix("online."): value.cpu() for key, value in pretrainer.state_dict().items()
+              if key.startswith("online.")}
+    return TrainOutcome(state_dict=online, epoch=len(history) - 1, history=history)
 
 
 def _maybe_inject_fault(epoch: int) -> None:

@@ -44,6 +44,7 @@ PROBE_METRIC = "probe_dice"
 EPOCH = "epoch"  # pre-training epochs finished (ASHA's time attribute)
 SWEEP_FILE = "lrc_ray_sweep.json"  # what `results` needs beyond Tune's own files
 PRETRAINED_DIR = "pretrained"
+HISTORY_FILE = "history.json"  # a shared pre-training's epoch reports, written after its checkpoint
 
 
 @dataclass(frozen=True)
@@ -85,15 +86,17 @@ def fixed_values(space: SearchSpace) -> dict[str, Any]:
 
 
 def trial_concurrency(resources: dict[str, float], *, workers: int, use_gpu: bool, cap: int | None) -> int:
-    """Trials that fit at once: each needs `workers` CPUs (or GPUs) for Train plus one CPU for its
-    Ray Data reads and fine-tuning task; never more than the trial slots."""
-    fits = int(resources.get("CPU", 1) // (workers + 1))
+    """Trials that fit at once: each needs `workers` CPUs (or GPUs) for Train, or one for a trial
+    that pre-trains in its own process (`workers` 0), plus one CPU for its Ray Data reads and
+    fine-tuning; never more than the trial slots."""
+    devices = max(workers, 1)
+    fits = int(resources.get("CPU", 1) // (devices + 1))
     if use_gpu:
-        fits = min(fits, int(resources.get("GPU", 0) // max(workers, 1)))
+        fits = min(fits, int(resources.get("GPU", 0) // devices))
     if TRIAL_SLOT in resources:
         fits = min(fits, int(resources[TRIAL_SLOT]))
     if fits < 1:
-        need = f"{workers} GPU(s) and {workers + 1} CPUs" if use_gpu else f"{workers + 1} CPUs"
+        need = f"{devices} GPU(s) and {devices + 1} CPUs" if use_gpu else f"{devices + 1} CPUs"
         raise UserInputError(
             f"sweep.workers_per_trial: a trial needs {need}, the cluster has {resources}; on an autoscaling "
             "cluster, request the nodes first (see cluster/aws-gpu.yaml)"
@@ -101,10 +104,15 @@ def trial_concurrency(resources: dict[str, float], *, workers: int, use_gpu: boo
     return min(fits, cap) if cap else fits
 
 
-def driver_resources(resources: dict[str, float]) -> dict[str, float]:
-    """A trial slot where the cluster defines them (lrc_ray's local Ray and cluster files do),
-    else one CPU: a driver must reserve something, and zero CPUs is refused."""
-    return {TRIAL_SLOT: 1} if TRIAL_SLOT in resources else {"CPU": 1}
+def driver_resources(resources: dict[str, float], *, workers: int, use_gpu: bool) -> dict[str, float]:
+    """What a trial's own process holds. A driver of Train workers: a trial slot where the cluster
+    defines them (lrc_ray's local Ray and cluster files do), else one CPU (a driver must reserve
+    something, and zero CPUs is refused). A trial that trains in its own process (`workers` 0):
+    its device, one CPU or one GPU, besides its slot."""
+    slot = {TRIAL_SLOT: 1} if TRIAL_SLOT in resources else {}
+    if workers == 0:
+        return slot | ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
+    return slot or {"CPU": 1}
 
 
 def pretraining_key(config: RunConfig, superpixel_key: str, workers: int) -> str:
@@ -175,7 +183,10 @@ def run_sweep(
         base=base.to_dict(), space_params=fixed_values(space), pretrained_root=str(experiment / PRETRAINED_DIR),
         workers=settings.workers_per_trial, use_gpu=settings.use_gpu,
     )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), driver_resources(resources))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, context=context),
+        driver_resources(resources, workers=settings.workers_per_trial, use_gpu=settings.use_gpu),
+    )
     if resume:
         if not tune.Tuner.can_restore(str(experiment)):
             raise UserInputError(f"--resume: no sweep to resume at {experiment}")
@@ -190,10 +201,16 @@ def run_sweep(
         "base": base.to_dict(), "fixed": fixed_values(space), "searched": sorted(tune_param_space(space)),
         "space_yaml": Path(space.source).read_text() if Path(space.source).is_file() else None,
     })
+    # A trial that trains in its own process (workers 0) waits inside `tune.report` whenever Tune
+    # looks at its results, so a trial ASHA stops ends there and its process can take the next
+    # trial, with torch and MONAI already imported. A driver of Train workers waits in `fit()`
+    # instead: reused, a stopped trial's Train run would go on holding its CPUs (seen with Tune
+    # 2.60), so those trials get a fresh process each.
+    reuse = settings.workers_per_trial == 0
     if search == "grid":
         trials = len(grid_points(space))  # also refuses continuous parameters, by name
         param_space = {key: tune.grid_search(list(spec.values)) for key, spec in space.params.items() if isinstance(spec, Choice)}
-        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency)
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, reuse_actors=reuse)
     else:
         trials = num_samples or settings.num_samples
         max_epochs = max(1, _largest_epochs(space, base))
@@ -204,10 +221,8 @@ def run_sweep(
         )
         searcher = _FinalResultOptunaSearch(metric=settings.metric, mode=settings.mode, seed=settings.seed)
         param_space = tune_param_space(space)
-        # No reuse_actors: a trial ASHA stops must take its Train run down with its driver process
-        # (with reuse, Tune 2.60 keeps the driver alive and the stopped run holds its CPUs).
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
-                                      max_concurrent_trials=concurrency)
+                                      max_concurrent_trials=concurrency, reuse_actors=reuse)
     logger.info("sweep %s (%s): %d trial(s), up to %d at a time", experiment, search, trials, concurrency)
     tuner = tune.Tuner(
         trainable,
@@ -234,7 +249,6 @@ def _largest_epochs(space: SearchSpace, base: RunConfig) -> int:
 def run_trial(trial_values: dict, context: SweepContext) -> None:
     """One Tune trial (a driver function: Train workers and tasks do the compute)."""
     from lrc_ray import api
-    from lrc_ray.engine.checkpoint import load_checkpoint, save_checkpoint
     from lrc_ray.superpixels.cache import entry_lock
 
     config = _trial_config(context, trial_values)
@@ -246,25 +260,25 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
         api.check_batch_fits(config, data)
         key = pretraining_key(config, data.entry.path.name, context.workers)
         root = Path(context.pretrained_root)
-        final = root / key / "checkpoint.pt"
+        final, history_file = root / key / "checkpoint.pt", root / key / HISTORY_FILE
         with entry_lock(root, key):
-            if final.is_file():  # another trial pre-trained these settings: replay its epochs for ASHA
-                history, reused = load_checkpoint(final)["history"], True
+            if history_file.is_file():  # another trial pre-trained these settings: replay its epochs for ASHA
+                history, reused = json.loads(history_file.read_text()), True
                 for metrics in history:
                     tune.report(metrics | {"replayed": True})
             else:
-                outcome = _pretrain(config, data, entry, root, key, context)
-                history = outcome.history
+                history = _pretrain(config, data, entry, final, context)
                 pretrain_seconds = sum(metrics["seconds"] + metrics.get("probe_seconds", 0.0) for metrics in history)
-                save_checkpoint(final, state_dict=outcome.state_dict, config=config.to_dict(), epoch=outcome.epoch,
-                                history=history)
+                write_json_atomic(history_file, history)  # last: it marks the shared checkpoint complete
         checkpoint, epochs_run = str(final), len(history)
-    # Outside the trial's placement group, which holds only its trial slot.
-    task = ray.remote(_finetune_task).options(
-        num_cpus=0 if context.use_gpu else 1, num_gpus=1 if context.use_gpu else 0,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
-    )
-    results = ray.get(task.remote(config.to_dict(), checkpoint))
+    if context.workers == 0:  # the trial holds its device: fine-tune here too
+        results = _finetune_task(config.to_dict(), checkpoint)
+    else:  # a task outside the trial's placement group, which holds only its trial slot
+        task = ray.remote(_finetune_task).options(
+            num_cpus=0 if context.use_gpu else 1, num_gpus=1 if context.use_gpu else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+        )
+        results = ray.get(task.remote(config.to_dict(), checkpoint))
     final_metrics = {
         "dice_mean": results["dice_mean"],
         **{f"dice/{organ}": value for organ, value in results["dice_per_organ"].items() if value is not None},
@@ -283,22 +297,30 @@ def _trial_config(context: SweepContext, trial_values: dict) -> RunConfig:
     return config_with_values(context.base, {**context.space_params, **trial_values}, source="trial config")
 
 
-def _pretrain(config, data, entry, root: Path, key: str, context: SweepContext):
+def _pretrain(config, data, entry, final: Path, context: SweepContext) -> list[dict]:
+    """Pre-train with Ray Train, save the online network's weights at `final`; returns the epoch reports.
+    (Torch is imported here only: trials that replay or fine-tune from scratch start without it.)"""
     from lrc_ray import api
     from lrc_ray.distributed.train import pretrain_with_ray_train
+    from lrc_ray.engine.checkpoint import save_checkpoint
 
-    return pretrain_with_ray_train(
-        config, parquet_dir=str(data.entry.path), selection=data.selection, storage_path=str(root), name=key,
-        workers=context.workers, use_gpu=context.use_gpu, num_classes=data.num_classes,
+    outcome = pretrain_with_ray_train(
+        config, parquet_dir=str(data.entry.path), selection=data.selection, storage_path=str(final.parent.parent),
+        name=final.parent.name, workers=context.workers, use_gpu=context.use_gpu, num_classes=data.num_classes,
         probe=api.probe_source(config, entry), report_to_tune=True,
     )
+    save_checkpoint(final, state_dict=outcome.state_dict, config=config.to_dict(), epoch=outcome.epoch,
+                    history=outcome.history)
+    return outcome.history
 
 
 def _finetune_task(config: dict, checkpoint: str | None) -> dict:
+    import importlib
     import time
 
     from lrc_ray import api
 
+    importlib.import_module("lrc_ray.engine.finetune")  # torch and MONAI load before the clock: start-up, not compute
     started = time.perf_counter()
     results = api.finetune(config=config_from_dict(config), checkpoint=checkpoint, progress=False)
     return results | {"seconds": time.perf_counter() - started}

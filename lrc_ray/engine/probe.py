@@ -27,16 +27,6 @@ from lrc_ray.superpixels.table import decode_row
 
 
 @dataclass(frozen=True)
-class ProbeSource:
-    """Where the probe's slices are: a cache entry's Parquet directory and the volumes to use."""
-
-    parquet_dir: str
-    train_case: str
-    validation_cases: tuple[str, ...]
-    num_classes: int
-
-
-@dataclass(frozen=True)
 class ProbeSlices:
     """Shapes: train_images (N, 1, H, W) float, train_labels (N, H, W) int64; validation likewise,
     one (images, labels) pair per validation volume, slices in order."""

@@ -40,3 +40,13 @@ def label_fraction_subset(train_pool: tuple[str, ...], fraction: float, *, seed:
     count = max(1, int(round(fraction * len(train_pool))))
     permutation = np.random.default_rng(seed).permutation(len(train_pool))
     return tuple(sorted(train_pool[i] for i in permutation[:count]))
+
+
+@dataclass(frozen=True)
+class ProbeSource:
+    """Where the probe's slices are: a cache entry's Parquet directory and the volumes to use."""
+
+    parquet_dir: str
+    train_case: str
+    validation_cases: tuple[str, ...]
+    num_classes: int

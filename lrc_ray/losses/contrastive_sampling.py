@@ -39,9 +39,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrc_ray.config import NEGATIVES
+
 __all__ = ["NEGATIVES", "ContrastiveSamplingLoss", "contrastive_sampling_loss"]
 
-NEGATIVES = ("image", "batch")
 
 
 def contrastive_sampling_loss(embeddings: Tensor, region_ids: Tensor, temperature: float) -> Tensor:

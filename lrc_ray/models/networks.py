@@ -20,13 +20,13 @@ inputs fail there: use 32 or more.
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from monai.networks.nets import BasicUNet
 from torch import Tensor, nn
 
+from lrc_ray.config import NORMS, NetworkParams
 from lrc_ray.errors import UserInputError
 from lrc_ray.models.heads import GlobalProjectionHead, LocalProjectionHead, SegmentationHead
 
@@ -42,73 +42,7 @@ __all__ = [
     "build_segmentation_network",
 ]
 
-# Setting name -> MONAI norm spec. Instance norm is affine, as in BasicUNet's own default, so
-# fine-tuning can rescale the pre-trained features; it is also independent of the per-worker
-# batch size, which data-parallel training makes small.
-NORMS: dict[str, str | tuple[str, dict]] = {
-    "instance": ("instance", {"affine": True}),
-    "batch": "batch",
-}
-
 DOWNSAMPLING_FACTOR = 16  # four 2x max-poolings
-
-
-@dataclass(frozen=True)
-class NetworkParams:
-    """Sizes of the encoder-decoder and its projection heads (the `network` config section).
-
-    Args:
-        features: six BasicUNet widths: the five encoder levels (the fifth is the bottleneck
-            width C5) and the last decoder level (C_last). A list is stored as a tuple.
-            The small default suits CPU; BasicUNet's own is (32, 32, 64, 128, 256, 32).
-        global_dim: size of the MoCo projection.
-        global_hidden: hidden width of the MoCo projection MLP.
-        local_dim: size D of the per-pixel embedding.
-        norm: normalisation layer, one of `NORMS`.
-        dropout: dropout probability in every BasicUNet convolution, in [0, 1).
-
-    Raises UserInputError naming the field ("network.<field>") for a bad value.
-    """
-
-    features: tuple[int, int, int, int, int, int] = (16, 16, 32, 64, 128, 16)
-    global_dim: int = 128
-    global_hidden: int = 512
-    local_dim: int = 128
-    norm: str = "instance"
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        features = self.features
-        if (
-            isinstance(features, (str, bytes))
-            or not isinstance(features, Sequence)
-            or len(features) != 6
-            or not all(_is_int(width) and width >= 1 for width in features)
-        ):
-            raise UserInputError(
-                "network.features must be 6 integers >= 1 (five encoder widths, then the last "
-                f"decoder width), got {features!r}"
-            )
-        if any(width < 2 for width in features[2:5]):
-            raise UserInputError(
-                f"network.features[2:5] must be >= 2 (the decoder halves them when upsampling), got {features!r}"
-            )
-        object.__setattr__(self, "features", tuple(features))
-        for name in ("global_dim", "global_hidden", "local_dim"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise UserInputError(f"network.{name} must be an integer >= 1, got {value!r}")
-        if self.norm not in NORMS:
-            close = difflib.get_close_matches(str(self.norm), NORMS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserInputError(f"network.norm must be one of {sorted(NORMS)}, got {self.norm!r}{hint}")
-        dropout = self.dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
-            raise UserInputError(f"network.dropout must be a number in [0, 1), got {dropout!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -146,7 +80,7 @@ class EncoderDecoder(nn.Module):
 
     def __init__(self, params: NetworkParams, in_channels: int = 1):
         super().__init__()
-        if not _is_int(in_channels) or in_channels < 1:
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be an integer >= 1, got {in_channels!r}")
         unet = BasicUNet(
             spatial_dims=2,

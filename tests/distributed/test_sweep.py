@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from lrc_ray.config import load_config
+from lrc_ray.distributed.train import FAULT_ENV
 
 pytestmark = pytest.mark.ray
 
@@ -96,6 +97,39 @@ def test_sweep_survives_sigkill_and_resumes_keeping_finished_trials(tmp_path, ti
     pretrained = _lrc_ray("-q", "pretrain", "--config", str(chosen[0]), "--out", str(tmp_path / "chosen"), cwd=tmp_path)
     assert pretrained.returncode == 0, pretrained.stderr[-2000:]
     assert (tmp_path / "chosen" / "checkpoint.pt").is_file()
+
+
+def _reports(experiment: Path) -> dict[str, list[dict]]:
+    return {path.parent.name: [json.loads(line) for line in path.read_text().splitlines()]
+            for path in experiment.glob("run_trial_*/result.json")}
+
+
+def test_in_trial_pretraining_retries_a_killed_trial_from_its_last_epoch(tmp_path, tiny_sweep_space):
+    """workers_per_trial 0: trials pre-train and fine-tune in their own (reused) processes. The
+    process of the first trial to start its second epoch is SIGKILLed; Tune retries that trial
+    from the checkpoint of its first epoch, and the sweep finishes every trial."""
+    sweep = {"num_samples": 4, "grace_period": 1, "reduction_factor": 2, "max_failures": 1, "workers_per_trial": 0}
+    space = _write_space(tmp_path / "in_trial.yaml", tiny_sweep_space(
+        space={"pretrain.method": {"choice": ["lrc", "global"]}, "finetune.label_fraction": {"choice": [0.5, 1.0]}},
+        **sweep,
+    ))
+    marker = tmp_path / "killed"
+    completed = subprocess.run(
+        [sys.executable, "-m", "lrc_ray.cli", "tune", str(space), "--storage", str(tmp_path / "store")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=os.environ | {FAULT_ENV: f"1:{marker}"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert marker.is_file(), "the fault was injected"
+    reports = _reports(tmp_path / "store" / "in_trial")
+    assert len(reports) == 4
+    finished = [lines for lines in reports.values() if "dice_mean" in lines[-1]]
+    stopped = [lines for lines in reports.values() if "dice_mean" not in lines[-1]]
+    assert finished and all(0 <= lines[-1]["dice_mean"] <= 1 for lines in finished)
+    assert all(lines[-1]["epoch"] < 2 for lines in stopped), "a trial without Dice was stopped early by ASHA"
+    trained = [line for lines in reports.values() for line in lines if "dice_mean" not in line and not line.get("replayed")]
+    resumed = [line for line in trained if line["run_start_epoch"] == 1]
+    assert [line["epoch"] for line in resumed] == [2], "the killed trial trained its second epoch only, once"
 
 
 def test_a_sweep_whose_every_trial_fails_ends_with_one_summary_line(tmp_path, tiny_sweep_space):

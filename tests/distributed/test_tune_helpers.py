@@ -141,7 +141,8 @@ def test_unmapped_schema_type_is_refused():
         ({"CPU": 16, TRIAL_SLOT: 3}, 1, False, None, 3),
         ({"CPU": 16}, 1, False, 3, 3),
         ({"CPU": 16}, 1, False, 20, 8),
-        ({"CPU": 2}, 0, False, None, 2),
+        ({"CPU": 2}, 0, False, None, 1),  # in-trial pre-training: its own CPU plus one for data reads
+        ({"CPU": 8, "GPU": 2}, 0, True, None, 2),
         ({"CPU": 32, "GPU": 8}, 4, True, None, 2),
         ({"CPU": 8, "GPU": 8}, 1, True, None, 4),
     ],
@@ -160,8 +161,11 @@ def test_trial_concurrency_too_few_resources_is_a_user_error():
 
 
 def test_driver_resources():
-    assert driver_resources({"CPU": 4, TRIAL_SLOT: 2}) == {TRIAL_SLOT: 1}
-    assert driver_resources({"CPU": 4}) == {"CPU": 1}
+    assert driver_resources({"CPU": 4, TRIAL_SLOT: 2}, workers=1, use_gpu=False) == {TRIAL_SLOT: 1}
+    assert driver_resources({"CPU": 4}, workers=2, use_gpu=True) == {"CPU": 1}
+    # a trial that pre-trains in its own process holds its device
+    assert driver_resources({"CPU": 4, TRIAL_SLOT: 2}, workers=0, use_gpu=False) == {TRIAL_SLOT: 1, "CPU": 1}
+    assert driver_resources({"CPU": 4, "GPU": 1}, workers=0, use_gpu=True) == {"CPU": 1, "GPU": 1}
 
 
 # --- pretraining_key ------------------------------------------------------------------------
