@@ -32,15 +32,13 @@ def trial_reports(experiment: Path) -> dict[str, list[dict]]:
 
 
 def own_compute_seconds(lines: list[dict]) -> float:
-    """Pre-training epochs this trial trained (not replayed from a shared checkpoint), their
-    probes, and its fine-tuning with evaluation."""
-    seconds = 0.0
-    for report in lines:
-        if "dice_mean" in report:
-            seconds += report["finetune_seconds"]
-        elif not report.get("replayed"):
-            seconds += report.get("seconds", 0.0) + report.get("probe_seconds", 0.0)
-    return seconds
+    """What a trial computed itself: pre-training epochs it trained (not replayed from a shared
+    checkpoint) with their probes, and its fine-tuning with evaluation unless an identical one
+    was reused; a finished trial reports the sum as `compute_seconds`."""
+    final = [report for report in lines if "compute_seconds" in report]
+    if final:
+        return final[-1]["compute_seconds"]
+    return sum(report.get("seconds", 0.0) + report.get("probe_seconds", 0.0) for report in lines if not report.get("replayed"))
 
 
 def best_metric(reports: dict[str, list[dict]], metric: str = "dice_mean") -> float:

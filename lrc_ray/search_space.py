@@ -148,6 +148,9 @@ class SweepSettings:
     grace_period: int = 1  # ASHA: epochs before a trial may be stopped
     reduction_factor: int = 2  # ASHA
     max_failures: int = 1  # retries of a failed trial
+    # TPE's random trials before it models the results (Optuna's own default, 10, would make a
+    # 10-trial sweep a random search); None: a third of the trials, between 2 and 10.
+    startup_trials: int | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.metric), "sweep.metric", "a metric name", self.metric)
@@ -161,6 +164,11 @@ class SweepSettings:
         require(self.grace_period >= 1, "sweep.grace_period", "at least 1", self.grace_period)
         require(self.reduction_factor >= 2, "sweep.reduction_factor", "at least 2", self.reduction_factor)
         require(self.max_failures >= 0, "sweep.max_failures", "at least 0", self.max_failures)
+        require(self.startup_trials is None or self.startup_trials >= 1, "sweep.startup_trials", "null or at least 1",
+                self.startup_trials)
+
+    def tpe_startup_trials(self, trials: int) -> int:
+        return self.startup_trials if self.startup_trials is not None else min(10, max(2, trials // 3))
 
 
 @dataclass(frozen=True)

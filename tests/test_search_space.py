@@ -184,6 +184,7 @@ def test_run_config_for_merges_base_and_trial_values():
         ({"sweep": {"max_failures": -1}, "space": {"seed": 1}}, r"s.yaml: sweep.max_failures: expected at least 0"),
         ({"sweep": {"workers_per_trial": -1}, "space": {"seed": 1}}, r"s.yaml: sweep.workers_per_trial: expected at least 0"),
         ({"sweep": {"max_concurrent_trials": 0}, "space": {"seed": 1}}, r"s.yaml: sweep.max_concurrent_trials: expected null or at least 1"),
+        ({"sweep": {"startup_trials": 0}, "space": {"seed": 1}}, r"s.yaml: sweep.startup_trials: expected null or at least 1"),
         ({"sweep": {"use_gpu": "yes please"}, "space": {"seed": 1}}, r"s.yaml: sweep.use_gpu: expected true or false"),
         ({"data": {"cases": 2}, "space": {"seed": 1}}, r"s.yaml: data.cases: expected at least 3, got 2"),
         ({"data": {"slices": 3}, "space": {"seed": 1}}, r"s.yaml: data.slices: expected at least 4"),
@@ -238,3 +239,11 @@ def test_distribution_classes_validate_when_built_in_code():
         Uniform(2, 1)
     with pytest.raises(UserInputError, match="choice is empty"):
         Choice(())
+
+
+def test_tpe_models_results_after_a_third_of_the_trials_unless_told():
+    from lrc_ray.search_space import SweepSettings
+
+    assert [SweepSettings().tpe_startup_trials(n) for n in (4, 10, 30, 100)] == [2, 3, 10, 10]
+    assert SweepSettings(startup_trials=5).tpe_startup_trials(100) == 5
+

@@ -74,8 +74,11 @@ def pretrain_with_ray_train(
     each importing torch, about 20 s a run on 2 CPUs. (Train's own local mode, `num_workers=0`,
     refuses to run inside a Tune function in Ray 2.60.)
     """
+    data_context = ray.data.DataContext.get_current()
     # Workers stream quietly: a progress bar per epoch and worker would bury Train's own reports.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    data_context.enable_progress_bars = False
+    # Blocks in file order, so a seed gives the same batches run after run (the shuffle is seeded).
+    data_context.execution_options.preserve_order = True
     dataset = ray.data.read_parquet(parquet_dir, file_extensions=["parquet"]).map_batches(
         select_rows, fn_kwargs={"selection": selection}, batch_format="pyarrow", batch_size=None
     )

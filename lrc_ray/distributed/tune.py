@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -44,6 +45,7 @@ PROBE_METRIC = "probe_dice"
 EPOCH = "epoch"  # pre-training epochs finished (ASHA's time attribute)
 SWEEP_FILE = "lrc_ray_sweep.json"  # what `results` needs beyond Tune's own files
 PRETRAINED_DIR = "pretrained"
+FINETUNED_DIR = "finetuned"  # fine-tuning results by finetuning_key, shared by the trials of a sweep
 HISTORY_FILE = "history.json"  # a shared pre-training's epoch reports, written after its checkpoint
 
 
@@ -143,6 +145,21 @@ def pretraining_key(config: RunConfig, superpixel_key: str, workers: int) -> str
     return f"{config.pretrain.method.replace('+', '_')}-{digest}"
 
 
+def finetuning_key(config: RunConfig, pretrained: str | None) -> str:
+    """Equal for trials whose fine-tuning would be identical: the same pre-trained checkpoint (or
+    none: `scratch`), data, split, network, fine-tuning settings and seed. Felzenszwalb settings
+    matter only through the checkpoint: fine-tuning reads images and labels, not super-pixels."""
+    data = config.to_dict()["data"]
+    relevant = {
+        "pretrained": pretrained,
+        "data": {name: data[name] for name in ("data_dir", "size", "window_hu", "validation_cases", "split_seed")},
+        "network": config.to_dict()["network"],
+        "finetune": config.to_dict()["finetune"],
+        "seed": config.seed,
+    }
+    return hashlib.blake2b(json.dumps(relevant, sort_keys=True).encode(), digest_size=10).hexdigest()
+
+
 class _FinalResultOptunaSearch(OptunaSearch):
     """OptunaSearch that ignores the per-epoch probe reports, which lack the searched metric.
 
@@ -213,13 +230,9 @@ def run_sweep(
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, reuse_actors=reuse)
     else:
         trials = num_samples or settings.num_samples
-        max_epochs = max(1, _largest_epochs(space, base))
-        # stop_last_trials=False: a trial whose pre-training reaches the last epoch goes on to fine-tune.
-        scheduler = ASHAScheduler(
-            time_attr=EPOCH, metric=PROBE_METRIC, mode="max", max_t=max_epochs, stop_last_trials=False,
-            grace_period=min(settings.grace_period, max_epochs), reduction_factor=settings.reduction_factor,
-        )
-        searcher = _FinalResultOptunaSearch(metric=settings.metric, mode=settings.mode, seed=settings.seed)
+        scheduler = early_stopping(settings, _largest_epochs(space, base))
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.tpe_startup_trials(trials))
+        searcher = _FinalResultOptunaSearch(metric=settings.metric, mode=settings.mode, sampler=sampler)
         param_space = tune_param_space(space)
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                       max_concurrent_trials=concurrency, reuse_actors=reuse)
@@ -233,6 +246,20 @@ def run_sweep(
         ),
     )
     return tuner.fit()
+
+
+def early_stopping(settings, max_epochs: int) -> ASHAScheduler | None:
+    """ASHA on the probe Dice, with every rung before the last pre-training epoch: a trial that
+    has paid for its whole pre-training goes on to fine-tune. (Tune puts a rung at `max_t` when
+    max_t / grace_period is a power of the reduction factor, and `stop_last_trials=False` does not
+    spare a trial there.) None when there is at most one epoch: nothing to stop early."""
+    if max_epochs < 2:
+        return None
+    last_rung = max_epochs - 1
+    return ASHAScheduler(
+        time_attr=EPOCH, metric=PROBE_METRIC, mode="max", max_t=last_rung, stop_last_trials=False,
+        grace_period=min(settings.grace_period, last_rung), reduction_factor=settings.reduction_factor,
+    )
 
 
 def _largest_epochs(space: SearchSpace, base: RunConfig) -> int:
@@ -253,8 +280,9 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
 
     config = _trial_config(context, trial_values)
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the progress shown
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per epoch checkpoint
     entry = api.superpixels_for(config.data).entry
-    checkpoint, epochs_run, reused, history, pretrain_seconds = None, 0, False, [], 0.0
+    checkpoint, key, epochs_run, reused, history, pretrain_seconds = None, None, 0, False, [], 0.0
     if api.pretrains(config):
         data = api.pretraining_data(config)
         api.check_batch_fits(config, data)
@@ -271,14 +299,19 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
                 pretrain_seconds = sum(metrics["seconds"] + metrics.get("probe_seconds", 0.0) for metrics in history)
                 write_json_atomic(history_file, history)  # last: it marks the shared checkpoint complete
         checkpoint, epochs_run = str(final), len(history)
-    if context.workers == 0:  # the trial holds its device: fine-tune here too
-        results = _finetune_task(config.to_dict(), checkpoint)
-    else:  # a task outside the trial's placement group, which holds only its trial slot
-        task = ray.remote(_finetune_task).options(
-            num_cpus=0 if context.use_gpu else 1, num_gpus=1 if context.use_gpu else 0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
-        )
-        results = ray.get(task.remote(config.to_dict(), checkpoint))
+    # Fine-tuning is seeded: a trial whose fine-tuning would repeat an earlier one's exactly (TPE
+    # proposes a point again; `scratch` at another scale) reports that trial's Dice.
+    finetuned_root = Path(context.pretrained_root).parent / FINETUNED_DIR
+    finetuned_key = finetuning_key(config, key)
+    results_file = finetuned_root / f"{finetuned_key}.json"
+    finetuned_root.mkdir(parents=True, exist_ok=True)
+    with entry_lock(finetuned_root, finetuned_key):
+        finetune_reused = results_file.is_file()
+        if finetune_reused:
+            results = json.loads(results_file.read_text())
+        else:
+            results = _finetune(config, checkpoint, context)
+            write_json_atomic(results_file, results)
     final_metrics = {
         "dice_mean": results["dice_mean"],
         **{f"dice/{organ}": value for organ, value in results["dice_per_organ"].items() if value is not None},
@@ -286,11 +319,23 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
         EPOCH: epochs_run,
         **({PROBE_METRIC: history[-1][PROBE_METRIC]} if epochs_run and PROBE_METRIC in history[-1] else {}),
         "pretrained_reused": reused,
+        "finetune_reused": finetune_reused,
         "finetune_seconds": results["seconds"],
-        # This trial's own training compute (replayed epochs cost nothing): what search budgets compare.
-        "compute_seconds": pretrain_seconds + results["seconds"],
+        # This trial's own training compute (replayed work costs nothing): what search budgets compare.
+        "compute_seconds": pretrain_seconds + (0.0 if finetune_reused else results["seconds"]),
     }
     tune.report(final_metrics)
+
+
+def _finetune(config: RunConfig, checkpoint: str | None, context: SweepContext) -> dict:
+    if context.workers == 0:  # the trial holds its device: fine-tune here too
+        return _finetune_task(config.to_dict(), checkpoint)
+    # a task outside the trial's placement group, which holds only its trial slot
+    task = ray.remote(_finetune_task).options(
+        num_cpus=0 if context.use_gpu else 1, num_gpus=1 if context.use_gpu else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )
+    return ray.get(task.remote(config.to_dict(), checkpoint))
 
 
 def _trial_config(context: SweepContext, trial_values: dict) -> RunConfig:

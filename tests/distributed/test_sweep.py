@@ -132,6 +132,21 @@ def test_in_trial_pretraining_retries_a_killed_trial_from_its_last_epoch(tmp_pat
     assert [line["epoch"] for line in resumed] == [2], "the killed trial trained its second epoch only, once"
 
 
+def test_a_trial_whose_fine_tuning_repeats_an_earlier_one_reuses_its_result(tmp_path, tiny_sweep_space):
+    """`scratch` reads no super-pixels and no temperature: both grid points fine-tune identically,
+    so the second reports the first's Dice at no compute."""
+    space = _write_space(tmp_path / "repeat.yaml", tiny_sweep_space(
+        space={"pretrain.method": {"choice": ["scratch"]}, "pretrain.temperature": {"choice": [0.1, 0.5]}},
+        workers_per_trial=0,
+    ))
+    completed = _lrc_ray("tune", str(space), "--storage", str(tmp_path / "store"), "--search", "grid", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    finals = [lines[-1] for lines in _reports(tmp_path / "store" / "repeat").values()]
+    assert sorted(final["finetune_reused"] for final in finals) == [False, True]
+    assert finals[0]["dice_mean"] == finals[1]["dice_mean"]
+    assert sorted(final["compute_seconds"] == 0 for final in finals) == [False, True]
+
+
 def test_a_sweep_whose_every_trial_fails_ends_with_one_summary_line(tmp_path, tiny_sweep_space):
     failing = tiny_sweep_space(space={"pretrain.method": {"choice": ["lrc", "global"]}}, num_samples=2, max_failures=0)
     failing["base"]["pretrain"]["batch_size"] = 64  # more than the slices: every trial fails the same way

@@ -15,6 +15,8 @@ from lrc_ray.distributed.tune import (
     TRIAL_SLOT,
     _FinalResultOptunaSearch,
     driver_resources,
+    early_stopping,
+    finetuning_key,
     fixed_values,
     pretraining_key,
     summarise_failures,
@@ -22,7 +24,7 @@ from lrc_ray.distributed.tune import (
     tune_param_space,
 )
 from lrc_ray.errors import TrainingError, UserInputError
-from lrc_ray.search_space import SearchSpace, parse_search_space
+from lrc_ray.search_space import SearchSpace, SweepSettings, parse_search_space
 
 
 @pytest.fixture(autouse=True)
@@ -201,6 +203,35 @@ def test_pretraining_key_changes_with_pretraining_settings(changed, superpixels,
     assert pretraining_key(changed, superpixels, workers) != pretraining_key(RunConfig(), "sp", 1)
 
 
+# --- finetuning_key -------------------------------------------------------------------------
+
+
+def test_finetuning_key_is_shared_by_scratch_trials_at_any_felzenszwalb_setting():
+    scratch = RunConfig().replace(pretrain={"method": "scratch"})
+    other_scale = scratch.replace(data={"scale": 300.0, "sigma": 0.5}, pretrain={"temperature": 0.5})
+    assert finetuning_key(scratch, None) == finetuning_key(other_scale, None)
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"finetune": {"label_fraction": 0.25}},
+        {"finetune": {"epochs": 3}},
+        {"data": {"size": 64}},
+        {"data": {"validation_cases": 3}},
+        {"network": {"local_dim": 64}},
+        {"seed": 1},
+    ],
+)
+def test_finetuning_key_changes_with_what_fine_tuning_reads(changed):
+    assert finetuning_key(RunConfig().replace(**changed), "key") != finetuning_key(RunConfig(), "key")
+
+
+def test_finetuning_key_changes_with_the_pretrained_checkpoint():
+    assert finetuning_key(RunConfig(), "lrc-a") != finetuning_key(RunConfig(), "lrc-b")
+    assert finetuning_key(RunConfig(), "lrc-a") != finetuning_key(RunConfig(), None)
+
+
 # --- _FinalResultOptunaSearch ---------------------------------------------------------------
 
 
@@ -306,3 +337,18 @@ def test_last_error_line_otherwise_the_last_line():
     assert user_error_line(text) == "RuntimeError: CUDA out of memory"
     assert user_error_line("") == "unknown error"
     assert user_error_line("TrainingError: loss is nan\nsomething after") == "loss is nan"
+
+
+# --- early_stopping -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("epochs", "grace", "factor"), [(3, 1, 2), (3, 1, 3), (9, 1, 3), (4, 2, 2), (10, 1, 2), (2, 1, 2)])
+def test_asha_never_stops_a_trial_at_its_last_pre_training_epoch(epochs, grace, factor):
+    scheduler = early_stopping(SweepSettings(grace_period=grace, reduction_factor=factor), epochs)
+    milestones = [milestone for milestone, _ in scheduler._brackets[0]._rungs]  # Tune keeps rungs private
+    assert milestones and max(milestones) < epochs and min(milestones) == min(grace, epochs - 1)
+
+
+def test_one_epoch_sweeps_have_no_early_stopping():
+    assert early_stopping(SweepSettings(), 1) is None
+
