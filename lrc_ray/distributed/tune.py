@@ -1,14 +1,17 @@
 """Ray Tune sweeps: Optuna TPE proposes settings, ASHA stops poor pre-trainings early.
 
-One trial, run by a Tune driver function that holds one `trial_slot` (a custom resource, so the
-driver takes no CPU that its Train workers and Ray Data tasks need):
+One trial, run by a Tune function. With `workers_per_trial` N >= 1 it is a driver that holds one
+`trial_slot` (a custom resource, so it takes no CPU that its Train workers and Ray Data tasks
+need); with 0 it holds one CPU (or GPU) and trains in its own process, which Tune reuses.
 1. get or build the super-pixel cache entry of its Felzenszwalb settings (trials share
    entries; concurrent builders of one entry build it once);
-2. pre-train with Ray Train, reporting a frozen-feature probe Dice every epoch (the number
-   ASHA compares). Trials whose pre-training settings are equal share one pre-trained
-   checkpoint: the first trains it, the others replay its reports and only fine-tune;
-3. fine-tune at the trial's label fraction in a Ray task (one CPU or GPU) and report the
-   per-organ and mean 3D Dice (the number Optuna optimises by default).
+2. pre-train (a TorchTrainer of N workers, or the same loop in the trial's process), reporting
+   a frozen-feature probe Dice every epoch (the number ASHA compares). Trials whose
+   pre-training settings are equal share one pre-trained checkpoint: the first trains it, the
+   others replay its reports and only fine-tune;
+3. fine-tune at the trial's label fraction (in a Ray task of one CPU or GPU, or in the trial's
+   process) and report the per-organ and mean 3D Dice (the number Optuna optimises by
+   default). A fine-tuning that repeats an earlier trial's exactly is not run again.
 `scratch` has nothing to pre-train, so ASHA never sees a probe value for it: it always
 reaches fine-tuning.
 """
@@ -274,7 +277,7 @@ def _largest_epochs(space: SearchSpace, base: RunConfig) -> int:
 
 
 def run_trial(trial_values: dict, context: SweepContext) -> None:
-    """One Tune trial (a driver function: Train workers and tasks do the compute)."""
+    """One Tune trial: steps 1-3 of the module's description."""
     from lrc_ray import api
     from lrc_ray.superpixels.cache import entry_lock
 

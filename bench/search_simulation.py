@@ -1,0 +1,125 @@
+"""TPE + ASHA replayed over a measured grid, for many seeds: how often the search-efficiency targets hold.
+
+One TPE run is one draw of a random quantity: its seed decides which points it tries. Trials are
+deterministic (seeded pre-training, fine-tuning and data order), so a finished grid sweep of a
+space of choices (`bench/search_efficiency.py` keeps one) already holds every trial's outcome:
+each pre-training's per-epoch probe Dice and seconds, each fine-tuning's Dice and seconds. This
+replays the sweep's search for each seed with the real parts: Optuna's TPE sampler as the sweep
+configures it, Tune's ASHA scheduler from `early_stopping`, and the sweep's own sharing rules
+(`pretraining_key`: a finished pre-training is replayed for free; `finetuning_key`: a repeated
+fine-tuning costs nothing). A stopped pre-training is not kept, as in a sweep. Compute is the
+measured seconds of the work a real sweep would have done; the grid's is every pre-training and
+every distinct fine-tuning once. Targets: best Dice >= 0.98 x the grid's, compute <= 0.35 x.
+
+    .venv/bin/python bench/search_simulation.py SWEEPS/grid [--seeds 20] [--samples N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+from ray.tune.schedulers import TrialScheduler
+
+from lrc_ray import api
+from lrc_ray.distributed.tune import EPOCH, PROBE_METRIC, SWEEP_FILE, early_stopping, finetuning_key, pretraining_key
+from lrc_ray.search_space import Choice, config_with_values, parse_search_space
+
+
+def measured_grid(experiment: Path):
+    """(space, base, pre-trainings: key -> [(seconds, probe)], fine-tunings: key -> (dice, seconds))."""
+    import yaml
+
+    sweep = json.loads((experiment / SWEEP_FILE).read_text())
+    space = parse_search_space(yaml.safe_load(sweep["space_yaml"]), source=sweep["source"])
+    pretrainings, finetunings = {}, {}
+    for result_file in experiment.glob("run_trial_*/result.json"):
+        reports = [json.loads(line) for line in result_file.read_text().splitlines()]
+        pre_key, ft_key = keys(space, sweep["base"], reports[0]["config"])
+        epochs = [report for report in reports if "dice_mean" not in report]
+        if epochs and not epochs[0].get("replayed"):
+            pretrainings[pre_key] = [(report["seconds"] + report.get("probe_seconds", 0.0), report[PROBE_METRIC])
+                                     for report in epochs]
+        final = reports[-1]
+        if not final.get("finetune_reused"):
+            finetunings[ft_key] = (final["dice_mean"], final["finetune_seconds"])
+    return space, sweep["base"], pretrainings, finetunings
+
+
+def keys(space, base: dict, values: dict) -> tuple[str | None, str]:
+    config = config_with_values(base, {**{k: p.value for k, p in space.params.items() if not isinstance(p, Choice)},
+                                       **values}, source="grid trial")
+    superpixels = json.dumps([config.data.scale, config.data.sigma, config.data.min_size])
+    pretrained = pretraining_key(config, superpixels, space.sweep.workers_per_trial) if api.pretrains(config) else None
+    return pretrained, finetuning_key(config, pretrained)
+
+
+def replay(space, base, pretrainings, finetunings, *, seed: int, samples: int) -> tuple[float, float]:
+    """Best Dice and compute of one TPE + ASHA sweep, one trial at a time."""
+    settings = space.sweep
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.tpe_startup_trials(samples))
+    study = optuna.create_study(direction="maximize" if settings.mode == "max" else "minimize", sampler=sampler)
+    distributions = {key: optuna.distributions.CategoricalDistribution(list(param.values))
+                     for key, param in space.params.items() if isinstance(param, Choice)}
+    epochs = max(len(history) for history in pretrainings.values())
+    scheduler = early_stopping(settings, epochs)
+    trained, finetuned, compute, best = set(), set(), 0.0, -np.inf
+    for number in range(samples):
+        trial = study.ask(distributions)
+        pre_key, ft_key = keys(space, base, trial.params)
+        stopped = False
+        if pre_key is not None:
+            handle = SimpleNamespace(trial_id=str(number))
+            scheduler.on_trial_add(None, handle)
+            for epoch, (seconds, probe) in enumerate(pretrainings[pre_key], start=1):
+                compute += 0.0 if pre_key in trained else seconds
+                action = scheduler.on_trial_result(None, handle, {EPOCH: epoch, PROBE_METRIC: probe})
+                if action == TrialScheduler.STOP:
+                    stopped = True
+                    break
+            trained |= set() if stopped else {pre_key}
+        if stopped:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        dice, seconds = finetunings[ft_key]
+        compute += 0.0 if ft_key in finetuned else seconds
+        finetuned.add(ft_key)
+        best = max(best, dice)
+        study.tell(trial, dice)
+    return best, compute
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", type=Path, help="a finished `--search grid` sweep")
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=None, help="TPE trials (default: the space's num_samples)")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    space, base, pretrainings, finetunings = measured_grid(args.grid)
+    samples = args.samples or space.sweep.num_samples
+    grid_best = max(dice for dice, _ in finetunings.values())
+    grid_compute = sum(seconds for history in pretrainings.values() for seconds, _ in history) + \
+        sum(seconds for _, seconds in finetunings.values())
+    ratios = np.array([[best / grid_best, compute / grid_compute] for best, compute in
+                       (replay(space, base, pretrainings, finetunings, seed=seed, samples=samples)
+                        for seed in range(args.seeds))])
+    print(f"grid: {len(pretrainings)} pre-trainings, {len(finetunings)} distinct fine-tunings, best Dice "
+          f"{grid_best:.4f}, compute {grid_compute:.0f} s")
+    print(f"TPE + ASHA, {samples} trials, seeds 0..{args.seeds - 1}:")
+    print(f"  best Dice / grid: mean {ratios[:, 0].mean():.3f}, min {ratios[:, 0].min():.3f}; "
+          f">= 0.98 in {np.mean(ratios[:, 0] >= 0.98):.0%} of seeds")
+    print(f"  compute / grid:   mean {ratios[:, 1].mean():.3f}, max {ratios[:, 1].max():.3f}; "
+          f"<= 0.35 in {np.mean(ratios[:, 1] <= 0.35):.0%} of seeds")
+    both = np.mean((ratios[:, 0] >= 0.98) & (ratios[:, 1] <= 0.35))
+    print(f"  both targets in {both:.0%} of seeds")
+
+
+if __name__ == "__main__":
+    main()
