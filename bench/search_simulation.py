@@ -59,10 +59,13 @@ def keys(space, base: dict, values: dict) -> tuple[str | None, str]:
     return pretrained, finetuning_key(config, pretrained)
 
 
-def replay(space, base, pretrainings, finetunings, *, seed: int, samples: int) -> tuple[float, float]:
-    """Best Dice and compute of one TPE + ASHA sweep, one trial at a time."""
+def replay(space, base, pretrainings, finetunings, *, seed: int, samples: int, sampler: str = "tpe") -> tuple[float, float]:
+    """Best Dice and compute of one TPE (or random) + ASHA sweep, one trial at a time."""
     settings = space.sweep
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.tpe_startup_trials(samples))
+    if sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.tpe_startup_trials(samples))
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
     study = optuna.create_study(direction="maximize" if settings.mode == "max" else "minimize", sampler=sampler)
     distributions = {key: optuna.distributions.CategoricalDistribution(list(param.values))
                      for key, param in space.params.items() if isinstance(param, Choice)}
@@ -99,6 +102,7 @@ def main() -> None:
     parser.add_argument("grid", type=Path, help="a finished `--search grid` sweep")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--samples", type=int, default=None, help="TPE trials (default: the space's num_samples)")
+    parser.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="random: the baseline TPE should beat")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -108,11 +112,11 @@ def main() -> None:
     grid_compute = sum(seconds for history in pretrainings.values() for seconds, _ in history) + \
         sum(seconds for _, seconds in finetunings.values())
     ratios = np.array([[best / grid_best, compute / grid_compute] for best, compute in
-                       (replay(space, base, pretrainings, finetunings, seed=seed, samples=samples)
+                       (replay(space, base, pretrainings, finetunings, seed=seed, samples=samples, sampler=args.sampler)
                         for seed in range(args.seeds))])
     print(f"grid: {len(pretrainings)} pre-trainings, {len(finetunings)} distinct fine-tunings, best Dice "
           f"{grid_best:.4f}, compute {grid_compute:.0f} s")
-    print(f"TPE + ASHA, {samples} trials, seeds 0..{args.seeds - 1}:")
+    print(f"{args.sampler} + ASHA, {samples} trials, seeds 0..{args.seeds - 1}:")
     print(f"  best Dice / grid: mean {ratios[:, 0].mean():.3f}, min {ratios[:, 0].min():.3f}; "
           f">= 0.98 in {np.mean(ratios[:, 0] >= 0.98):.0%} of seeds")
     print(f"  compute / grid:   mean {ratios[:, 1].mean():.3f}, max {ratios[:, 1].max():.3f}; "
