@@ -125,6 +125,8 @@ def pretrain_with_ray_train(
 class _TrainWorker:
     """The loop's surroundings on a Ray Train worker: rank, device, data shard, checkpoints, reports."""
 
+    checkpoint_type = Checkpoint
+
     def __init__(self) -> None:
         self.rank = ray.train.get_context().get_world_rank()
         self.device = ray.train.torch.get_device()
@@ -150,6 +152,7 @@ class _TrialProcess:
     """The same inside a Tune trial's own process: rank 0 of 1, the whole data set, Tune's checkpoints."""
 
     rank = 0
+    checkpoint_type = tune.Checkpoint
 
     def __init__(self, dataset, *, use_gpu: bool) -> None:
         self.dataset = dataset
@@ -231,7 +234,7 @@ def _pretrain_loop(loop_config: dict, where: _TrainWorker | _TrialProcess) -> Tr
             if rank == 0:
                 torch.save({"pretrainer": pretrainer.state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": epoch, "history": history}, Path(directory) / STATE_FILE)
-                epoch_checkpoint = Checkpoint.from_directory(directory)
+                epoch_checkpoint = where.checkpoint_type.from_directory(directory)
             where.report(metrics, epoch_checkpoint)
     if rank != 0:
         return None

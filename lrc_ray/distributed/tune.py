@@ -283,7 +283,9 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
 
     config = _trial_config(context, trial_values)
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the progress shown
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per epoch checkpoint
+    # Lines per epoch that Tune's table already says: checkpoint written, data stream started and finished.
+    for chatty in ("ray.train._internal.storage", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     entry = api.superpixels_for(config.data).entry
     checkpoint, key, epochs_run, reused, history, pretrain_seconds = None, None, 0, False, [], 0.0
     if api.pretrains(config):
