@@ -13,13 +13,12 @@ The grid alone takes about 12 minutes on 2 cores; `--tpe-seeds 0 1 2` repeats TP
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import tempfile
 from pathlib import Path
 
-from sweep_common import base_config, best_metric, built_in_data, own_compute_seconds, timed_sweep, trial_reports
+from sweep_common import base_config, best_metric, built_in_data, own_compute_seconds, timed_sweep, trial_reports, with_sweep_settings
 
 from lrc_ray import api
 from lrc_ray.distributed.runtime import ray_session
@@ -39,7 +38,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="lrc_search_efficiency_"))
     base = base_config(space, built_in_data(space, workdir), workdir / "cache")
     seeds = args.tpe_seeds or [space.sweep.seed]
-    runs = {f"tpe_seed{seed}": dataclasses.replace(space, sweep=dataclasses.replace(space.sweep, seed=seed)) for seed in seeds}
+    runs = {f"tpe_seed{seed}": with_sweep_settings(space, seed=seed) for seed in seeds}
     walls = {}
     with ray_session(num_cpus=2, resources={TRIAL_SLOT: os.cpu_count() or 1}):
         api.superpixels_for(base.data)

@@ -27,7 +27,9 @@ import optuna
 from ray.tune.schedulers import TrialScheduler
 
 from lrc_ray import api
-from lrc_ray.distributed.tune import EPOCH, PROBE_METRIC, SWEEP_FILE, early_stopping, finetuning_key, pretraining_key
+from lrc_ray.distributed.tune import (
+    EPOCH, PROBE_METRIC, SWEEP_FILE, early_stopping, finetuning_key, fixed_values, pretraining_key,
+)
 from lrc_ray.search_space import Choice, config_with_values, parse_search_space
 
 
@@ -52,8 +54,7 @@ def measured_grid(experiment: Path):
 
 
 def keys(space, base: dict, values: dict) -> tuple[str | None, str]:
-    config = config_with_values(base, {**{k: p.value for k, p in space.params.items() if not isinstance(p, Choice)},
-                                       **values}, source="grid trial")
+    config = config_with_values(base, {**fixed_values(space), **values}, source="grid trial")
     superpixels = json.dumps([config.data.scale, config.data.sigma, config.data.min_size])
     pretrained = pretraining_key(config, superpixels, space.sweep.workers_per_trial) if api.pretrains(config) else None
     return pretrained, finetuning_key(config, pretrained)

@@ -3,6 +3,7 @@ trial's own compute from the reports Tune stored (result.json, one line per repo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -50,3 +51,9 @@ def built_in_data(space: SearchSpace, workdir: Path) -> Path:
     spec = space.data
     return api.make_synthetic_data(out=workdir / "data", cases=spec.cases, unlabeled=spec.unlabeled,
                                    size=run_config_for(space, {}).data.size, slices=spec.slices, seed=0)
+
+
+def with_sweep_settings(space: SearchSpace, **changes) -> SearchSpace:
+    """The space with some `sweep` settings changed (e.g. workers_per_trial, seed)."""
+    return dataclasses.replace(space, sweep=dataclasses.replace(space.sweep, **changes))
+

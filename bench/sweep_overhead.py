@@ -14,13 +14,12 @@ number of trials is the per-trial overhead. Target: <= 3 s per trial.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
 from pathlib import Path
 
-from sweep_common import base_config, built_in_data, own_compute_seconds, timed_sweep, trial_reports
+from sweep_common import base_config, built_in_data, own_compute_seconds, timed_sweep, trial_reports, with_sweep_settings
 
 from lrc_ray import api
 from lrc_ray.distributed.runtime import ray_session
@@ -46,7 +45,7 @@ def main() -> None:
     with ray_session(num_cpus=2, resources={TRIAL_SLOT: os.cpu_count() or 1}):
         api.superpixels_for(base.data)  # warm cache: the overhead measured is the sweep's own
         for workers in (0, 1):
-            space_for = dataclasses.replace(space, sweep=dataclasses.replace(space.sweep, workers_per_trial=workers))
+            space_for = with_sweep_settings(space, workers_per_trial=workers)
             name = f"overhead_{workers}_workers"
             wall = timed_sweep(space_for, base=base, storage=workdir / "sweeps", name=name, search="grid")
             reports = trial_reports(workdir / "sweeps" / name)

@@ -358,14 +358,11 @@ def _training_table(config: RunConfig, columns: list[str] | None = None):
     volumes. Callers that need only the split read `columns=["label"]`, not the images."""
     import pyarrow.compute as pc
 
-
     table, labels = _cached_slices(config.data, columns)
     labelled = table.filter(pc.is_valid(table.column("label")))
     case_ids = [str(value) for value in pc.unique(labelled.column("case_id")).to_pylist()]
     split = split_labelled_cases(case_ids, validation_cases=config.data.validation_cases, seed=config.data.split_seed)
     return table, labels, split
-
-
 
 
 DEFAULT_STORAGE = Path(".lrc_ray/sweeps")

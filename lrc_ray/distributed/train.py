@@ -238,8 +238,7 @@ def _pretrain_loop(loop_config: dict, where: _TrainWorker | _TrialProcess) -> Tr
             where.report(metrics, epoch_checkpoint)
     if rank != 0:
         return None
-    online = {key.removeprefix("online."): value.cpu() for key, value in pretrainer.state_dict().items()
-              if key.startswith("online.")}
+    online = {key: value.cpu() for key, value in pretrainer.online.state_dict().items()}
     return TrainOutcome(state_dict=online, epoch=len(history) - 1, history=history)
 
 

@@ -144,8 +144,7 @@ def pretraining_key(config: RunConfig, superpixel_key: str, workers: int) -> str
         "seed": config.seed,
         "workers": workers,  # the global batch
     }
-    digest = hashlib.blake2b(json.dumps(relevant, sort_keys=True).encode(), digest_size=10).hexdigest()
-    return f"{config.pretrain.method.replace('+', '_')}-{digest}"
+    return f"{config.pretrain.method.replace('+', '_')}-{_digest(relevant)}"
 
 
 def finetuning_key(config: RunConfig, pretrained: str | None) -> str:
@@ -160,6 +159,10 @@ def finetuning_key(config: RunConfig, pretrained: str | None) -> str:
         "finetune": config.to_dict()["finetune"],
         "seed": config.seed,
     }
+    return _digest(relevant)
+
+
+def _digest(relevant: dict) -> str:
     return hashlib.blake2b(json.dumps(relevant, sort_keys=True).encode(), digest_size=10).hexdigest()
 
 
