@@ -57,3 +57,12 @@ def with_sweep_settings(space: SearchSpace, **changes) -> SearchSpace:
     """The space with some `sweep` settings changed (e.g. workers_per_trial, seed)."""
     return dataclasses.replace(space, sweep=dataclasses.replace(space.sweep, **changes))
 
+
+
+def best_trial_values(reports: dict[str, list[dict]], space: SearchSpace, metric: str = "dice_mean") -> dict:
+    """The searched values (fixed ones aside) of the trial with the best final `metric` (ties: the
+    earlier trial)."""
+    finished = [lines for lines in reports.values() if metric in lines[-1]]
+    best = max(finished, key=lambda lines: lines[-1][metric]) if space.sweep.mode == "max" else \
+        min(finished, key=lambda lines: lines[-1][metric])
+    return {key: value for key, value in best[0]["config"].items() if key in space.params}

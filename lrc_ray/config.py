@@ -23,6 +23,7 @@ from lrc_ray.errors import UserInputError
 
 METHODS = ("scratch", "global", "lrc", "global+lrc", "supervised", "supervised+lrc")
 NEGATIVES = ("image", "batch")  # where the contrastive sampling loss takes its negatives
+LR_SCHEDULES = ("poly", "constant")  # fine-tuning learning-rate schedules
 
 # Setting name -> MONAI norm spec. Instance norm is affine, as in BasicUNet's own default, so
 # fine-tuning can rescale the pre-trained features; it is also independent of the per-worker
@@ -234,6 +235,10 @@ class FinetuneConfig:
     # `epochs` of full fine-tuning (linear probing, then fine-tuning).
     head_epochs: int = 0
     head_lr: float = 1e-2
+    # "poly": nnU-Net's decay, lr * (1 - epoch / epochs) ** 0.9 over the full fine-tuning: a run
+    # ends at small steps instead of wherever a constant-rate trajectory happens to be, so the
+    # Dice of a setting moves less between seeds (it pairs with a higher lr for short runs).
+    lr_schedule: str = "constant"
     weight_decay: float = 1e-4
     augment: bool = True
 
@@ -245,6 +250,7 @@ class FinetuneConfig:
         require(self.head_epochs >= 0, "finetune.head_epochs", "at least 0", self.head_epochs)
         require(self.head_lr > 0, "finetune.head_lr", "a positive number", self.head_lr)
         require(0 < self.backbone_lr_scale <= 1, "finetune.backbone_lr_scale", "in (0, 1]", self.backbone_lr_scale)
+        require_choice(self.lr_schedule, LR_SCHEDULES, "finetune.lr_schedule")
         require(self.weight_decay >= 0, "finetune.weight_decay", "at least 0", self.weight_decay)
 
 

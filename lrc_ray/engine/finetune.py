@@ -61,12 +61,16 @@ def finetune(
         {"params": model.segmentation_head.parameters(), "lr": config.lr},
     ]
     optimizer = torch.optim.AdamW(parameter_groups, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = None
+    if config.lr_schedule == "poly":
+        schedule = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=config.epochs, power=0.9)
     epochs = range(config.head_epochs, config.head_epochs + config.epochs)
     return history + _epochs(model, loader, dataset, optimizer, loss_function, epochs, phase="all",
-                             progress=progress, device=device)
+                             progress=progress, device=device, schedule=schedule)
 
 
-def _epochs(model, loader, dataset, optimizer, loss_function, epochs, *, phase: str, progress: bool, device) -> list[dict]:
+def _epochs(model, loader, dataset, optimizer, loss_function, epochs, *, phase: str, progress: bool, device,
+            schedule=None) -> list[dict]:
     history = []
     for epoch in epochs:
         dataset.set_epoch(epoch)
@@ -81,7 +85,10 @@ def _epochs(model, loader, dataset, optimizer, loss_function, epochs, *, phase: 
             loss.backward()
             optimizer.step()
             total, steps = total + float(loss.detach()), steps + 1
-        history.append({"epoch": epoch, "phase": phase, "loss": total / max(steps, 1)})
+        history.append({"epoch": epoch, "phase": phase, "loss": total / max(steps, 1),
+                        "lr": optimizer.param_groups[-1]["lr"]})
+        if schedule is not None:
+            schedule.step()
     return history
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lrc_ray.config import FinetuneConfig
@@ -36,6 +37,20 @@ def test_without_head_epochs_the_backbone_trains_from_the_start(slice_table):
     history = finetune(model, slice_table, train_cases=("case_0",), seed=0, progress=False,
                        config=FinetuneConfig(epochs=2, batch_size=2))
     assert [entry["phase"] for entry in history] == ["all", "all"]
+
+
+@pytest.mark.parametrize("schedule", ["poly", "constant"])
+def test_learning_rate_schedule_of_full_fine_tuning(slice_table, schedule):
+    model = build_segmentation_model(NETWORK, NUM_CLASSES, None)
+    history = finetune(model, slice_table, train_cases=("case_0",), seed=0, progress=False,
+                       config=FinetuneConfig(epochs=4, head_epochs=1, batch_size=2, lr=1e-3, head_lr=1e-2,
+                                             lr_schedule=schedule))
+    head, full = history[0]["lr"], [entry["lr"] for entry in history[1:]]
+    assert head == pytest.approx(1e-2), "the head-only epochs keep head_lr"
+    if schedule == "poly":  # nnU-Net: lr * (1 - epoch / epochs) ** 0.9
+        assert full == pytest.approx([1e-3 * (1 - epoch / 4) ** 0.9 for epoch in range(4)])
+    else:
+        assert full == pytest.approx([1e-3] * 4)
 
 
 def test_probe_is_deterministic_and_a_dice(slice_table):
