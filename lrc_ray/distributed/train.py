@@ -43,6 +43,10 @@ STATE_FILE = "pretrain_state.pt"
 FAULT_ENV = "LRC_RAY_FAULT_KILL_AT_EPOCH"
 # Rows a worker shuffles among while streaming: enough to mix neighbouring slices of a volume.
 SHUFFLE_BUFFER_ROWS = 256
+# Train's controller polls its workers this often (Ray's default: 2 s) and only then sees a run
+# start or end; 0.25 s made a short 1-worker run about 3 s faster on 2 cores. Train passes the
+# variable on to its controller; a value the user set is kept.
+POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ def pretrain_with_ray_train(
             callbacks=callbacks,
         ),
     )
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     try:
         result = trainer.fit()
     except Exception as exc:  # Train wraps worker errors; show the cause, not the wrapper
