@@ -50,12 +50,12 @@ def measured_grid(experiment: Path):
     for result_file in sorted(experiment.glob("run_trial_*/result.json")):
         reports = [json.loads(line) for line in result_file.read_text().splitlines()]
         pre_key, ft_key = keys(space, sweep["base"], reports[0]["config"])
-        by_setting[setting(space, reports[0]["config"])] = reports[-1]["dice_mean"]
+        final = reports[-1]
+        by_setting[setting(space, reports[0]["config"])] = final["dice_mean"]
         epochs = [report for report in reports if "dice_mean" not in report]
         if epochs and not epochs[0].get("replayed"):
             pretrainings[pre_key] = [(report["seconds"] + report.get("probe_seconds", 0.0), report[PROBE_METRIC])
                                      for report in epochs]
-        final = reports[-1]
         if not final.get("finetune_reused"):
             finetunings[ft_key] = (final["dice_mean"], final["finetune_seconds"])
     return space, sweep["base"], pretrainings, finetunings, by_setting
@@ -63,7 +63,7 @@ def measured_grid(experiment: Path):
 
 def setting(space, values: dict) -> tuple:
     """A trial's choices, as a key that does not depend on the run seed."""
-    return tuple(values[key] for key, param in space.params.items() if isinstance(param, Choice))
+    return tuple(values[key] for key in _choice_keys(space))
 
 
 def keys(space, base: dict, values: dict) -> tuple[str | None, str]:
@@ -82,8 +82,8 @@ def replay(space, base, pretrainings, finetunings, *, seed: int, samples: int, s
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed)
     study = optuna.create_study(direction="maximize" if settings.mode == "max" else "minimize", sampler=sampler)
-    distributions = {key: optuna.distributions.CategoricalDistribution(list(param.values))
-                     for key, param in space.params.items() if isinstance(param, Choice)}
+    distributions = {key: optuna.distributions.CategoricalDistribution(list(space.params[key].values))
+                     for key in _choice_keys(space)}
     epochs = max(len(history) for history in pretrainings.values())
     scheduler = early_stopping(settings, epochs)
     trained, finetuned, compute, best, chosen = set(), set(), 0.0, -np.inf, None

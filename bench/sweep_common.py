@@ -58,7 +58,6 @@ def with_sweep_settings(space: SearchSpace, **changes) -> SearchSpace:
     return dataclasses.replace(space, sweep=dataclasses.replace(space.sweep, **changes))
 
 
-
 def best_trial_values(reports: dict[str, list[dict]], space: SearchSpace, metric: str = "dice_mean") -> dict:
     """The searched values (fixed ones aside) of the trial with the best final `metric` (ties: the
     earlier trial)."""

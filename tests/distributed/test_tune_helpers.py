@@ -351,4 +351,3 @@ def test_asha_never_stops_a_trial_at_its_last_pre_training_epoch(epochs, grace, 
 
 def test_one_epoch_sweeps_have_no_early_stopping():
     assert early_stopping(SweepSettings(), 1) is None
-
