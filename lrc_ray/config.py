@@ -239,6 +239,10 @@ class FinetuneConfig:
     # ends at small steps instead of wherever a constant-rate trajectory happens to be, so the
     # Dice of a setting moves less between seeds (it pairs with a higher lr for short runs).
     lr_schedule: str = "constant"
+    # Optimizer steps per epoch, each a batch drawn at random (with replacement) from the training
+    # volumes' slices: nnU-Net's fixed iteration budget, so a smaller label fraction trains as
+    # long as a larger one instead of for fewer steps. None: one pass over the slices per epoch.
+    steps_per_epoch: int | None = None
     weight_decay: float = 1e-4
     augment: bool = True
 
@@ -251,6 +255,8 @@ class FinetuneConfig:
         require(self.head_lr > 0, "finetune.head_lr", "a positive number", self.head_lr)
         require(0 < self.backbone_lr_scale <= 1, "finetune.backbone_lr_scale", "in (0, 1]", self.backbone_lr_scale)
         require_choice(self.lr_schedule, LR_SCHEDULES, "finetune.lr_schedule")
+        require(self.steps_per_epoch is None or self.steps_per_epoch >= 1, "finetune.steps_per_epoch",
+                "at least 1, or null for one pass over the slices", self.steps_per_epoch)
         require(self.weight_decay >= 0, "finetune.weight_decay", "at least 0", self.weight_decay)
 
 

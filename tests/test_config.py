@@ -35,6 +35,7 @@ def test_yaml_overrides_nested_values(tmp_path):
         ({"finetune": {"label_fraction": 0}}, r"finetune.label_fraction: expected in \(0, 1\], got 0.0"),
         ({"finetune": {"label_fraction": 1.5}}, r"finetune.label_fraction: expected in \(0, 1\]"),
         ({"finetune": {"lr_schedule": "polly"}}, r"finetune.lr_schedule: 'polly' is not one of .*did you mean 'poly'\?"),
+        ({"finetune": {"steps_per_epoch": 0}}, r"finetune.steps_per_epoch: expected at least 1, or null"),
         ({"data": {"size": 100}}, r"data.size: expected a multiple of 16"),
         ({"pretrain": {"epochs": "ten"}}, r"pretrain.epochs: expected an integer, got 'ten'"),
         ({"augment": {"crop_scale": [0.5]}}, r"augment.crop_scale: expected a list of 2 values"),

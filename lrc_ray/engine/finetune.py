@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from monai.losses import DiceCELoss
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from lrc_ray.config import FinetuneConfig
@@ -43,7 +43,12 @@ def finetune(
     model.to(device)
     dataset = LabelledSliceDataset(table, case_ids=train_cases, augment=config.augment, seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
+    if config.steps_per_epoch is None:
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
+    else:
+        sampler = RandomSampler(dataset, replacement=True, num_samples=config.steps_per_epoch * config.batch_size,
+                                generator=generator)
+        loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
     history = []
     if config.head_epochs:

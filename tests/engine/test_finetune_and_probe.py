@@ -53,6 +53,21 @@ def test_learning_rate_schedule_of_full_fine_tuning(slice_table, schedule):
         assert full == pytest.approx([1e-3] * 4)
 
 
+@pytest.mark.parametrize("steps_per_epoch", [None, 3])
+def test_steps_per_epoch_fixes_the_training_budget_whatever_the_label_fraction(slice_table, steps_per_epoch):
+    """One volume (4 slices) or two (8), batch 2: a pass is 2 or 4 steps; a fixed budget is 3 for both."""
+    steps = {}
+    for train_cases in [("case_0",), ("case_0", "case_1")]:
+        model = build_segmentation_model(NETWORK, NUM_CLASSES, None)
+        batches = []
+        model.register_forward_hook(lambda module, inputs, output: batches.append(inputs[0].shape[0]))
+        history = finetune(model, slice_table, train_cases=train_cases, seed=0, progress=False,
+                           config=FinetuneConfig(epochs=2, batch_size=2, steps_per_epoch=steps_per_epoch))
+        assert len(history) == 2 and set(batches) == {2}
+        steps[len(train_cases)] = len(batches) / 2
+    assert steps == ({1: 2, 2: 4} if steps_per_epoch is None else {1: 3, 2: 3})
+
+
 def test_probe_is_deterministic_and_a_dice(slice_table):
     probe = probe_slices(slice_table, train_case="case_0", validation_cases=("case_1", "case_2"), num_classes=NUM_CLASSES)
     assert probe.train_images.shape == (4, 1, 32, 32) and len(probe.validation) == 2
