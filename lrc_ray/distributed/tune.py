@@ -95,18 +95,24 @@ def trial_concurrency(resources: dict[str, float], *, workers: int, use_gpu: boo
     that pre-trains in its own process (`workers` 0), plus one CPU for its Ray Data reads and
     fine-tuning; never more than the trial slots."""
     devices = max(workers, 1)
-    fits = int(resources.get("CPU", 1) // (devices + 1))
+    fits = int(resources.get("CPU", 1) // trial_cpus(workers))
     if use_gpu:
         fits = min(fits, int(resources.get("GPU", 0) // devices))
     if TRIAL_SLOT in resources:
         fits = min(fits, int(resources[TRIAL_SLOT]))
     if fits < 1:
-        need = f"{devices} GPU(s) and {devices + 1} CPUs" if use_gpu else f"{devices + 1} CPUs"
+        need = f"{devices} GPU(s) and {trial_cpus(workers)} CPUs" if use_gpu else f"{trial_cpus(workers)} CPUs"
         raise UserInputError(
             f"sweep.workers_per_trial: a trial needs {need}, the cluster has {resources}; on an autoscaling "
             "cluster, request the nodes first (see cluster/aws-gpu.yaml)"
         )
     return min(fits, cap) if cap else fits
+
+
+def trial_cpus(workers: int) -> int:
+    """The CPUs set aside per trial: one per Train worker (or one for a trial that trains in its own
+    process), plus one for its Ray Data reads and fine-tuning."""
+    return max(workers, 1) + 1
 
 
 def driver_resources(resources: dict[str, float], *, workers: int, use_gpu: bool) -> dict[str, float]:
@@ -337,7 +343,10 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
 
 def _finetune(config: RunConfig, checkpoint: str | None, context: SweepContext) -> dict:
     if context.workers == 0:  # the trial holds its device: fine-tune here too
-        return _finetune_task(config.to_dict(), checkpoint)
+        # On CPU, with every CPU set aside for the trial: the one kept for its pre-training's Ray Data
+        # reads is idle now (2 threads on 2 cores: ~1.4x faster, measured).
+        threads = None if context.use_gpu else trial_cpus(0)
+        return _finetune_task(config.to_dict(), checkpoint, torch_threads=threads)
     # a task outside the trial's placement group, which holds only its trial slot
     task = ray.remote(_finetune_task).options(
         num_cpus=0 if context.use_gpu else 1, num_gpus=1 if context.use_gpu else 0,
@@ -367,16 +376,24 @@ def _pretrain(config, data, entry, final: Path, context: SweepContext) -> list[d
     return outcome.history
 
 
-def _finetune_task(config: dict, checkpoint: str | None) -> dict:
+def _finetune_task(config: dict, checkpoint: str | None, torch_threads: int | None = None) -> dict:
+    """Fine-tune and evaluate; with `torch_threads`, torch computes on that many threads meanwhile."""
     import importlib
     import time
+
+    import torch
 
     from lrc_ray import api
 
     importlib.import_module("lrc_ray.engine.finetune")  # torch and MONAI load before the clock: start-up, not compute
-    started = time.perf_counter()
-    results = api.finetune(config=config_from_dict(config), checkpoint=checkpoint, progress=False)
-    return results | {"seconds": time.perf_counter() - started}
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads or threads_before)
+    try:
+        started = time.perf_counter()
+        results = api.finetune(config=config_from_dict(config), checkpoint=checkpoint, progress=False)
+        return results | {"seconds": time.perf_counter() - started}
+    finally:  # the process may run the next trial's pre-training, which leaves a CPU to Ray Data
+        torch.set_num_threads(threads_before)
 
 
 def summarise_failures(result_grid) -> str | None:

@@ -13,6 +13,8 @@ from lrc_ray.config import RunConfig
 from lrc_ray.distributed.runtime import user_error_line
 from lrc_ray.distributed.tune import (
     TRIAL_SLOT,
+    SweepContext,
+    _finetune,
     _FinalResultOptunaSearch,
     driver_resources,
     early_stopping,
@@ -168,6 +170,24 @@ def test_driver_resources():
     # a trial that pre-trains in its own process holds its device
     assert driver_resources({"CPU": 4, TRIAL_SLOT: 2}, workers=0, use_gpu=False) == {TRIAL_SLOT: 1, "CPU": 1}
     assert driver_resources({"CPU": 4, "GPU": 1}, workers=0, use_gpu=True) == {"CPU": 1, "GPU": 1}
+
+
+@pytest.mark.parametrize(("use_gpu", "threads"), [(False, 2), (True, None)])
+def test_in_trial_fine_tuning_computes_on_the_trials_spare_cpu(monkeypatch, use_gpu, threads):
+    """A CPU trial that trains in its own process has 2 CPUs set aside (see trial_concurrency); its
+    pre-training leaves one to Ray Data, its fine-tuning uses both, and the process gets its
+    thread count back for the next trial."""
+    import torch
+
+    from lrc_ray import api
+
+    seen = []
+    monkeypatch.setattr(api, "finetune", lambda **kwargs: seen.append(torch.get_num_threads()) or {"dice_mean": 0.5})
+    before = torch.get_num_threads()
+    context = SweepContext(base={}, space_params={}, pretrained_root="unused", workers=0, use_gpu=use_gpu)
+    results = _finetune(RunConfig(), None, context)
+    assert seen == [threads or before] and results["dice_mean"] == 0.5 and "seconds" in results
+    assert torch.get_num_threads() == before
 
 
 # --- pretraining_key ------------------------------------------------------------------------
