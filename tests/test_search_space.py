@@ -68,7 +68,8 @@ def test_quickstart_is_all_discrete_and_its_grid_is_the_cartesian_product():
     assert set(space.params["pretrain.method"].values) == {"scratch", "global", "lrc", "global+lrc"}
     for point in points:
         run_config_for(space, point)  # every grid point is a valid run config
-    assert space.sweep.num_samples == 10 and not space.sweep.use_gpu
+    # TPE's trials fit the compute target (0.35 of the grid's) even if each cost a grid point's
+    assert space.sweep.num_samples <= 0.35 * len(points) and not space.sweep.use_gpu
 
 
 def test_ablation_samples_its_whole_grid():
