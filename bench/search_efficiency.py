@@ -6,13 +6,14 @@ own pre-training (pre-trained checkpoints are shared only within a sweep). Compu
 own compute (pre-training epochs trained, probes, fine-tuning), read from Tune's stored reports.
 Targets: best Dice of TPE + ASHA >= 0.98 x the grid's best, with <= 0.35 of its compute.
 
-A trial's Dice is one draw: on the quick-start data the same setting moves by about 0.06
-(standard deviation) across run seeds, more than most settings differ. The grid's best
+A trial's Dice is one draw: on the quick-start data the same setting moves by about 0.02
+(median standard deviation across run seeds; 0.06 before fine-tuning ran 60 epochs), as much as
+the top settings differ. The grid's best
 single run is therefore the luckiest of its draws, and "best Dice found" compares luck as much
 as search. So each search's chosen setting (its best trial) is also re-run with fresh run seeds
 (--reeval-seeds, not the seed the searches used), and the ratio of those means is the one that
 says whether TPE + ASHA chose as well as the grid. Both ratios are printed.
-The grid alone takes about 12 minutes on 2 cores; `--tpe-seeds 0 1 2` repeats TPE + ASHA with
+The grid alone takes about 20 minutes on 2 cores; `--tpe-seeds 0 1 2` repeats TPE + ASHA with
 other seeds; `--extra-grid-seeds 1 2` also runs the grid at those run seeds, for
 `search_simulation.py --truth`.
 

@@ -94,14 +94,14 @@ def trial_concurrency(resources: dict[str, float], *, workers: int, use_gpu: boo
     """Trials that fit at once: each needs `workers` CPUs (or GPUs) for Train, or one for a trial
     that pre-trains in its own process (`workers` 0), plus one CPU for its Ray Data reads and
     fine-tuning; never more than the trial slots."""
-    devices = max(workers, 1)
-    fits = int(resources.get("CPU", 1) // trial_cpus(workers))
+    devices, cpus = max(workers, 1), trial_cpus(workers)
+    fits = int(resources.get("CPU", 1) // cpus)
     if use_gpu:
         fits = min(fits, int(resources.get("GPU", 0) // devices))
     if TRIAL_SLOT in resources:
         fits = min(fits, int(resources[TRIAL_SLOT]))
     if fits < 1:
-        need = f"{devices} GPU(s) and {trial_cpus(workers)} CPUs" if use_gpu else f"{trial_cpus(workers)} CPUs"
+        need = f"{devices} GPU(s) and {cpus} CPUs" if use_gpu else f"{cpus} CPUs"
         raise UserInputError(
             f"sweep.workers_per_trial: a trial needs {need}, the cluster has {resources}; on an autoscaling "
             "cluster, request the nodes first (see cluster/aws-gpu.yaml)"
