@@ -18,12 +18,18 @@ seeds, as much as the top settings differ), so the best single run partly ranks 
 Dice over those grids, and the ratio of the TPE choice's score to the grid choice's is the one
 held against 0.98.
 
+With `--fix KEY=VALUE`, the replay is of the subspace with that choice fixed, scored against the
+grid's trials in it (e.g. `finetune.label_fraction=1.0`: is the label fraction, which a search
+for the best Dice should not be choosing, what makes the quick-start search miss?).
+
     .venv/bin/python bench/search_simulation.py SWEEPS/grid [--seeds 20] [--samples N] [--truth SWEEPS/grid_seed1 ...]
+                                                [--fix KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -31,6 +37,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import optuna
+import yaml
 from ray.tune.schedulers import TrialScheduler
 
 from lrc_ray import api
@@ -40,25 +47,36 @@ from lrc_ray.distributed.tune import (
 from lrc_ray.search_space import Choice, config_with_values, parse_search_space
 
 
-def measured_grid(experiment: Path):
+def measured_grid(experiment: Path, fixed: dict | None = None):
     """(space, base, pre-trainings: key -> [(seconds, probe)], fine-tunings: key -> (dice, seconds),
-    Dice by setting: setting -> dice)."""
-    import yaml
-
+    Dice by setting: setting -> dice). `fixed` (key -> value) narrows the space to the trials with
+    those values, as if the space file had fixed them."""
     sweep = json.loads((experiment / SWEEP_FILE).read_text())
     space = parse_search_space(yaml.safe_load(sweep["space_yaml"]), source=sweep["source"])
-    pretrainings, finetunings, by_setting = {}, {}, {}
+    fixed = fixed or {}
+    unknown = sorted(set(fixed) - set(space.params))
+    if unknown:
+        raise SystemExit(f"--fix {unknown[0]}: not a searched key of {experiment}; those are {', '.join(space.params)}")
+    space = dataclasses.replace(space, params=space.params | {key: Choice((value,)) for key, value in fixed.items()})
+    pretrainings, finetunings, by_setting, used = {}, {}, {}, set()
     for result_file in sorted(experiment.glob("run_trial_*/result.json")):
         reports = [json.loads(line) for line in result_file.read_text().splitlines()]
         pre_key, ft_key = keys(space, sweep["base"], reports[0]["config"])
         final = reports[-1]
-        by_setting[setting(space, reports[0]["config"])] = final["dice_mean"]
         epochs = [report for report in reports if "dice_mean" not in report]
+        # A pre-training is run by whichever trial came first, perhaps one outside the subspace.
         if epochs and not epochs[0].get("replayed"):
             pretrainings[pre_key] = [(report["seconds"] + report.get("probe_seconds", 0.0), report[PROBE_METRIC])
                                      for report in epochs]
+        if any(reports[0]["config"][key] != value for key, value in fixed.items()):
+            continue
+        used.add(pre_key)
+        by_setting[setting(space, reports[0]["config"])] = final["dice_mean"]
         if not final.get("finetune_reused"):
             finetunings[ft_key] = (final["dice_mean"], final["finetune_seconds"])
+    if not by_setting:
+        raise SystemExit(f"--fix: no trial of {experiment} has {fixed}")
+    pretrainings = {key: history for key, history in pretrainings.items() if key in used}
     return space, sweep["base"], pretrainings, finetunings, by_setting
 
 
@@ -122,11 +140,16 @@ def main() -> None:
     parser.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="random: the baseline TPE should beat")
     parser.add_argument("--truth", type=Path, nargs="*", default=[],
                         help="grids of the same space at other run seeds: score each chosen setting by its mean there")
+    parser.add_argument("--fix", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="replay the subspace with these choices fixed, e.g. finetune.label_fraction=1.0")
     args = parser.parse_args()
+    if any("=" not in item for item in args.fix):
+        parser.error("--fix: expected KEY=VALUE, e.g. finetune.label_fraction=1.0")
+    fixed = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.fix)}
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    space, base, pretrainings, finetunings, observed = measured_grid(args.grid)
-    truths = [measured_grid(grid)[-1] for grid in args.truth]
+    space, base, pretrainings, finetunings, observed = measured_grid(args.grid, fixed)
+    truths = [measured_grid(grid, fixed)[-1] for grid in args.truth]
     samples = args.samples or space.sweep.num_samples
     grid_best = max(observed.values())
     grid_choice = max(observed, key=observed.get)
