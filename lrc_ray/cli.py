@@ -284,9 +284,12 @@ def _print_results(written: dict, *, top: int) -> None:
         return
     for group, path in written["chosen"].items():
         print(f"best for {by} {group}: {path.name}")
-    overall = written["best"].sort_values(metric, ascending=written["mode"] == "min").iloc[0]
+    overall = written["best"].sort_values(f"{metric}_mean", ascending=written["mode"] == "min", kind="stable").iloc[0]
     chosen = written["chosen"][overall[by]]
-    print(f"\nchosen configuration ({metric} {overall[metric]:.3f}, {by} {overall[by]}): {chosen}")
+    score = f"{metric} {overall[metric]:.3f}"
+    if overall["runs"] > 1:
+        score = f"{metric} {overall[f'{metric}_mean']:.3f} +- {overall[f'{metric}_sd']:.3f} over {overall['runs']} seeds"
+    print(f"\nchosen configuration ({score}, {by} {overall[by]}): {chosen}")
     print(f"use it with: lrc-ray pretrain --config {chosen}\n")
     print(chosen.read_text())
 

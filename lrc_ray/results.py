@@ -34,7 +34,10 @@ PARAMETER_COLUMNS = {
     "w_global": "pretrain.w_global",
     "w_local": "pretrain.w_local",
     "label_fraction": "finetune.label_fraction",
+    "seed": "seed",
 }
+# Trials that differ only in their seed are runs of one setting (a space with `seed: {choice: ...}`).
+SETTING_COLUMNS = tuple(column for column in PARAMETER_COLUMNS if column != "seed")
 
 
 @dataclass(frozen=True)
@@ -93,14 +96,21 @@ def _last_probe(metrics: dict) -> float | None:
 
 
 def best_per_group(table: pd.DataFrame, metric: str, mode: str, by: str) -> pd.DataFrame:
-    """The best finished trial of each value of `by` (e.g. each label fraction)."""
+    """The best finished setting of each value of `by` (e.g. each label fraction), as the row of
+    its best trial. A trial's Dice is one draw, so settings run at several seeds rank by their
+    mean over those runs; the rows carry `runs`, `<metric>_mean` and `<metric>_sd`."""
     if by not in table.columns:
         raise UserInputError(f"--by {by}: not a column; expected one of {', '.join(PARAMETER_COLUMNS)}")
     finished = table.dropna(subset=[metric])
     if finished.empty:
         return finished
-    pick = finished.groupby(by, sort=True)[metric].idxmin() if mode == "min" else finished.groupby(by, sort=True)[metric].idxmax()
-    return finished.loc[pick.values].reset_index(drop=True)
+    setting = list(dict.fromkeys([by, *(column for column in SETTING_COLUMNS if column in finished.columns)]))
+    runs = finished.groupby(setting, sort=False, dropna=False)[metric]
+    finished = finished.assign(
+        runs=runs.transform("count"), **{f"{metric}_mean": runs.transform("mean"), f"{metric}_sd": runs.transform("std")}
+    )
+    ranked = finished.sort_values([f"{metric}_mean", metric], ascending=mode == "min", kind="stable")
+    return ranked.groupby(by, sort=True).head(1).sort_values(by, kind="stable").reset_index(drop=True)
 
 
 def write_results(
@@ -141,6 +151,8 @@ def markdown_table(table: pd.DataFrame, columns: list[str] | None = None) -> str
 def summary_columns(table: pd.DataFrame, metric: str) -> list[str]:
     """The columns worth a terminal's width: parameters, the metric, progress, status."""
     wanted = ["trial_id", *PARAMETER_COLUMNS, metric, "probe_dice", "epochs", "stopped_early", "status"]
+    if "seed" in table.columns and table["seed"].nunique() < 2:
+        wanted.remove("seed")  # one seed for all: nothing to compare
     return [column for column in dict.fromkeys(wanted) if column in table.columns]
 
 

@@ -172,6 +172,27 @@ def test_best_per_group_by_method():
     assert best == {"global+lrc": "t2", "lrc": "t3", "scratch": "t4"}
 
 
+def _run(trial_id, method, seed, dice):
+    values = {**_values(method, 50, 1.0), "seed": seed}
+    return TrialRecord(trial_id, "TERMINATED", values, {"dice_mean": dice, "epoch": 2, "probe_dice": 0.4}, None)
+
+
+def test_best_per_group_ranks_settings_run_at_several_seeds_by_their_mean():
+    # lrc has the best single run (0.70) but global+lrc the better mean (0.645 against 0.60).
+    records = [_run("a0", "lrc", 0, 0.70), _run("a1", "lrc", 1, 0.50),
+               _run("b0", "global+lrc", 0, 0.64), _run("b1", "global+lrc", 1, 0.65), _run("c0", "scratch", 0, 0.62)]
+    table = results_table(records, _info())
+    best = best_per_group(table, "dice_mean", "max", "label_fraction").iloc[0]
+    assert best["trial_id"] == "b1", "the best run of the best setting"
+    assert (best["runs"], best["dice_mean_mean"]) == (2, pytest.approx(0.645))
+    assert best["dice_mean_sd"] == pytest.approx(0.00707, abs=1e-4)
+    # Per seed, each setting has one run: the single best wins.
+    assert best_per_group(table, "dice_mean", "max", "seed").set_index("seed")["trial_id"].to_dict() == {0: "a0", 1: "b1"}
+    # The seed column is shown when seeds differ, and not when all trials share one.
+    assert "seed" in summary_columns(table, "dice_mean")
+    assert "seed" not in summary_columns(results_table(_records(), _info()), "dice_mean")
+
+
 def test_best_per_group_unknown_column_is_a_user_error():
     table = results_table(_records(), _info())
     with pytest.raises(UserInputError, match="--by colour"):
@@ -290,3 +311,17 @@ def test_summary_columns_lists_only_existing_columns_in_order():
     small = pd.DataFrame({"trial_id": ["x"], "method": ["lrc"], "loss": [1.0], "status": ["ERROR"]})
     assert summary_columns(small, "loss") == ["trial_id", "method", "loss", "status"]
     assert summary_columns(small, "dice_mean") == ["trial_id", "method", "status"]
+
+
+def test_the_chosen_configuration_line_gives_the_mean_over_seeds(tmp_path, capsys):
+    from lrc_ray.cli import _print_results
+
+    records = [_run("a0", "lrc", 0, 0.70), _run("a1", "lrc", 1, 0.50),
+               _run("b0", "global+lrc", 0, 0.64), _run("b1", "global+lrc", 1, 0.65)]
+    info = _info()
+    written = write_results(records, info, tmp_path) | {"out_dir": tmp_path, "metric": info.metric, "mode": info.mode,
+                                                        "by": "label_fraction"}
+    _print_results(written, top=5)
+    out = capsys.readouterr().out
+    assert "chosen configuration (dice_mean 0.645 +- 0.007 over 2 seeds, label_fraction 1.0)" in out
+    assert load_config(written["chosen"][1.0]).pretrain.method == "global+lrc"
