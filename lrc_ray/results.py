@@ -105,10 +105,12 @@ def best_per_group(table: pd.DataFrame, metric: str, mode: str, by: str) -> pd.D
     if finished.empty:
         return finished
     setting = list(dict.fromkeys([by, *(column for column in SETTING_COLUMNS if column in finished.columns)]))
-    runs = finished.groupby(setting, sort=False, dropna=False)[metric]
-    finished = finished.assign(
-        runs=runs.transform("count"), **{f"{metric}_mean": runs.transform("mean"), f"{metric}_sd": runs.transform("std")}
+    # A point the sampler drew twice at one seed is one run (its fine-tuning was reused), not two.
+    distinct = finished.drop_duplicates([*setting, "seed"]) if "seed" in finished.columns else finished
+    runs = distinct.groupby(setting, sort=False, dropna=False)[metric].agg(
+        runs="count", **{f"{metric}_mean": "mean", f"{metric}_sd": "std"}
     )
+    finished = finished.merge(runs.reset_index(), on=setting, how="left")
     ranked = finished.sort_values([f"{metric}_mean", metric], ascending=mode == "min", kind="stable")
     return ranked.groupby(by, sort=True).head(1).sort_values(by, kind="stable").reset_index(drop=True)
 

@@ -186,6 +186,9 @@ def test_best_per_group_ranks_settings_run_at_several_seeds_by_their_mean():
     assert best["trial_id"] == "b1", "the best run of the best setting"
     assert (best["runs"], best["dice_mean_mean"]) == (2, pytest.approx(0.645))
     assert best["dice_mean_sd"] == pytest.approx(0.00707, abs=1e-4)
+    # The sampler drawing a point twice at one seed is one run, not two.
+    repeated = results_table([_run("a0", "lrc", 0, 0.70), _run("a0bis", "lrc", 0, 0.70)], _info())
+    assert best_per_group(repeated, "dice_mean", "max", "label_fraction").iloc[0]["runs"] == 1
     # Per seed, each setting has one run: the single best wins.
     assert best_per_group(table, "dice_mean", "max", "seed").set_index("seed")["trial_id"].to_dict() == {0: "a0", 1: "b1"}
     # The seed column is shown when seeds differ, and not when all trials share one.
