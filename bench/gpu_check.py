@@ -51,8 +51,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from sweep_common import trial_reports
+
 from lrc_ray import api
-from lrc_ray.distributed.runtime import ray_session
+from lrc_ray.distributed.runtime import ray_session, user_error_line
 from lrc_ray.distributed.tune import TRIAL_SLOT
 from lrc_ray.search_space import load_search_space, run_config_for
 
@@ -224,18 +226,15 @@ def sweep_stage(args, workdir: Path, report: dict) -> None:
         experiment = api.tune(space=sweep_space(args, workdir), data=workdir / "data", storage=workdir / "sweeps",
                               name="gpu_sweep")
         trials = []
-        for result_file in sorted(experiment.glob("run_trial_*/result.json")):
-            lines = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
-            if not lines:
-                error = result_file.with_name("error.txt")
-                trials.append({"failed": error.read_text().strip().splitlines()[-1] if error.is_file() else "no report"})
-                continue
+        for lines in trial_reports(experiment).values():
             epochs = [line for line in lines if "steps" in line and not line.get("replayed")]
             trial = {"method": lines[0]["config"].get("pretrain.method"), "dice_mean": lines[-1].get("dice_mean")}
             if epochs:
                 trial |= pretrain_rates(epochs, args.batch_size)
             trials.append(trial)
         entry["trials"] = trials
+        errors = sorted(experiment.glob("run_trial_*/error.txt"))
+        entry["errors"] = [user_error_line(path.read_text()) for path in errors]
 
 
 def main() -> None:

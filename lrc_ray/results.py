@@ -106,7 +106,9 @@ def best_per_group(table: pd.DataFrame, metric: str, mode: str, by: str) -> pd.D
         return finished
     setting = list(dict.fromkeys([by, *(column for column in SETTING_COLUMNS if column in finished.columns)]))
     # A point the sampler drew twice at one seed is one run (its fine-tuning was reused), not two.
-    distinct = finished.drop_duplicates([*setting, "seed"]) if "seed" in finished.columns else finished
+    distinct = finished
+    if "seed" in finished.columns:
+        distinct = finished.drop_duplicates(list(dict.fromkeys([*setting, "seed"])))
     runs = distinct.groupby(setting, sort=False, dropna=False)[metric].agg(
         runs="count", **{f"{metric}_mean": "mean", f"{metric}_sd": "std"}
     )
