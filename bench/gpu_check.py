@@ -4,8 +4,8 @@ Made for a short lease of a GPU machine: one script, each stage timed on its own
 utilisation sampled every 0.5 s by `nvidia-smi` while each stage runs. Stages:
 1. step rate with the batch already on the GPU (the model's own speed, no data loading),
    bfloat16 autocast and float32;
-2. the CPU side alone: two-view augmentation of cached slices, on one thread (what each Train
-   worker does between steps) and on a pool of threads (does threading feed a GPU?);
+2. two-view augmentation of cached slices alone, one torch thread: item by item on the CPU (how
+   a Train worker augmented until 2026-11-27) and batched on the GPU (how it does now);
 3. `api.pretrain(..., workers=1, use_gpu=True)`: Ray Train, NCCL, bfloat16 autocast, the
    worker streaming its shard from the Parquet cache; images/s of the epochs after the first;
 4. a 2-trial sweep of `search_spaces/full.yaml`'s space shrunk to a few epochs (one GPU
@@ -20,18 +20,20 @@ wheels, torch 2.11+cu130), 256 px, batch 16, global+lrc, two runs:
 - model step, batch on the GPU: 214 / 239 slices/s in bfloat16, 175 / 185 in float32; even so
   the GPU was busy in only about a quarter of the samples: at batch 16 this small U-Net's step
   is bound by the host (kernel launches, the loss's per-step `.item()` reads);
-- augmentation on the CPU: 70 / 56 slices/s on one thread; 65 on 8 threads (GIL-bound);
+- augmentation on the CPU, item by item: 70 / 56 slices/s on one thread; 65 on 8 threads (GIL-bound);
 - Ray Train, 1 GPU worker, NCCL, bf16: 19.9 slices/s (10 steps an epoch) / 21.9 (24 steps);
   mean GPU utilisation 3-4 %, 27.6 GB of GPU memory at most;
 - 2-trial sweep (full.yaml's space, 2 pre-training epochs, 4 short fine-tuning epochs): both
   trials finished on the GPU in 221 s, 14.8 and 20.4 slices/s in pre-training.
-So the GPU waits on its worker's one CPU thread: an epoch of 384 slices took 17.5 s, of which
+So the GPU waited on its worker's one CPU thread: an epoch of 384 slices took 17.5 s, of which
 augmentation explains about 7 s and the GPU under 2 s; the rest is the worker's Ray Data
 stream (Parquet reads through the split coordinator, the 256-row shuffle buffer) and
 collation, not broken down further (streaming alone costs about 7 ms a 256 px slice on the
-2-core CPU machine). Threads don't help (GIL). Before expecting GPU-bound pre-training, run the
-augmentation in Ray Data's own CPU tasks (processes, before the split) or batched on the GPU,
-and use larger batches.
+2-core CPU machine). Threads don't help (GIL).
+
+Since then (same day) a worker augments each batch in one batched pass on its own device (GPU
+workers on the GPU) and no longer collates items; stage 2 compares the two ways. Not yet
+re-measured on a GPU: the numbers above are from before.
 """
 
 from __future__ import annotations
@@ -150,16 +152,14 @@ def pretrain_config(args, workdir: Path):
     )
 
 
-def cached_batch(config, device: torch.device) -> dict:
-    from torch.utils.data import default_collate
-
+def cached_dataset(config, rows: int | None = None):
     from lrc_ray.augment.two_views import TwoViewAugment
     from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset
     from lrc_ray.superpixels.cache import read_parquet_dir
 
-    table = read_parquet_dir(Path(api.find_superpixels(config.data).path)).slice(0, config.pretrain.batch_size)
-    dataset = TwoViewSliceDataset(table, TwoViewAugment(config.augment, output_size=config.data.size), seed=0)
-    return {key: value.to(device) for key, value in default_collate([dataset[i] for i in range(len(dataset))]).items()}
+    table = read_parquet_dir(Path(api.find_superpixels(config.data).path))
+    table = table if rows is None else table.slice(0, rows)
+    return TwoViewSliceDataset(table, TwoViewAugment(config.augment, output_size=config.data.size), seed=0)
 
 
 def model_step_rate(config, device: torch.device, dtype: torch.dtype | None, steps: int) -> float:
@@ -168,7 +168,8 @@ def model_step_rate(config, device: torch.device, dtype: torch.dtype | None, ste
 
     pretrainer = LrcPretrainer(config.pretrain, config.network, seed=0).to(device)
     optimizer = build_optimizer(pretrainer, config.pretrain)
-    batch = cached_batch(config, device)
+    dataset = cached_dataset(config, rows=config.pretrain.batch_size)
+    batch = dataset.augmented_batch(range(len(dataset)), device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     run = dict(generator=generator, progress=False, device=device, autocast_dtype=dtype)
     pretrain_one_epoch(pretrainer, [batch] * 3, optimizer, epoch=0, **run)
@@ -176,28 +177,24 @@ def model_step_rate(config, device: torch.device, dtype: torch.dtype | None, ste
     return metrics["steps"] * config.pretrain.batch_size / metrics["seconds"]
 
 
-def augment_rate(config, batches: int, threads: int) -> float:
-    """Slices/s of the two-view augmentation alone on `threads` threads (torch at one thread
-    each), as a Train worker augments between steps."""
-    from concurrent.futures import ThreadPoolExecutor
+def augment_rates(config, device: torch.device, batches: int) -> dict:
+    """Slices/s of the two-view augmentation alone at one torch thread: item by item on the CPU
+    (as a Train worker augmented before the batched pass) and batched on `device` (as it does now)."""
+    from torch.utils.data import default_collate
 
-    from lrc_ray.augment.two_views import TwoViewAugment
-    from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset
-    from lrc_ray.superpixels.cache import read_parquet_dir
+    from augmentation import slices_per_second
 
-    table = read_parquet_dir(Path(api.find_superpixels(config.data).path))
-    dataset = TwoViewSliceDataset(table, TwoViewAugment(config.augment, output_size=config.data.size), seed=0)
-    count = min(len(dataset), batches * config.pretrain.batch_size)
+    dataset = cached_dataset(config)
+    size = config.pretrain.batch_size
+    indices = [list(range(start, start + size)) for start in range(0, len(dataset) - size + 1, size)][:batches]
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(dataset.__getitem__, range(threads)))  # warm-up
-            started = time.perf_counter()
-            list(pool.map(dataset.__getitem__, range(count)))
-            return count / (time.perf_counter() - started)
+        items = slices_per_second(lambda batch: default_collate([dataset[i] for i in batch]), indices)
+        batched = slices_per_second(lambda batch: dataset.augmented_batch(batch, device=device), indices)
     finally:
         torch.set_num_threads(torch_threads)
+    return {"images_per_s_items_cpu": round(items, 1), f"images_per_s_batched_{device.type}": round(batched, 1)}
 
 
 def sweep_space(args, workdir: Path) -> Path:
@@ -246,7 +243,6 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=12, help="synthetic volumes in all (6 labelled)")
     parser.add_argument("--slices", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20, help="stage 1 timed steps")
-    parser.add_argument("--augment-threads", type=int, default=8, help="stage 2's threaded rate (default 8)")
     parser.add_argument("--no-sweep", action="store_true", help="skip stage 4")
     parser.add_argument("--out", type=Path, default=None, help="where report.json goes")
     parser.add_argument("--cpu", action="store_true", help="run the same stages without a GPU (to try the script)")
@@ -270,10 +266,8 @@ def main() -> None:
             entry["images_per_s_bf16"] = round(model_step_rate(config, device, None if args.cpu else torch.bfloat16,
                                                                 args.steps), 1)
             entry["images_per_s_fp32"] = round(model_step_rate(config, device, None, args.steps), 1)
-        with stage("augment_cpu", report) as entry:
-            threads = args.augment_threads
-            entry["images_per_s_one_thread"] = round(augment_rate(config, batches=4, threads=1), 1)
-            entry[f"images_per_s_{threads}_threads"] = round(augment_rate(config, batches=4, threads=threads), 1)
+        with stage("augment", report) as entry:
+            entry |= augment_rates(config, device, batches=8)
         with stage("ray_train_pretrain", report) as entry:
             checkpoint = api.pretrain(config=config, out_dir=workdir / "pretrain", workers=1, use_gpu=not args.cpu,
                                       progress=False)

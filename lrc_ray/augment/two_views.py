@@ -5,23 +5,31 @@ share a random draw (the MONAI pitfall of one random dict transform called once 
 view is reproduced exactly from the generator's state. The geometry of a view (random resized
 crop, rotation, flips) is one affine matrix, resampled once on one grid: bilinear for the image,
 nearest for the map, so the map keeps exact integer ids. Intensity changes touch the image only.
+
+Drawing and applying are separate steps: the draws are a few numbers per slice, made on the host,
+and `TwoViewAugment.augment` applies a whole batch's draws at once with batched `grid_sample` on
+whatever device the batch goes to. On a GPU the augmentation then runs there, next to the model,
+instead of starving it from one host thread; on a CPU one batched call replaces a few hundred
+small per-slice ones. A slice comes out the same whether it is augmented alone or in a batch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from monai.transforms import AdjustContrast, AffineGrid, GaussianSmooth, Resample
-from monai.utils import convert_to_tensor
+import torch.nn.functional as F
+from monai.networks.layers import GaussianFilter
 
 from lrc_ray.config import AugmentParams
 from lrc_ray.errors import UserInputError
 from lrc_ray.superpixels.felzenszwalb import IGNORED_REGION
 
 BACKGROUND_LABEL = 0
+_GAMMA_EPSILON = 1e-7  # MONAI AdjustContrast's
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,17 @@ class ViewGeometry:
     crop_size: tuple[float, float]  # crop height and width
     angle: float  # radians, about the crop centre
     flip: tuple[bool, bool]  # mirror rows, mirror columns
+
+
+@dataclass(frozen=True)
+class ViewDraw:
+    """Everything random about one view, drawn on the host before the batch is augmented."""
+
+    geometry: ViewGeometry
+    contrast: float
+    gamma: float
+    blur_sigma: float | None  # None: no blur
+    noise_seed: int
 
 
 def view_affine(geometry: ViewGeometry, output_shape: tuple[int, int]) -> np.ndarray:
@@ -49,8 +68,49 @@ def view_affine(geometry: ViewGeometry, output_shape: tuple[int, int]) -> np.nda
     )
 
 
-_BILINEAR = Resample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)
-_NEAREST = Resample(mode="nearest", padding_mode="zeros", dtype=torch.float32)
+_ROW_COL_TO_X_Y = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def grid_theta(geometry: ViewGeometry, input_shape: tuple[int, int], output_shape: tuple[int, int]) -> np.ndarray:
+    """`view_affine` for `torch.nn.functional.affine_grid` (align_corners=False): there a pixel
+    centre's coordinate is 2 * centred / size, in (x, y) = (column, row) order. Shape (2, 3)."""
+    output_to_pixels = np.diag([output_shape[0] / 2, output_shape[1] / 2, 1.0])
+    pixels_to_input = np.diag([2 / input_shape[0], 2 / input_shape[1], 1.0])
+    row_col = pixels_to_input @ view_affine(geometry, output_shape) @ output_to_pixels
+    return (_ROW_COL_TO_X_Y @ row_col @ _ROW_COL_TO_X_Y)[:2]
+
+
+def warp(
+    images: torch.Tensor,
+    index_maps: torch.Tensor,
+    geometries: Sequence[ViewGeometry],
+    output_shape: tuple[int, int],
+    *,
+    index_fills: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample a batch of slices and their integer maps, each slice through its own affine grid.
+
+    Args:
+        images: float images. Shape: (B, H, W).
+        index_maps: integer ids (super-pixels, organ labels), K maps per slice. Shape: (B, K, H, W).
+        geometries: one per slice.
+        index_fills: per map, the id given to output pixels that come from outside the slice.
+
+    Returns:
+        The images, shape (B, 1, *output_shape), float32 (0 outside the slice), and the maps,
+        shape (B, K, *output_shape), int64, with exactly the input's ids plus the fills.
+    """
+    input_shape = tuple(images.shape[-2:])
+    thetas = np.stack([grid_theta(geometry, input_shape, output_shape) for geometry in geometries])
+    thetas = torch.as_tensor(thetas, dtype=torch.float32, device=images.device)
+    grid = F.affine_grid(thetas, [len(geometries), 1, *output_shape], align_corners=False)
+    warped_images = F.grid_sample(images[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # grid_sample pads with zeros; shifting ids by -fill makes that zero mean the fill.
+    # Nearest sampling copies values, and float32 holds integers exactly up to 2**24.
+    fills = torch.as_tensor(list(index_fills), dtype=torch.int64, device=images.device).view(1, -1, 1, 1)
+    shifted_maps = (index_maps.to(torch.int64) - fills).to(torch.float32)
+    warped_maps = F.grid_sample(shifted_maps, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return warped_images, warped_maps.to(torch.int64) + fills
 
 
 def warp_slice(
@@ -61,25 +121,10 @@ def warp_slice(
     *,
     index_fill: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample a slice and its integer map through one affine grid.
-
-    Args:
-        image: float image. Shape: (H, W).
-        index_map: integer ids (super-pixels or organ labels). Shape: (H, W).
-        index_fill: id given to output pixels that come from outside the slice.
-
-    Returns:
-        The image, shape (1, *output_shape), float32 (0 outside the slice), and the map,
-        shape output_shape, int64, with exactly the input's ids plus `index_fill`.
-    """
-    grid, _ = AffineGrid(affine=view_affine(geometry, output_shape))(spatial_size=output_shape)
-    # grid_sample pads with zeros; shifting ids by -index_fill makes that zero mean index_fill.
-    # Nearest sampling copies values, and float32 holds integers exactly up to 2**24.
-    shifted_map = (index_map.to(torch.int64) - index_fill).to(torch.float32)
-    warped_image = _BILINEAR(image[None], grid)
-    warped_map = _NEAREST(shifted_map[None], grid)
-    warped_map = convert_to_tensor(warped_map, track_meta=False)[0].to(torch.int64) + index_fill
-    return convert_to_tensor(warped_image, track_meta=False), warped_map
+    """`warp` for one slice and one map, shapes (H, W); returns the image (1, *output_shape) and
+    the map `output_shape`."""
+    images, maps = warp(image[None], index_map[None, None], [geometry], output_shape, index_fills=[index_fill])
+    return images[0], maps[0, 0]
 
 
 @dataclass(frozen=True)
@@ -96,7 +141,7 @@ class TwoViews:
 
 
 class TwoViewAugment:
-    """Slice + super-pixel map -> two views, each with its own draw from the caller's generator."""
+    """Slices + super-pixel maps -> two views each, each view with its own draw from the caller's generator."""
 
     def __init__(self, params: AugmentParams, *, output_size: int) -> None:
         if isinstance(output_size, bool) or not isinstance(output_size, int) or output_size < 8:
@@ -107,21 +152,19 @@ class TwoViewAugment:
     def __call__(
         self, image: np.ndarray, superpixels: np.ndarray, rng: np.random.Generator, label: np.ndarray | None = None
     ) -> TwoViews:
-        """Args: image float in [0, 1], superpixels int ids with -1 = ignored, optional organ label;
-        all shape (H, W). The label follows each view's geometry, without left-right flips, which
-        would put left-side organs on the right while their labels keep the side."""
-        if image.ndim != 2 or image.shape != superpixels.shape or (label is not None and label.shape != image.shape):
-            raise ValueError(
-                f"expected a 2D image and maps of its shape, got {image.shape}, {superpixels.shape}"
-                + ("" if label is None else f" and {label.shape}")
-            )
-        # Copies: arrays decoded from Arrow are read-only, which torch warns about.
-        image_t = torch.from_numpy(np.array(image, dtype=np.float32))
-        regions_t = torch.from_numpy(np.array(superpixels, dtype=np.int64))
-        label_t = None if label is None else torch.from_numpy(np.array(label, dtype=np.int64))
-        image1, regions1, label1 = self._view(image_t, regions_t, label_t, rng)
-        image2, regions2, label2 = self._view(image_t, regions_t, label_t, rng)
-        return TwoViews(image1, image2, regions1, regions2, label1, label2)
+        """One slice: image float in [0, 1], superpixels int ids with -1 = ignored, optional organ
+        label; all shape (H, W). The label follows each view's geometry, without left-right flips,
+        which would put left-side organs on the right while their labels keep the side."""
+        draws = self.draw(image.shape, rng, with_label=label is not None)
+        views = self.augment([image], [superpixels], [draws], labels=None if label is None else [label])
+        return TwoViews(**{name: value[0] for name, value in views.items()})
+
+    def draw(
+        self, input_shape: tuple[int, ...], rng: np.random.Generator, *, with_label: bool = False
+    ) -> tuple[ViewDraw, ViewDraw]:
+        """Both views' draws for one slice of `input_shape`, the first view's first. Every draw is
+        made, used or not, so the generator advances the same way whichever options are off."""
+        return self._draw_view(tuple(input_shape), rng, with_label), self._draw_view(tuple(input_shape), rng, with_label)
 
     def draw_geometry(self, input_shape: tuple[int, int], rng: np.random.Generator) -> ViewGeometry:
         """A square random resized crop that fits in the slice, a rotation about its centre, flips."""
@@ -133,35 +176,98 @@ class TwoViewAugment:
         flip = (bool(rng.random() < self.params.flip_prob), bool(rng.random() < self.params.flip_prob))
         return ViewGeometry(center_offset=center_offset, crop_size=(side, side), angle=angle, flip=flip)
 
-    def _view(
-        self, image: torch.Tensor, regions: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        geometry = self.draw_geometry(tuple(image.shape), rng)
-        if label is not None:
-            geometry = replace(geometry, flip=(geometry.flip[0], False))  # keep left organs on the left
-        output_shape = (self.output_size, self.output_size)
-        warped_image, warped_regions = warp_slice(image, regions, geometry, output_shape, index_fill=IGNORED_REGION)
-        warped_label = None
-        if label is not None:
-            _, warped_label = warp_slice(image, label, geometry, output_shape, index_fill=BACKGROUND_LABEL)
-        return self._adjust_intensity(warped_image, rng), warped_regions, warped_label
-
-    def _adjust_intensity(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """Contrast, gamma, blur, noise on a (1, S, S) image. Every draw is made, used or not,
-        so the generator advances the same way whichever options are switched off."""
+    def _draw_view(self, input_shape: tuple[int, ...], rng: np.random.Generator, with_label: bool) -> ViewDraw:
+        if len(input_shape) != 2:
+            raise ValueError(f"expected a 2D slice, got shape {input_shape}")
         params = self.params
+        geometry = self.draw_geometry(input_shape, rng)
+        if with_label:
+            geometry = replace(geometry, flip=(geometry.flip[0], False))  # keep left organs on the left
         contrast = rng.uniform(*params.contrast_range)
         gamma = rng.uniform(*params.gamma_range)
         blur = rng.random() < params.blur_prob
         blur_sigma = rng.uniform(*params.blur_sigma_range)
-        noise = rng.standard_normal(image.shape, dtype=np.float32)
+        noise_seed = int(rng.integers(2**62))
+        return ViewDraw(geometry, float(contrast), float(gamma), float(blur_sigma) if blur else None, noise_seed)
 
-        mean = image.mean()
+    @torch.no_grad()
+    def augment(
+        self,
+        images: Sequence[np.ndarray],
+        superpixels: Sequence[np.ndarray],
+        draws: Sequence[tuple[ViewDraw, ViewDraw]],
+        *,
+        labels: Sequence[np.ndarray] | None = None,
+        device: torch.device | str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Apply each slice's draws (from `draw`) to a batch of slices, on `device` (default CPU).
+
+        Slices may differ in shape; each shape is warped as one batch. Returns image1, image2
+        (B, 1, S, S) float32 and regions1, regions2 (B, S, S) int64, -1 = ignored; with `labels`,
+        also label1, label2 (B, S, S) int64.
+        """
+        count = len(images)
+        if len(superpixels) != count or len(draws) != count or (labels is not None and len(labels) != count):
+            raise ValueError(f"expected as many super-pixel maps, draws and labels as the {count} images")
+        for index, image in enumerate(images):
+            shapes = [image.shape, superpixels[index].shape] + ([] if labels is None else [labels[index].shape])
+            if image.ndim != 2 or len(set(shapes)) != 1:
+                raise ValueError(f"slice {index}: expected a 2D image and maps of its shape, got shapes {shapes}")
+        device = torch.device(device if device is not None else "cpu")
+        size = (self.output_size, self.output_size)
+        names = ["image1", "image2", "regions1", "regions2"] + ([] if labels is None else ["label1", "label2"])
+        views: dict[str, torch.Tensor] = {}
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            by_shape.setdefault(tuple(image.shape), []).append(index)
+        for members in by_shape.values():
+            maps = [np.stack([superpixels[i] for i in members])]
+            if labels is not None:
+                maps.append(np.stack([labels[i] for i in members]))
+            # Ids travel as int32 (half the bytes of int64); float images as float32.
+            slice_images = _to_device(np.stack([images[i] for i in members]), np.float32, device)
+            slice_maps = _to_device(np.stack(maps, axis=1), np.int32, device)
+            fills = [IGNORED_REGION] + ([] if labels is None else [BACKGROUND_LABEL])
+            for view in (0, 1):
+                view_draws = [draws[i][view] for i in members]
+                warped_images, warped_maps = warp(
+                    slice_images, slice_maps, [draw.geometry for draw in view_draws], size, index_fills=fills
+                )
+                group = {f"image{view + 1}": self._adjust_intensity(warped_images, view_draws),
+                         f"regions{view + 1}": warped_maps[:, 0]}
+                if labels is not None:
+                    group[f"label{view + 1}"] = warped_maps[:, 1]
+                for name, value in group.items():
+                    if name not in views:
+                        views[name] = value.new_empty((count, *value.shape[1:]))
+                    views[name][members] = value
+        return {name: views[name] for name in names}
+
+    def _adjust_intensity(self, images: torch.Tensor, draws: Sequence[ViewDraw]) -> torch.Tensor:
+        """Contrast, gamma, blur, noise on a batch of (1, S, S) images, each with its own draw."""
+        per_slice = dict(dtype=images.dtype, device=images.device)
+        contrast = torch.tensor([draw.contrast for draw in draws], **per_slice).view(-1, 1, 1, 1)
+        gamma = torch.tensor([draw.gamma for draw in draws], **per_slice).view(-1, 1, 1, 1)
+
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
         # Clipping saturates what the contrast pushed past the ends of the window, as the window itself does.
-        image = ((image - mean) * contrast + mean).clamp(0.0, 1.0)
-        if gamma != 1.0:
-            image = AdjustContrast(gamma=gamma)(image)
-        if blur:
-            image = GaussianSmooth(sigma=blur_sigma)(image)
-        image = image + params.noise_std * torch.from_numpy(noise)
-        return convert_to_tensor(image, dtype=torch.float32, track_meta=False)
+        images = ((images - mean) * contrast + mean).clamp(0.0, 1.0)
+        # MONAI AdjustContrast's gamma, with each slice's own range and gamma (it has no batched form).
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        span = images.amax(dim=(1, 2, 3), keepdim=True) - low
+        images = torch.where(gamma == 1.0, images, ((images - low) / (span + _GAMMA_EPSILON)) ** gamma * span + low)
+        images = images.clone()
+        for index, draw in enumerate(draws):
+            if draw.blur_sigma is not None:  # MONAI GaussianSmooth's filter, one sigma per slice
+                sigma = torch.as_tensor(draw.blur_sigma, device=images.device)
+                images[index] = GaussianFilter(spatial_dims=2, sigma=sigma, approx="erf")(images[index : index + 1])[0]
+        generator = torch.Generator(device=images.device)
+        noise = torch.empty_like(images)
+        for index, draw in enumerate(draws):
+            generator.manual_seed(draw.noise_seed)
+            noise[index] = torch.randn(images.shape[1:], generator=generator, **per_slice)
+        return images + self.params.noise_std * noise
+
+
+def _to_device(array: np.ndarray, dtype: type, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(device, non_blocking=True)

@@ -83,12 +83,24 @@ class TwoViewSliceDataset(_EpochSeeded):
         self._with_labels = with_labels
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        record, rng = self._record_and_rng(index)
-        views = self._augment(record.image, record.superpixels, rng, label=record.label if self._with_labels else None)
-        item = {"image1": views.image1, "image2": views.image2, "regions1": views.regions1, "regions2": views.regions2}
-        if self._with_labels:
-            item.update(label1=views.label1, label2=views.label2)
-        return item
+        return {name: value[0] for name, value in self.augmented_batch([index]).items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """What a DataLoader fetches a batch with: the batch augmented at once, as items."""
+        batch = self.augmented_batch(indices)
+        return [{name: value[position] for name, value in batch.items()} for position in range(len(indices))]
+
+    def augmented_batch(self, indices: Sequence[int], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Items `indices`, collated and augmented on `device` in one batched pass; the same views
+        as item by item. Keys as the items', each with a leading batch dimension."""
+        images, superpixels, labels, draws = [], [], [], []
+        for index in indices:
+            record, rng = self._record_and_rng(index)
+            images.append(record.image)
+            superpixels.append(record.superpixels)
+            labels.append(record.label)
+            draws.append(self._augment.draw(record.image.shape, rng, with_label=self._with_labels))
+        return self._augment.augment(images, superpixels, draws, labels=labels if self._with_labels else None, device=device)
 
 
 class LabelledSliceDataset(_EpochSeeded):

@@ -29,7 +29,6 @@ import torch
 from ray import tune
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from torch.utils.data import default_collate
 
 from lrc_ray.config import RunConfig, config_from_dict, global_batch_size
 from lrc_ray.superpixels.selection import RowSelection, select_rows
@@ -229,7 +228,7 @@ def _pretrain_loop(loop_config: dict, where: _TrainWorker | _TrialProcess) -> Tr
             local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS, local_shuffle_seed=_derived_seed(config.seed, epoch, rank),
         )
         batches = two_view_batches(arrow_batches, augment, seed=config.seed, epoch=epoch, rank=rank,
-                                   with_labels=settings.uses_supervised)
+                                   with_labels=settings.uses_supervised, device=device)
         metrics = pretrain_one_epoch(
             pretrainer, batches, optimizer, generator=generator, epoch=epoch, progress=False, step_model=step_model,
             device=device, autocast_dtype=torch.bfloat16 if use_gpu else None,
@@ -265,8 +264,9 @@ def _maybe_inject_fault(epoch: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def two_view_batches(arrow_batches, augment, *, seed: int, epoch: int, rank: int, with_labels: bool):
-    """Arrow record batches of cached slices -> collated two-view training batches.
+def two_view_batches(arrow_batches, augment, *, seed: int, epoch: int, rank: int, with_labels: bool, device=None):
+    """Arrow record batches of cached slices -> two-view training batches, augmented on `device`
+    (a GPU worker's augmentation runs on its GPU, batched).
 
     Each batch's augmentation is seeded by (seed, epoch, rank, batch index), so a resumed or
     retried epoch draws the same views.
@@ -276,7 +276,7 @@ def two_view_batches(arrow_batches, augment, *, seed: int, epoch: int, rank: int
     for step, table in enumerate(arrow_batches):
         dataset = TwoViewSliceDataset(table, augment, seed=_derived_seed(seed, rank, step), with_labels=with_labels)
         dataset.set_epoch(epoch)
-        yield default_collate([dataset[index] for index in range(len(dataset))])
+        yield dataset.augmented_batch(range(len(dataset)), device=device)
 
 
 def _derived_seed(*parts: int) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from lrc_ray.augment import AugmentParams, TwoViewAugment, ViewGeometry, warp_slice
+from lrc_ray.augment import AugmentParams, TwoViewAugment, ViewGeometry, warp, warp_slice
 from lrc_ray.errors import UserInputError
 
 NO_INTENSITY = dict(contrast_range=(1.0, 1.0), gamma_range=(1.0, 1.0), noise_std=0.0, blur_prob=0.0)
@@ -198,3 +198,65 @@ def test_labels_follow_the_view_without_left_right_flips():
     assert (labelled.label1[:, :12] == 1).all() and (labelled.label1[:, 20:] == 2).all()
     assert labelled.image1[0, :, :12].max() < 0.3, "the image stays aligned with its label"
     assert torch.equal(labelled.regions1 + 1, labelled.label1), "super-pixels share the label's geometry"
+
+
+def test_the_batched_warp_resamples_as_monai_does():
+    """`grid_theta` carries MONAI's centred pixel convention (AffineGrid + Resample) over to
+    torch's normalised grid: the same geometry gives the same pixels, on a non-square slice."""
+    from monai.transforms import AffineGrid, Resample
+
+    from lrc_ray.augment.two_views import view_affine
+
+    rng = np.random.default_rng(0)
+    image = rng.random((40, 52), dtype=np.float32)
+    regions = (np.indices(image.shape)[0] // 5 * 20 + np.indices(image.shape)[1] // 4).astype(np.int64)
+    augment = TwoViewAugment(AugmentParams(crop_scale=(0.3, 1.0), rotate_degrees=40.0), output_size=24)
+    geometries = [augment.draw_geometry(image.shape, rng) for _ in range(6)]
+    images = torch.from_numpy(np.stack([image] * 6))
+    warped_images, warped_maps = warp(images, torch.from_numpy(regions)[None, None].repeat(6, 1, 1, 1), geometries,
+                                      (24, 24), index_fills=[-1])
+    for index, geometry in enumerate(geometries):
+        grid, _ = AffineGrid(affine=view_affine(geometry, (24, 24)))(spatial_size=(24, 24))
+        expected_image = Resample(mode="bilinear", padding_mode="zeros")(torch.from_numpy(image)[None], grid)
+        expected_map = Resample(mode="nearest", padding_mode="zeros")(torch.from_numpy(regions + 1).float()[None], grid)
+        torch.testing.assert_close(warped_images[index], expected_image.as_tensor(), atol=1e-4, rtol=0)
+        assert torch.equal(warped_maps[index, 0], expected_map.as_tensor()[0].long() - 1)
+
+
+def test_batched_intensity_changes_are_monais_per_slice():
+    """Contrast, then MONAI's AdjustContrast (gamma) and GaussianSmooth (blur), each slice with its
+    own draw; noise off so the rest can be compared exactly."""
+    from monai.transforms import AdjustContrast, GaussianSmooth
+
+    params = AugmentParams(noise_std=0.0, blur_prob=0.5, gamma_range=(0.5, 2.0))
+    augment = TwoViewAugment(params, output_size=16)
+    rng = np.random.default_rng(1)
+    images = torch.from_numpy(rng.random((8, 1, 16, 16), dtype=np.float32))
+    draws = [augment.draw((16, 16), rng)[0] for _ in range(8)]
+    assert {draw.blur_sigma is None for draw in draws} == {True, False}, "both blurred and sharp slices"
+    adjusted = augment._adjust_intensity(images, draws)
+    for index, draw in enumerate(draws):
+        expected = images[index]
+        mean = expected.mean()
+        expected = ((expected - mean) * draw.contrast + mean).clamp(0.0, 1.0)
+        expected = AdjustContrast(gamma=draw.gamma)(expected)
+        if draw.blur_sigma is not None:
+            expected = GaussianSmooth(sigma=draw.blur_sigma)(expected)
+        torch.testing.assert_close(adjusted[index], torch.as_tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_a_batch_of_mixed_shapes_matches_its_slices_one_by_one():
+    rng = np.random.default_rng(2)
+    augment = TwoViewAugment(AugmentParams(), output_size=20)
+    shapes = [(32, 32), (24, 40), (32, 32)]
+    images = [rng.random(shape, dtype=np.float32) for shape in shapes]
+    regions = [(np.indices(shape)[0] // 4 * 10 + np.indices(shape)[1] // 4).astype(np.int32) for shape in shapes]
+    labels = [(region % 3).astype(np.int64) for region in regions]
+    draws = [augment.draw(shape, np.random.default_rng(seed), with_label=True) for seed, shape in enumerate(shapes)]
+    batch = augment.augment(images, regions, draws, labels=labels)
+    for index in range(3):
+        single = augment(images[index], regions[index], np.random.default_rng(index), label=labels[index])
+        for name in ("image1", "image2", "regions1", "regions2", "label1", "label2"):
+            assert torch.equal(batch[name][index], getattr(single, name)), (index, name)
+    with pytest.raises(ValueError, match="slice 1: expected a 2D image and maps of its shape"):
+        augment.augment(images, [regions[0]] * 3, draws)

@@ -149,3 +149,19 @@ def test_labelled_augmentation_moves_image_and_label_together(table):
         before = original["image"][0][original["label"] == organ].mean()
         after = first["image"][0][first["label"] == organ].mean()
         assert abs(before - after) < 0.05, organ
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_a_batch_is_augmented_as_its_items_are(table, with_labels):
+    """The batched pass (a Train worker's, a DataLoader's `__getitems__`) draws the same views as
+    item by item, so a slice's views do not depend on the batch it falls in."""
+    dataset = TwoViewSliceDataset(table, TwoViewAugment(AugmentParams(), output_size=OUTPUT_SIZE), seed=3,
+                                  with_labels=with_labels)
+    dataset.set_epoch(2)
+    indices = [4, 0, 2]
+    batch = dataset.augmented_batch(indices, device="cpu")
+    assert set(batch) == set(dataset[0]) and batch["image1"].shape == (3, 1, OUTPUT_SIZE, OUTPUT_SIZE)
+    for position, index in enumerate(indices):
+        assert_items_equal({name: value[position] for name, value in batch.items()}, dataset[index])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=indices)
+    assert_items_equal(next(iter(loader)), batch)
