@@ -4,8 +4,9 @@ One TPE run is one draw of a random quantity: its seed decides which points it t
 deterministic (seeded pre-training, fine-tuning and data order), so a finished grid sweep of a
 space of choices (`bench/search_efficiency.py` keeps one) already holds every trial's outcome:
 each pre-training's per-epoch probe Dice and seconds, each fine-tuning's Dice and seconds. This
-replays the sweep's search for each seed with the real parts: Optuna's TPE sampler as the sweep
-configures it, Tune's ASHA scheduler from `early_stopping`, and the sweep's own sharing rules
+replays the sweep's search for each seed with the real parts: the sweep's searcher
+(`make_searcher`: Optuna's TPE as the sweep configures it, each distinct run proposed once),
+Tune's ASHA scheduler from `early_stopping`, and the sweep's own sharing rules
 (`pretraining_key`: a finished pre-training is replayed for free; `finetuning_key`: a repeated
 fine-tuning costs nothing). A stopped pre-training is not kept, as in a sweep. Compute is the
 measured seconds of the work a real sweep would have done; the grid's is every pre-training and
@@ -40,11 +41,11 @@ import optuna
 import yaml
 from ray.tune.schedulers import TrialScheduler
 
-from lrc_ray import api
 from lrc_ray.distributed.tune import (
-    EPOCH, PROBE_METRIC, SWEEP_FILE, early_stopping, finetuning_key, fixed_values, pretraining_key,
+    EPOCH, PROBE_METRIC, SWEEP_FILE, SweepContext, early_stopping, fixed_values, make_searcher, run_keys, trial_config,
+    tune_param_space,
 )
-from lrc_ray.search_space import Choice, config_with_values, parse_search_space
+from lrc_ray.search_space import Choice, parse_search_space
 
 
 def measured_grid(experiment: Path, fixed: dict | None = None):
@@ -86,32 +87,32 @@ def setting(space, values: dict) -> tuple:
 
 
 def keys(space, base: dict, values: dict) -> tuple[str | None, str]:
-    config = config_with_values(base, {**fixed_values(space), **values}, source="grid trial")
-    superpixels = json.dumps([config.data.scale, config.data.sigma, config.data.min_size])
-    pretrained = pretraining_key(config, superpixels, space.sweep.workers_per_trial) if api.pretrains(config) else None
-    return pretrained, finetuning_key(config, pretrained)
+    context = replay_context(space, base)
+    return run_keys(trial_config(context, values), context.workers)
+
+
+def replay_context(space, base: dict) -> SweepContext:
+    return SweepContext(base=base, space_params=fixed_values(space), pretrained_root="",
+                        workers=space.sweep.workers_per_trial, use_gpu=False)
 
 
 def replay(space, base, pretrainings, finetunings, *, seed: int, samples: int, sampler: str = "tpe"):
     """Best Dice, compute and chosen setting (that of the best trial) of one TPE (or random) + ASHA
-    sweep, one trial at a time."""
-    settings = space.sweep
-    if sampler == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.tpe_startup_trials(samples))
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    study = optuna.create_study(direction="maximize" if settings.mode == "max" else "minimize", sampler=sampler)
-    distributions = {key: optuna.distributions.CategoricalDistribution(list(space.params[key].values))
-                     for key in _choice_keys(space)}
+    sweep, one trial at a time, proposed by the sweep's own searcher (`make_searcher`)."""
+    settings = dataclasses.replace(space.sweep, seed=seed)
+    space = dataclasses.replace(space, sweep=settings)
+    searcher = make_searcher(space, replay_context(space, base), samples, sampler=sampler)
+    searcher.set_search_properties(None, None, tune_param_space(space))
     epochs = max(len(history) for history in pretrainings.values())
     scheduler = early_stopping(settings, epochs)
     trained, finetuned, compute, best, chosen = set(), set(), 0.0, -np.inf, None
     for number in range(samples):
-        trial = study.ask(distributions)
-        pre_key, ft_key = keys(space, base, trial.params)
+        trial_id = str(number)
+        values = searcher.suggest(trial_id)
+        pre_key, ft_key = keys(space, base, values)
         stopped = False
         if pre_key is not None:
-            handle = SimpleNamespace(trial_id=str(number))
+            handle = SimpleNamespace(trial_id=trial_id)
             scheduler.on_trial_add(None, handle)
             for epoch, (seconds, probe) in enumerate(pretrainings[pre_key], start=1):
                 compute += 0.0 if pre_key in trained else seconds
@@ -121,14 +122,14 @@ def replay(space, base, pretrainings, finetunings, *, seed: int, samples: int, s
                     break
             trained |= set() if stopped else {pre_key}
         if stopped:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            searcher.on_trial_complete(trial_id, {PROBE_METRIC: probe})
             continue
         dice, seconds = finetunings[ft_key]
         compute += 0.0 if ft_key in finetuned else seconds
         finetuned.add(ft_key)
         if dice > best:
-            best, chosen = dice, setting(space, trial.params)
-        study.tell(trial, dice)
+            best, chosen = dice, setting(space, values)
+        searcher.on_trial_complete(trial_id, {settings.metric: dice})
     return best, compute, chosen
 
 

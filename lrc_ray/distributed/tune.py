@@ -14,6 +14,9 @@ need); with 0 it holds one CPU (or GPU) and trains in its own process, which Tun
    default). A fine-tuning that repeats an earlier trial's exactly is not run again.
 `scratch` has nothing to pre-train, so ASHA never sees a probe value for it: it always
 reaches fine-tuning.
+The searcher proposes each distinct run once: TPE on a space of a few choices proposes points it
+has already run (a quarter of the quick-start's trials, replayed), and each repeat would spend one
+of the sweep's trials on a result it already has.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import ray
@@ -172,16 +176,80 @@ def _digest(relevant: dict) -> str:
     return hashlib.blake2b(json.dumps(relevant, sort_keys=True).encode(), digest_size=10).hexdigest()
 
 
-class _FinalResultOptunaSearch(OptunaSearch):
-    """OptunaSearch that ignores the per-epoch probe reports, which lack the searched metric.
+def run_keys(config: RunConfig, workers: int) -> tuple[str | None, str]:
+    """(pre-training key or None, fine-tuning key) from a trial's config alone, as a searcher sees
+    it before the trial runs: the super-pixels stand for themselves by their settings."""
+    from lrc_ray import api
 
-    Optuna's intermediate values feed only pruners, and OptunaSearch runs a no-op pruner
-    (ASHA does the stopping), so nothing is lost.
+    data = config.data
+    superpixels = json.dumps([data.scale, data.sigma, data.min_size, list(data.window_hu), data.size])
+    pretrained = pretraining_key(config, superpixels, workers) if api.pretrains(config) else None
+    return pretrained, finetuning_key(config, pretrained)
+
+
+def _trial_run_key(context: SweepContext, trial_values: dict) -> str:
+    return run_keys(trial_config(context, trial_values), context.workers)[1]
+
+
+class SweepOptunaSearch(OptunaSearch):
+    """OptunaSearch as a sweep needs it: each distinct run proposed once, final results only.
+
+    - A proposal whose run (`run_key` of the trial's values: equal when the fine-tuning and its
+      pre-training would be) was proposed before is told to Optuna with that run's outcome (its
+      metric; pruned when it was stopped or failed; failed, i.e. ignored, while it still runs)
+      and drawn again, up to `max_redraws` times; after that the repeat runs (its results are
+      reused, so it costs little). Without this, TPE repeats about a quarter of the quick-start
+      sweep's trials (`bench/search_simulation.py`).
+    - The per-epoch probe reports, which lack the searched metric, are not passed on: Optuna's
+      intermediate values feed only pruners, and OptunaSearch runs a no-op pruner (ASHA stops).
     """
+
+    def __init__(self, *, run_key: Callable[[dict], str], max_redraws: int = 20, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._run_key = run_key
+        self._max_redraws = max_redraws
+        self._key_of_trial: dict[str, str] = {}
+        self._outcome: dict[str, float | None] = {}  # run key -> its metric (None: not known yet)
+        self._finished_keys: set[str] = set()
+
+    def suggest(self, trial_id: str) -> dict | None:
+        for redraw in range(self._max_redraws + 1):
+            values = super().suggest(trial_id)
+            key = self._run_key(values)
+            if key not in self._outcome or redraw == self._max_redraws:
+                break
+            value = self._outcome[key]
+            if value is not None:
+                state = optuna.trial.TrialState.COMPLETE
+            else:
+                state = optuna.trial.TrialState.PRUNED if key in self._finished_keys else optuna.trial.TrialState.FAIL
+            self._ot_study.tell(self._ot_trials.pop(trial_id), value, state=state)
+        self._key_of_trial[trial_id] = key
+        self._outcome.setdefault(key, None)
+        return values
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self.metric in result:
             super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        key = self._key_of_trial.get(trial_id)
+        if key is not None and key not in self._finished_keys:
+            self._finished_keys.add(key)
+            self._outcome[key] = (result or {}).get(self.metric)
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def make_searcher(space: SearchSpace, context: SweepContext, trials: int, *, sampler: str = "tpe") -> SweepOptunaSearch:
+    """The sweep's searcher: TPE (seeded from the space) or, for comparison, random sampling."""
+    settings = space.sweep
+    if sampler == "tpe":
+        optuna_sampler = optuna.samplers.TPESampler(seed=settings.seed,
+                                                    n_startup_trials=settings.tpe_startup_trials(trials))
+    else:
+        optuna_sampler = optuna.samplers.RandomSampler(seed=settings.seed)
+    return SweepOptunaSearch(metric=settings.metric, mode=settings.mode, sampler=optuna_sampler,
+                             run_key=partial(_trial_run_key, context))
 
 
 def run_sweep(
@@ -243,8 +311,7 @@ def run_sweep(
     else:
         trials = num_samples or settings.num_samples
         scheduler = early_stopping(settings, _largest_epochs(space, base))
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.tpe_startup_trials(trials))
-        searcher = _FinalResultOptunaSearch(metric=settings.metric, mode=settings.mode, sampler=sampler)
+        searcher = make_searcher(space, context, trials)
         param_space = tune_param_space(space)
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                       max_concurrent_trials=concurrency, reuse_actors=reuse)
@@ -290,7 +357,7 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
     from lrc_ray import api
     from lrc_ray.superpixels.cache import entry_lock
 
-    config = _trial_config(context, trial_values)
+    config = trial_config(context, trial_values)
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the progress shown
     # Lines per epoch that Tune's table already says: checkpoint written, data stream started and finished.
     for chatty in ("ray.train._internal.storage", "ray.data._internal.execution.streaming_executor"):
@@ -355,7 +422,7 @@ def _finetune(config: RunConfig, checkpoint: str | None, context: SweepContext) 
     return ray.get(task.remote(config.to_dict(), checkpoint))
 
 
-def _trial_config(context: SweepContext, trial_values: dict) -> RunConfig:
+def trial_config(context: SweepContext, trial_values: dict) -> RunConfig:
     return config_with_values(context.base, {**context.space_params, **trial_values}, source="trial config")
 
 

@@ -15,12 +15,13 @@ from lrc_ray.distributed.tune import (
     TRIAL_SLOT,
     SweepContext,
     _finetune,
-    _FinalResultOptunaSearch,
+    SweepOptunaSearch,
     driver_resources,
     early_stopping,
     finetuning_key,
     fixed_values,
     pretraining_key,
+    run_keys,
     summarise_failures,
     trial_concurrency,
     tune_param_space,
@@ -252,17 +253,17 @@ def test_finetuning_key_changes_with_the_pretrained_checkpoint():
     assert finetuning_key(RunConfig(), "lrc-a") != finetuning_key(RunConfig(), None)
 
 
-# --- _FinalResultOptunaSearch ---------------------------------------------------------------
+# --- SweepOptunaSearch ----------------------------------------------------------------------
 
 
-def _searcher():
-    searcher = _FinalResultOptunaSearch(metric="dice_mean", mode="max", seed=0)
-    assert searcher.set_search_properties(None, None, {"x": tune.choice([1, 2])})
+def _searcher(choices=(1, 2), run_key=lambda values: str(values["x"]), **kwargs):
+    searcher = SweepOptunaSearch(metric="dice_mean", mode="max", run_key=run_key, **kwargs)
+    assert searcher.set_search_properties(None, None, {"x": tune.choice(list(choices))})
     return searcher
 
 
 def test_optuna_search_ignores_reports_without_the_metric():
-    searcher = _searcher()
+    searcher = _searcher(seed=0)
     suggested = searcher.suggest("t1")
     assert suggested["x"] in (1, 2)
     searcher.on_trial_result("t1", {"probe_dice": 0.1, "training_iteration": 1})
@@ -301,6 +302,57 @@ def test_optuna_search_marks_a_trial_stopped_before_the_metric_as_pruned():
     searcher.on_trial_complete("t1", {"probe_dice": 0.1, "training_iteration": 1})
     (trial,) = searcher._ot_study.trials
     assert trial.state.name == "PRUNED"
+
+
+def _each_choice_twice_sampler():
+    """Proposes each choice twice in a row (Optuna trial numbers 0, 1 -> first choice; 2, 3 ->
+    second; ...): the repeats TPE makes, on cue."""
+    import optuna
+
+    class EachChoiceTwice(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, name, distribution):
+            return distribution.choices[min(trial.number // 2, len(distribution.choices) - 1)]
+
+    return EachChoiceTwice(seed=0)
+
+
+def test_a_repeated_run_is_told_its_known_outcome_and_drawn_again():
+    searcher = _searcher(choices=(1, 2, 3), sampler=_each_choice_twice_sampler())
+    assert searcher.suggest("t1") == {"x": 1}
+    searcher.on_trial_complete("t1", {"dice_mean": 0.5})
+    second = searcher.suggest("t2")
+    assert second != {"x": 1}, "the repeat of x=1 was drawn again"
+    states = [(trial.params["x"], trial.state.name, trial.value) for trial in searcher._ot_study.trials]
+    assert states[:2] == [(1, "COMPLETE", 0.5), (1, "COMPLETE", 0.5)], "the repeat got the first run's Dice"
+    searcher.on_trial_complete("t2", {"probe_dice": 0.1})  # stopped by ASHA
+    assert searcher.suggest("t3") == {"x": 3}
+    assert [trial.state.name for trial in searcher._ot_study.trials if trial.params["x"] == 2] == ["PRUNED", "PRUNED"]
+
+
+def test_a_repeat_of_a_running_trial_is_ignored_by_optuna_and_drawn_again():
+    searcher = _searcher(choices=(1, 2), sampler=_each_choice_twice_sampler())
+    searcher.suggest("t1")  # still running
+    assert searcher.suggest("t2") == {"x": 2}
+    assert [trial.state.name for trial in searcher._ot_study.trials if trial.params["x"] == 1] == ["RUNNING", "FAIL"]
+
+
+def test_runs_repeat_once_every_distinct_one_has_run():
+    searcher = _searcher(choices=(1, 2), seed=0, max_redraws=5)
+    seen = []
+    for number in range(4):
+        seen.append(searcher.suggest(f"t{number}")["x"])
+        searcher.on_trial_complete(f"t{number}", {"dice_mean": 0.1 * seen[-1]})
+    assert sorted(seen[:2]) == [1, 2] and set(seen[2:]) <= {1, 2}
+
+
+def test_the_run_key_equates_what_a_trial_would_not_run_differently():
+    """`scratch` pre-trains nothing, so its temperature and scale change no run; a label fraction does."""
+    scratch = RunConfig().replace(pretrain={"method": "scratch"})
+    assert run_keys(scratch, 0) == run_keys(scratch.replace(pretrain={"temperature": 0.5}, data={"scale": 50.0}), 0)
+    assert run_keys(scratch, 0)[1] != run_keys(scratch.replace(finetune={"label_fraction": 0.25}), 0)[1]
+    lrc = RunConfig().replace(pretrain={"method": "lrc"})
+    assert run_keys(lrc, 0)[1] != run_keys(lrc.replace(pretrain={"temperature": 0.5}), 0)[1]
+    assert run_keys(lrc, 0)[1] != run_keys(lrc.replace(data={"scale": 50.0}), 0)[1]
 
 
 # --- summarise_failures / _last_error_line --------------------------------------------------
