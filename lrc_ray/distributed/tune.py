@@ -188,7 +188,10 @@ def run_keys(config: RunConfig, workers: int) -> tuple[str | None, str]:
 
 
 def _trial_run_key(context: SweepContext, trial_values: dict) -> str:
-    return run_keys(trial_config(context, trial_values), context.workers)[1]
+    try:
+        return run_keys(trial_config(context, trial_values), context.workers)[1]
+    except UserInputError:  # values the config refuses: the trial runs and fails with that error
+        return "invalid-" + _digest(trial_values)
 
 
 class SweepOptunaSearch(OptunaSearch):

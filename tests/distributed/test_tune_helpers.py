@@ -22,6 +22,7 @@ from lrc_ray.distributed.tune import (
     fixed_values,
     pretraining_key,
     run_keys,
+    trial_config,
     summarise_failures,
     trial_concurrency,
     tune_param_space,
@@ -343,6 +344,16 @@ def test_runs_repeat_once_every_distinct_one_has_run():
         seen.append(searcher.suggest(f"t{number}")["x"])
         searcher.on_trial_complete(f"t{number}", {"dice_mean": 0.1 * seen[-1]})
     assert sorted(seen[:2]) == [1, 2] and set(seen[2:]) <= {1, 2}
+
+
+def test_values_the_config_refuses_leave_the_error_to_the_trial():
+    """The searcher must not fail where the trial would report a clear error of its own."""
+    from lrc_ray.distributed.tune import _trial_run_key
+
+    context = SweepContext(base=RunConfig().to_dict(), space_params={}, pretrained_root="", workers=0, use_gpu=False)
+    with pytest.raises(UserInputError, match="data.size"):
+        trial_config(context, {"data.size": 100})
+    assert _trial_run_key(context, {"data.size": 100}) != _trial_run_key(context, {"data.size": 90})
 
 
 def test_the_run_key_equates_what_a_trial_would_not_run_differently():
