@@ -255,8 +255,8 @@ class TwoViewAugment:
         # MONAI AdjustContrast's gamma, with each slice's own range and gamma (it has no batched form).
         low = images.amin(dim=(1, 2, 3), keepdim=True)
         span = images.amax(dim=(1, 2, 3), keepdim=True) - low
+        # torch.where returns a new tensor, so blurring into it below leaves the caller's intact.
         images = torch.where(gamma == 1.0, images, ((images - low) / (span + _GAMMA_EPSILON)) ** gamma * span + low)
-        images = images.clone()
         for index, draw in enumerate(draws):
             if draw.blur_sigma is not None:  # MONAI GaussianSmooth's filter, one sigma per slice
                 sigma = torch.as_tensor(draw.blur_sigma, device=images.device)

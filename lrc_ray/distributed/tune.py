@@ -178,11 +178,10 @@ def _digest(relevant: dict) -> str:
 
 def run_keys(config: RunConfig, workers: int) -> tuple[str | None, str]:
     """(pre-training key or None, fine-tuning key) from a trial's config alone, as a searcher sees
-    it before the trial runs: the super-pixels stand for themselves by their settings."""
+    it before the trial runs: the super-pixels stand for themselves by their cache parameters."""
     from lrc_ray import api
 
-    data = config.data
-    superpixels = json.dumps([data.scale, data.sigma, data.min_size, list(data.window_hu), data.size])
+    superpixels = json.dumps(api.extraction_params_for(config.data).as_dict(), sort_keys=True)
     pretrained = pretraining_key(config, superpixels, workers) if api.pretrains(config) else None
     return pretrained, finetuning_key(config, pretrained)
 
