@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -97,19 +98,21 @@ def replay_context(space, base: dict) -> SweepContext:
 
 
 def replay(space, base, pretrainings, finetunings, *, seed: int, samples: int, sampler: str = "tpe"):
-    """Best Dice, compute and chosen setting (that of the best trial) of one TPE (or random) + ASHA
-    sweep, one trial at a time, proposed by the sweep's own searcher (`make_searcher`)."""
+    """Best Dice, compute, chosen setting (that of the best trial) and distinct runs proposed of
+    one TPE (or random) + ASHA sweep, one trial at a time, proposed by the sweep's own searcher
+    (`make_searcher`)."""
     settings = dataclasses.replace(space.sweep, seed=seed)
     space = dataclasses.replace(space, sweep=settings)
     searcher = make_searcher(space, replay_context(space, base), samples, sampler=sampler)
     searcher.set_search_properties(None, None, tune_param_space(space))
     epochs = max(len(history) for history in pretrainings.values())
     scheduler = early_stopping(settings, epochs)
-    trained, finetuned, compute, best, chosen = set(), set(), 0.0, -np.inf, None
+    trained, finetuned, proposed, compute, best, chosen = set(), set(), set(), 0.0, -np.inf, None
     for number in range(samples):
         trial_id = str(number)
         values = searcher.suggest(trial_id)
         pre_key, ft_key = keys(space, base, values)
+        proposed.add(ft_key)
         stopped = False
         if pre_key is not None:
             handle = SimpleNamespace(trial_id=trial_id)
@@ -130,7 +133,14 @@ def replay(space, base, pretrainings, finetunings, *, seed: int, samples: int, s
         if dice > best:
             best, chosen = dice, setting(space, values)
         searcher.on_trial_complete(trial_id, {settings.metric: dice})
-    return best, compute, chosen
+    return best, compute, chosen, len(proposed)
+
+
+def blind_hit_probability(total: int, good: int, drawn: float) -> float:
+    """Chance that `drawn` of `total` runs picked at random include one of the `good` ones (drawn
+    rounded down): what a search that learns nothing from its trials would get."""
+    drawn = min(int(drawn), total)
+    return 1.0 - math.comb(total - good, drawn) / math.comb(total, drawn)
 
 
 def main() -> None:
@@ -158,19 +168,24 @@ def main() -> None:
         sum(seconds for _, seconds in finetunings.values())
     runs = [replay(space, base, pretrainings, finetunings, seed=seed, samples=samples, sampler=args.sampler)
             for seed in range(args.seeds)]
-    ratios = np.array([[best / grid_best, compute / grid_compute] for best, compute, _ in runs])
+    ratios = np.array([[best / grid_best, compute / grid_compute] for best, compute, _, _ in runs])
+    near_best = sum(dice >= 0.98 * grid_best for dice, _ in finetunings.values())
+    proposed = float(np.mean([count for *_, count in runs]))
     print(f"grid: {len(pretrainings)} pre-trainings, {len(finetunings)} distinct fine-tunings, best Dice "
           f"{grid_best:.4f} ({dict(zip(_choice_keys(space), grid_choice))}), compute {grid_compute:.0f} s")
     print(f"{args.sampler} + ASHA, {samples} trials, seeds 0..{args.seeds - 1}:")
     print(f"  single-run best Dice / grid: mean {ratios[:, 0].mean():.3f}, min {ratios[:, 0].min():.3f}; "
           f">= 0.98 in {np.mean(ratios[:, 0] >= 0.98):.0%} of seeds")
+    print(f"  distinct runs within 0.98 of the grid's best: {near_best} of {len(finetunings)}; the search "
+          f"proposed {proposed:.1f} distinct runs on average, and as many picked blind would include one with "
+          f"probability {blind_hit_probability(len(finetunings), near_best, proposed):.0%}")
     print(f"  compute / grid:   mean {ratios[:, 1].mean():.3f}, max {ratios[:, 1].max():.3f}; "
           f"<= 0.35 in {np.mean(ratios[:, 1] <= 0.35):.0%} of seeds")
     quality = ratios[:, 0]
     if truths:
         def score(choice):
             return float(np.mean([truth[choice] for truth in truths]))
-        quality = np.array([score(choice) / score(grid_choice) for _, _, choice in runs])
+        quality = np.array([score(choice) / score(grid_choice) for _, _, choice, _ in runs])
         print(f"  chosen setting's mean Dice over {len(truths)} other run seeds / the grid choice's "
               f"({score(grid_choice):.4f}): mean {quality.mean():.3f}, min {quality.min():.3f}; "
               f">= 0.98 in {np.mean(quality >= 0.98):.0%} of seeds")
