@@ -237,10 +237,10 @@ class TwoViewAugment:
                          f"regions{view + 1}": warped_maps[:, 0]}
                 if labels is not None:
                     group[f"label{view + 1}"] = warped_maps[:, 1]
+                if len(by_shape) == 1:  # the usual batch, one shape: the group is the whole batch
+                    views.update(group)
+                    continue
                 for name, value in group.items():
-                    if len(by_shape) == 1:  # the usual batch, one shape: the group is the whole batch
-                        views[name] = value
-                        continue
                     if name not in views:
                         views[name] = value.new_empty((count, *value.shape[1:]))
                     views[name][members] = value
