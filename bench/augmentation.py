@@ -32,6 +32,20 @@ from lrc_ray.distributed.runtime import ray_session
 from lrc_ray.superpixels.cache import read_parquet_dir
 
 
+def cached_dataset(config: RunConfig, rows: int | None = None) -> TwoViewSliceDataset:
+    """The cached slices of `config.data` (its entry built already), the first `rows` of them, as a
+    two-view data set at seed 0."""
+    table = read_parquet_dir(Path(api.find_superpixels(config.data).path))
+    table = table if rows is None else table.slice(0, rows)
+    return TwoViewSliceDataset(table, TwoViewAugment(config.augment, output_size=config.data.size), seed=0)
+
+
+def item_by_item(dataset: TwoViewSliceDataset, indices: list[int]) -> dict[str, torch.Tensor]:
+    """A batch as a DataLoader fetched it before `__getitems__`: each slice augmented alone, then
+    collated."""
+    return default_collate([dataset[i] for i in indices])
+
+
 def slices_per_second(augment_batch, batches: list[list[int]]) -> float:
     synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     augment_batch(batches[0])  # warm-up
@@ -55,7 +69,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="lrc_augment_bench_"))
 
     ways = {
-        "items": lambda dataset, indices: default_collate([dataset[i] for i in indices]),
+        "items": item_by_item,
         "batched CPU": lambda dataset, indices: dataset.augmented_batch(indices),
     }
     if torch.cuda.is_available():
@@ -66,8 +80,8 @@ def main() -> None:
                                                slices=24, seed=0)
             config = RunConfig().replace(data={"data_dir": str(data_dir), "cache_root": str(workdir / "cache"),
                                                "size": size})
-            table = read_parquet_dir(Path(api.superpixels_for(config.data).entry.path))
-            dataset = TwoViewSliceDataset(table, TwoViewAugment(config.augment, output_size=size), seed=0)
+            api.superpixels_for(config.data)
+            dataset = cached_dataset(config)
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
             batches = [order[start : start + args.batch_size]
                        for start in range(0, len(order) - args.batch_size + 1, args.batch_size)][: args.batches]

@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from augmentation import cached_dataset, item_by_item, slices_per_second
 from sweep_common import trial_reports
 
 from lrc_ray import api
@@ -152,16 +153,6 @@ def pretrain_config(args, workdir: Path):
     )
 
 
-def cached_dataset(config, rows: int | None = None):
-    from lrc_ray.augment.two_views import TwoViewAugment
-    from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset
-    from lrc_ray.superpixels.cache import read_parquet_dir
-
-    table = read_parquet_dir(Path(api.find_superpixels(config.data).path))
-    table = table if rows is None else table.slice(0, rows)
-    return TwoViewSliceDataset(table, TwoViewAugment(config.augment, output_size=config.data.size), seed=0)
-
-
 def model_step_rate(config, device: torch.device, dtype: torch.dtype | None, steps: int) -> float:
     """Slices/s of pre-training steps on one batch already on the device (after 3 warm-up steps)."""
     from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
@@ -180,17 +171,13 @@ def model_step_rate(config, device: torch.device, dtype: torch.dtype | None, ste
 def augment_rates(config, device: torch.device, batches: int) -> dict:
     """Slices/s of the two-view augmentation alone at one torch thread: item by item on the CPU
     (as a Train worker augmented before the batched pass) and batched on `device` (as it does now)."""
-    from torch.utils.data import default_collate
-
-    from augmentation import slices_per_second
-
     dataset = cached_dataset(config)
     size = config.pretrain.batch_size
     indices = [list(range(start, start + size)) for start in range(0, len(dataset) - size + 1, size)][:batches]
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        items = slices_per_second(lambda batch: default_collate([dataset[i] for i in batch]), indices)
+        items = slices_per_second(lambda batch: item_by_item(dataset, batch), indices)
         batched = slices_per_second(lambda batch: dataset.augmented_batch(batch, device=device), indices)
     finally:
         torch.set_num_threads(torch_threads)
