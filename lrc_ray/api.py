@@ -195,13 +195,14 @@ def pretrain(
         return _pretrain_in_process(config, data, checkpoint, progress=progress)
 
     from lrc_ray.distributed.runtime import ray_session
-    from lrc_ray.distributed.train import pretrain_with_ray_train
+    from lrc_ray.distributed.train import check_train_resources, pretrain_with_ray_train
 
-    check_batch_fits(config, data)
+    check_batch_fits(config, data, workers=workers)
     with ray_session(address=address):
+        check_train_resources(workers, use_gpu=use_gpu)
         outcome = pretrain_with_ray_train(
-            config, parquet_dir=str(data.entry.path), selection=data.selection, storage_path=str(out_dir), name=name,
-            workers=workers, use_gpu=use_gpu, num_classes=data.num_classes,
+            config, parquet_dir=str(data.entry.path), selection=data.selection, num_slices=data.num_slices,
+            storage_path=str(out_dir), name=name, workers=workers, use_gpu=use_gpu, num_classes=data.num_classes,
         )
     return save_checkpoint(checkpoint, state_dict=outcome.state_dict, config=config.to_dict(), epoch=outcome.epoch,
                            history=outcome.history)
@@ -214,25 +215,30 @@ class PretrainingData:
     entry: CacheEntry
     selection: RowSelection
     num_classes: int | None
+    num_slices: int  # the slices the selection keeps
 
 
 def pretraining_data(config: RunConfig) -> PretrainingData:
     """Self-supervised methods use every volume of the data set except the validation ones; the
     supervised methods use the labelled volumes of `pretrain.source_data_dir`, a separate set."""
 
+    from lrc_ray.superpixels.cache import read_entry_table
+
     settings = config.pretrain
     if not settings.uses_supervised:
         _, _, split = _training_table(config, columns=["label"])
+        entry, num_classes = find_superpixels(config.data), None
         selection = RowSelection(exclude_cases=split.validation, min_regions=settings.min_regions)
-        return PretrainingData(find_superpixels(config.data), selection, None)
-    if Path(settings.source_data_dir).resolve() == Path(config.data.data_dir).resolve():
-        raise UserInputError(
-            f"pretrain.source_data_dir: {settings.source_data_dir} is the fine-tuning data set; supervised "
-            "pre-training on it would use labels beyond the label fraction"
-        )
-    entry = find_superpixels(replace(config.data, data_dir=settings.source_data_dir))
-    selection = RowSelection(labelled_only=True, min_regions=settings.min_regions)
-    return PretrainingData(entry, selection, max(_entry_labels(entry)) + 1)
+    else:
+        if Path(settings.source_data_dir).resolve() == Path(config.data.data_dir).resolve():
+            raise UserInputError(
+                f"pretrain.source_data_dir: {settings.source_data_dir} is the fine-tuning data set; supervised "
+                "pre-training on it would use labels beyond the label fraction"
+            )
+        entry = find_superpixels(replace(config.data, data_dir=settings.source_data_dir))
+        selection, num_classes = RowSelection(labelled_only=True, min_regions=settings.min_regions), max(_entry_labels(entry)) + 1
+    kept = select_rows(read_entry_table(entry, columns=["n_regions", "label"]), selection).num_rows
+    return PretrainingData(entry, selection, num_classes, kept)
 
 
 def pretrains(config: RunConfig) -> bool:
@@ -252,50 +258,34 @@ def probe_source(config: RunConfig, entry: CacheEntry) -> ProbeSource:
                        num_classes=max(labels) + 1)
 
 
-def check_batch_fits(config: RunConfig, data: PretrainingData, slices: int | None = None) -> None:
-    """Refuse a per-worker batch larger than the slices to pre-train on (no step would run)."""
-    from lrc_ray.superpixels.cache import read_entry_table
-
-    if slices is None:
-        table = read_entry_table(data.entry, columns=["n_regions", "label"])
-        slices = select_rows(table, data.selection).num_rows
-    if slices < config.pretrain.batch_size:
-        raise UserInputError(f"pretrain.batch_size: {config.pretrain.batch_size} is more than the {slices} slices to pre-train on")
+def check_batch_fits(config: RunConfig, data: PretrainingData, *, workers: int = 1) -> None:
+    """Refuse a global batch larger than the slices to pre-train on (no step would run)."""
+    batch = config.pretrain.batch_size
+    if data.num_slices < batch * max(workers, 1):
+        across = f" x {workers} workers" if workers > 1 else ""
+        raise UserInputError(f"pretrain.batch_size: {batch}{across} is more than the {data.num_slices} slices to pre-train on")
 
 
 def _pretrain_in_process(config: RunConfig, data: PretrainingData, checkpoint: Path, *, progress: bool) -> Path:
+    """The plain loop in this process; `scratch` (or zero epochs) saves the random initialisation."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from lrc_ray.augment.two_views import TwoViewAugment
-    from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset
+    from lrc_ray.data.shard import compact_slices
     from lrc_ray.engine.checkpoint import save_checkpoint
-    from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
+    from lrc_ray.engine.pretrain import LrcPretrainer
+    from lrc_ray.engine.pretrain_loop import LocalRun, run_pretraining
     from lrc_ray.superpixels.cache import read_entry_table
 
-    settings = config.pretrain
-    table = select_rows(read_entry_table(data.entry), data.selection)
-    torch.manual_seed(config.seed)
-    pretrainer = LrcPretrainer(settings, config.network, seed=config.seed, num_classes=data.num_classes)
     if not pretrains(config):
-        return save_checkpoint(checkpoint, state_dict=pretrainer.online.state_dict(), config=config.to_dict(), epoch=-1, history=[])
-    dataset = TwoViewSliceDataset(
-        table, TwoViewAugment(config.augment, output_size=config.data.size), seed=config.seed,
-        min_regions=settings.min_regions, with_labels=settings.uses_supervised,
-    )
-    check_batch_fits(config, data, slices=len(dataset))
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True, generator=generator,
-                        num_workers=settings.num_workers)
-    logger.info("pre-training %s on %d slices, %d epochs, batch %d", settings.method, len(dataset), settings.epochs, settings.batch_size)
-    history: list[dict] = []
-    optimizer = build_optimizer(pretrainer, settings)
-    for epoch in range(settings.epochs):
-        dataset.set_epoch(epoch)
-        metrics = pretrain_one_epoch(pretrainer, loader, optimizer, generator=generator, epoch=epoch, progress=progress)
-        history.append({"epoch": epoch + 1, **metrics})
-        logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        save_checkpoint(checkpoint, state_dict=pretrainer.online.state_dict(), config=config.to_dict(), epoch=epoch, history=history)
+        torch.manual_seed(config.seed)
+        initial = LrcPretrainer(config.pretrain, config.network, seed=config.seed, num_classes=data.num_classes)
+        return save_checkpoint(checkpoint, state_dict=initial.online.state_dict(), config=config.to_dict(), epoch=-1,
+                               history=[])
+    check_batch_fits(config, data)
+    arrays = compact_slices(read_entry_table(data.entry), data.selection)
+    logger.info("pre-training %s on %d slices, %d epochs, batch %d", config.pretrain.method, data.num_slices,
+                config.pretrain.epochs, config.pretrain.batch_size)
+    run_pretraining(config, LocalRun(config, arrays, checkpoint, progress=progress), num_classes=data.num_classes)
     return checkpoint
 
 

@@ -368,7 +368,7 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
     checkpoint, key, epochs_run, reused, history, pretrain_seconds = None, None, 0, False, [], 0.0
     if api.pretrains(config):
         data = api.pretraining_data(config)
-        api.check_batch_fits(config, data)
+        api.check_batch_fits(config, data, workers=context.workers)
         key = pretraining_key(config, data.entry.path.name, context.workers)
         root = Path(context.pretrained_root)
         final, history_file = root / key / "checkpoint.pt", root / key / HISTORY_FILE
@@ -436,7 +436,8 @@ def _pretrain(config, data, entry, final: Path, context: SweepContext) -> list[d
     from lrc_ray.engine.checkpoint import save_checkpoint
 
     outcome = pretrain_with_ray_train(
-        config, parquet_dir=str(data.entry.path), selection=data.selection, storage_path=str(final.parent.parent),
+        config, parquet_dir=str(data.entry.path), selection=data.selection, num_slices=data.num_slices,
+        storage_path=str(final.parent.parent),
         name=final.parent.name, workers=context.workers, use_gpu=context.use_gpu, num_classes=data.num_classes,
         probe=api.probe_source(config, entry), report_to_tune=True,
     )

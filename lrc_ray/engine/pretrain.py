@@ -61,27 +61,32 @@ class LrcPretrainer(nn.Module):
         """False for `scratch`: nothing to optimise."""
         return self.moco is not None or self.local_loss is not None or self.segmentation_head is not None
 
-    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> BatchLosses:
+    def forward(self, batch: dict) -> BatchLosses:
         """Loss of one batch of two-view pairs: image1/image2 (B, 1, S, S), regions1/regions2 (B, S, S),
-        and label1/label2 (B, S, S) for the supervised methods.
+        sample_seeds (B,) (each slice's seed for the pixels the local loss samples), optionally
+        region_ids_below (an int above every region id), and label1/label2 (B, S, S) for the
+        supervised methods (`engine.input_path.TwoViewBatches.make` makes such batches).
 
         Both views go through the online network in one call: one forward per step is what
         DistributedDataParallel expects, and instance norm makes it equal to two calls.
         """
-        return self.batch_losses(batch, generator)
+        return self.batch_losses(batch)
 
-    def batch_losses(self, batch: dict[str, Tensor], generator: torch.Generator) -> BatchLosses:
-        both = self.online(torch.cat([batch["image1"], batch["image2"]]))
+    def batch_losses(self, batch: dict) -> BatchLosses:
+        both = self.online(self._network_input(torch.cat([batch["image1"], batch["image2"]])))
         # Under mixed precision only the network runs in low precision: the contrastive logits
         # (divided by small temperatures) and their log-sum-exps stay in float32.
         with torch.autocast(both.global_embedding.device.type, enabled=False):
-            return self._losses(_split_views(_float32(both)), batch, generator)
+            return self._losses(_split_views(_float32(both)), batch)
 
-    def _losses(self, views: tuple[LrcOutputs, LrcOutputs], batch: dict[str, Tensor], generator) -> BatchLosses:
+    def _network_input(self, images: Tensor) -> Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
+
+    def _losses(self, views: tuple[LrcOutputs, LrcOutputs], batch: dict) -> BatchLosses:
         view1, view2 = views
         terms: dict[str, Tensor] = {}
         if self.moco is not None:
-            keys1, keys2 = self._momentum_keys(batch["image1"]), self._momentum_keys(batch["image2"])
+            keys1, keys2 = self._momentum_keys(torch.cat([batch["image1"], batch["image2"]])).chunk(2)
             # Symmetric: each view's query against the other view's key.
             terms["global"] = 0.5 * (
                 self.moco(view1.global_embedding, keys2) + self.moco(view2.global_embedding, keys1)
@@ -93,7 +98,8 @@ class LrcPretrainer(nn.Module):
                 batch["regions2"],
                 regions_per_image=self.config.regions_per_image,
                 pixels_per_region=self.config.pixels_per_region,
-                generator=generator,
+                seeds=batch["sample_seeds"],
+                num_ids=batch.get("region_ids_below"),
             )
             embeddings = samples.gather(view1.local_embedding, view2.local_embedding)
             terms["local"] = self.local_loss(embeddings, samples.region_ids)
@@ -116,8 +122,9 @@ class LrcPretrainer(nn.Module):
 
     @torch.no_grad()
     def _momentum_keys(self, images: Tensor) -> Tensor:
+        """Keys of both views in one pass (instance norm: the same as one pass per view)."""
         network = self.momentum_network
-        return network.global_head(network.backbone(images).bottleneck)
+        return network.global_head(network.backbone(self._network_input(images)).bottleneck)
 
 
 def _float32(outputs: LrcOutputs) -> LrcOutputs:
@@ -144,52 +151,66 @@ def build_optimizer(pretrainer: LrcPretrainer, config: PretrainConfig) -> torch.
     # The online network and, for the supervised methods, the segmentation head; not the
     # momentum encoder, which follows the online one by EMA.
     parameters = [p for p in pretrainer.parameters() if p.requires_grad]
-    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    # On a GPU the fused kernel updates every tensor in one launch instead of a few per tensor.
+    fused = all(p.is_cuda for p in parameters)
+    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+
+
+# Reading a loss back waits for the device's queue to empty; the losses are checked for a
+# non-finite value every this many steps (and at the end of the epoch) instead of every step.
+FINITE_CHECK_STEPS = 20
 
 
 def pretrain_one_epoch(
     pretrainer: LrcPretrainer,
-    loader,
+    batches,
     optimizer: torch.optim.Optimizer,
     *,
-    generator: torch.Generator,
     epoch: int,
     progress: bool = True,
     step_model: nn.Module | None = None,
-    device: torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
+    total: int | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns the mean total loss and of each term, the steps and the seconds.
+    """One pass over `batches` (already on the model's device); returns the mean total loss and of
+    each term, the steps and the seconds.
 
     `step_model` is what computes the loss (default: `pretrainer`; a DistributedDataParallel
-    wrapper of it under Ray Train). Batches move to `device` when given; `autocast_dtype`
-    (e.g. bfloat16 on GPU) runs the forward pass in mixed precision.
+    wrapper of it under Ray Train). `autocast_dtype` (e.g. bfloat16 on GPU) runs the network in
+    mixed precision. The losses are summed on the device and read once at the end.
 
     Raises:
         TrainingError: on a non-finite loss (the run stops; lower lr or raise temperature).
     """
     pretrainer.train()
     started = time.perf_counter()
-    sums: dict[str, float] = {}
+    sums: dict[str, Tensor] = {}
     steps = 0
     step_model = step_model if step_model is not None else pretrainer
-    for batch in tqdm(loader, desc=f"pretrain epoch {epoch}", disable=not progress, leave=False):
-        if device is not None:
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-        device_type = device.type if device is not None else "cpu"
+    device_type = next(pretrainer.parameters()).device.type
+    for batch in tqdm(batches, desc=f"pretrain epoch {epoch}", disable=not progress, leave=False, total=total):
         with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            losses = step_model(batch, generator)
-        if not torch.isfinite(losses.total):
-            raise TrainingError(
-                f"pre-training epoch {epoch} step {steps}: loss is {losses.total.item()}; "
-                "lower pretrain.lr or raise pretrain.temperature"
-            )
+            losses = step_model(batch)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         optimizer.step()
         pretrainer.after_optimizer_step()
         for name, value in {"loss": losses.total, **{f"loss_{k}": v for k, v in losses.terms.items()}}.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
+            sums[name] = sums[name] + value.detach() if name in sums else value.detach().clone()
         steps += 1
+        if steps % FINITE_CHECK_STEPS == 0:
+            _check_finite(sums["loss"], epoch, steps)
+    if steps:
+        _check_finite(sums["loss"], epoch, steps)
     seconds = time.perf_counter() - started
-    return {name: total / max(steps, 1) for name, total in sums.items()} | {"steps": steps, "seconds": seconds}
+    means = {name: float(total_loss) / steps for name, total_loss in sums.items()}
+    return means | {"steps": steps, "seconds": seconds}
+
+
+def _check_finite(loss_sum: Tensor, epoch: int, steps: int) -> None:
+    if not torch.isfinite(loss_sum):
+        first = steps - (steps - 1) % FINITE_CHECK_STEPS - 1
+        raise TrainingError(
+            f"pre-training epoch {epoch} steps {first}-{steps - 1}: loss is {float(loss_sum)}; "
+            "lower pretrain.lr or raise pretrain.temperature"
+        )
