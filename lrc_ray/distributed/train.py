@@ -90,9 +90,7 @@ def pretrain_with_ray_train(
     # Side by side, 2-epoch 1-worker Train runs on 2 CPUs: epoch loops 18.4-19.0 s with V1,
     # 21.1-21.6 s with V2, wall time equal (V1 pays its footers up front); longer runs gain more.
     data_context.use_datasource_v2 = False
-    dataset = ray.data.read_parquet(parquet_dir, file_extensions=["parquet"]).map_batches(
-        compact_slices, fn_kwargs={"selection": selection}, batch_format="pyarrow", batch_size=None
-    )
+    dataset = ray_dataset(parquet_dir, selection)
     loop_config = {"config": config.to_dict(), "use_gpu": use_gpu, "num_classes": num_classes, "probe": probe,
                    "num_slices": num_slices}
     if workers == 0:
@@ -175,6 +173,14 @@ def _caused_by_user_input(error: BaseException | None) -> bool:
     return False
 
 
+def ray_dataset(parquet_dir: str, selection: RowSelection):
+    """The cache's Parquet files as a Ray dataset of compact arrays (`data.shard`): its map tasks
+    decode the rows that `selection` keeps."""
+    return ray.data.read_parquet(parquet_dir, file_extensions=["parquet"]).map_batches(
+        compact_slices, fn_kwargs={"selection": selection}, batch_format="pyarrow", batch_size=None
+    )
+
+
 def _read_whole(dataset) -> dict:
     """Every selected slice, decoded by Ray Data map tasks, as one set of compact arrays."""
     return concat_compact(list(dataset.iter_batches(batch_size=None, batch_format="numpy")))
@@ -184,17 +190,18 @@ def _windows(dataset):
     return lambda epoch: dataset.iter_batches(batch_size=STREAM_WINDOW_ROWS, batch_format="numpy", prefetch_batches=2)
 
 
-def _slices(config: RunConfig, where: Surroundings, num_slices: int, *, with_labels: bool, whole, split):
-    """The input mode's slices: `whole()` and `split()` give the Ray datasets of each mode."""
+def slices_for(config: RunConfig, where: Surroundings, num_slices: int, *, with_labels: bool, dataset):
+    """The input mode's slices; `dataset(WHOLE)` and `dataset(SPLIT)` give the Ray data of each mode
+    (the whole set, this rank's split)."""
     settings = config.pretrain
     mode = choose_input_mode(settings.input_mode, num_slices=num_slices, size=config.data.size,
                              free_bytes=free_memory_bytes(where.device))
     shape = dict(batch_size=settings.batch_size, world_size=where.world_size, rank=where.rank, with_labels=with_labels)
     if mode == "device":
-        return DeviceResidentSlices(_read_whole(whole()), where.device, **shape)
+        return DeviceResidentSlices(_read_whole(dataset(WHOLE)), where.device, **shape)
     # Ray Data splits rows equally (`equal=True`), so every rank makes as many batches.
     steps = num_slices // where.world_size // settings.batch_size
-    return StreamedSlices(_windows(split()), where.device, steps_per_epoch=steps, **shape)
+    return StreamedSlices(_windows(dataset(SPLIT)), where.device, steps_per_epoch=steps, **shape)
 
 
 class _TrainWorker(Surroundings):
@@ -207,8 +214,7 @@ class _TrainWorker(Surroundings):
         self.num_slices = num_slices
 
     def slices(self, config: RunConfig, *, with_labels: bool):
-        return _slices(config, self, self.num_slices, with_labels=with_labels,
-                       whole=lambda: ray.train.get_dataset_shard(WHOLE), split=lambda: ray.train.get_dataset_shard(SPLIT))
+        return slices_for(config, self, self.num_slices, with_labels=with_labels, dataset=ray.train.get_dataset_shard)
 
     def prepare(self, pretrainer):
         return ray.train.torch.prepare_model(pretrainer, parallel_strategy_kwargs=DDP_OPTIONS)
@@ -231,8 +237,7 @@ class _TrialProcess(Surroundings):
         self.device = torch.device("cuda" if use_gpu else "cpu")
 
     def slices(self, config: RunConfig, *, with_labels: bool):
-        return _slices(config, self, self.num_slices, with_labels=with_labels,
-                       whole=lambda: self.dataset, split=lambda: self.dataset)
+        return slices_for(config, self, self.num_slices, with_labels=with_labels, dataset=lambda name: self.dataset)
 
     def last_state(self) -> dict | None:
         return _state_of(tune.get_checkpoint(), self.device)
