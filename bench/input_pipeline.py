@@ -45,7 +45,7 @@ def feed_rate(config: RunConfig, data, device: torch.device, *, mode: str, augme
     slices took to come in (the device mode's one-time read; the stream mode's first epoch)."""
     chosen = config.replace(pretrain={"input_mode": mode})
     settings = chosen.pretrain
-    dataset = ray_dataset(str(data.entry.path), data.selection)
+    dataset = ray_dataset(str(data.entry.path), data.selection, config.data.size)
     where = Surroundings()
     where.device = device
     started = time.perf_counter()

@@ -5,7 +5,7 @@ Pre-training needs only the image, the region ids, the label (supervised methods
 numbers per slice, in the smallest types that hold them:
 
     image      uint8  (N, S, S)   windowed slice, value / 255 in [0, 1]
-    regions    int16  (N, S, S)   region ids, -1 = ignored (int32 if a slice has >= 32767 regions)
+    regions    int16  (N, S, S)   region ids, -1 = ignored
     label      uint8  (N, S, S)   organ ids, 0 where the slice is unlabelled
     labelled   bool   (N,)
     n_regions  int32  (N,)
@@ -34,27 +34,32 @@ COMPACT_COLUMNS = ("image", "regions", "label", "labelled", "n_regions", "row_ke
 _INT16_MAX_REGIONS = np.iinfo(np.int16).max
 
 
-def compact_slices(table: pa.Table, selection: RowSelection | None = None) -> dict[str, np.ndarray]:
-    """The rows of a cache table that `selection` keeps, as the compact arrays above.
+def compact_slices(table: pa.Table, selection: RowSelection | None = None, *, side: int | None = None
+                   ) -> dict[str, np.ndarray]:
+    """The rows of a cache table that `selection` keeps, as the compact arrays above; `side` is the
+    slices' size when known (a batch may keep no row, and its arrays are then (0, side, side)).
 
     Raises:
-        UserInputError: when the slices differ in size (pre-training needs `data.size` set).
+        UserInputError: when the slices are not all square of one size (`side`, if given).
     """
     if selection is not None:
         table = select_rows(table, selection)
     count = table.num_rows
-    heights = np.unique(table.column("height").to_numpy()) if count else np.array([0])
-    widths = np.unique(table.column("width").to_numpy()) if count else np.array([0])
-    if len(heights) > 1 or len(widths) > 1:
+    sizes = set(table.column("height").to_numpy().tolist()) | set(table.column("width").to_numpy().tolist())
+    if len(sizes) > 1 or (side is not None and sizes - {side}):
+        expected = f"{side} x {side}" if side is not None else "one square size"
         raise UserInputError(
-            f"pre-training needs slices of one size, got heights {heights.tolist()} and widths {widths.tolist()}; "
-            "set data.size"
+            f"pre-training needs slices of {expected}, got sides {sorted(sizes)}; set data.size"
         )
-    shape = (count, int(heights[0]), int(widths[0]))
+    side = sizes.pop() if sizes else (side or 0)
+    shape = (count, side, side)
     n_regions = table.column("n_regions").to_numpy().astype(np.int32)
-    regions = _list_column(table, "superpixels", np.int32, shape)
-    if count and n_regions.max() <= _INT16_MAX_REGIONS:
-        regions = regions.astype(np.int16)
+    if count and n_regions.max() > _INT16_MAX_REGIONS:
+        raise UserInputError(
+            f"a slice has {n_regions.max()} super-pixel regions, more than pre-training's int16 ids hold "
+            f"({_INT16_MAX_REGIONS}); raise data.scale or data.min_size"
+        )
+    regions = _list_column(table, "superpixels", np.int16, shape)
     labelled = pc.is_valid(table.column("label")).to_numpy(zero_copy_only=False)
     label = np.zeros(shape, dtype=np.uint8)
     if labelled.any():
@@ -69,6 +74,37 @@ def compact_slices(table: pa.Table, selection: RowSelection | None = None) -> di
     }
 
 
+def compact_record_batch(table: pa.Table, selection: RowSelection | None, side: int) -> pa.Table:
+    """`compact_slices` as a plain Arrow table, what a Ray Data map task returns: each (N, S, S) array
+    becomes a fixed-size list column of S*S values (Arrow's own type, not Ray's tensor extension,
+    which some pyarrow versions fail to convert to, falling back to pickled Python objects: seen
+    on a GPU machine's image). `compact_arrays` turns it back without copying the pixels again."""
+    arrays = compact_slices(table, selection, side=side)
+    columns = {name: _fixed_size_lists(values) if values.ndim == 3 else pa.array(values)
+               for name, values in arrays.items()}
+    return pa.table(columns)
+
+
+def compact_arrays(table: pa.Table) -> dict[str, np.ndarray]:
+    """The arrays of a `compact_record_batch` table (or of several, concatenated)."""
+    count = table.num_rows
+    side = int(np.sqrt(table.schema.field("image").type.list_size))
+    arrays = {}
+    for name in COMPACT_COLUMNS:
+        column = table.column(name)
+        if pa.types.is_fixed_size_list(column.type):
+            values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+            arrays[name] = values.reshape(count, side, side)
+        else:
+            arrays[name] = column.to_numpy(zero_copy_only=False)
+    return arrays
+
+
+def _fixed_size_lists(values: np.ndarray) -> pa.FixedSizeListArray:
+    flat = np.ascontiguousarray(values).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), values.shape[1] * values.shape[2])
+
+
 def row_keys(case_ids: list[str], slice_indices: np.ndarray) -> np.ndarray:
     """A slice's key: (crc32(case_id) << 32) | slice_index, int64. Shape: (N,)."""
     crcs = np.array([zlib.crc32(case_id.encode()) for case_id in case_ids], dtype=np.int64)
@@ -77,7 +113,7 @@ def row_keys(case_ids: list[str], slice_indices: np.ndarray) -> np.ndarray:
 
 def concat_compact(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Compact arrays of several batches as one, sorted by row key (so rows are in the same order
-    whichever order the batches came in). Region ids widen to int32 if any part needed it."""
+    whichever order the batches came in)."""
     if not parts:
         raise UserInputError("no slice to pre-train on (the selection kept none)")
     merged = {name: np.concatenate([part[name] for part in parts]) for name in COMPACT_COLUMNS}

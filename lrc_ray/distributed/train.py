@@ -3,7 +3,7 @@ input, checkpoints, resume.
 
 The loop is `engine.pretrain_loop.run_pretraining`; this module supplies its Ray surroundings:
 - data: Ray Data reads the cache's Parquet files and its map tasks decode the selected rows into
-  compact arrays (`data.shard.compact_slices`), on the node's spare CPUs. A worker in the device
+  compact arrays (`data.shard.compact_record_batch`), on the node's spare CPUs. A worker in the device
   input mode reads the whole set once and keeps it on its device; in the stream mode it reads
   its own split (`get_dataset_shard`) every epoch (`engine.input_path`);
 - the model is wrapped by `prepare_model` (DistributedDataParallel when there are several
@@ -31,7 +31,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, S
 from ray.train.torch import TorchTrainer
 
 from lrc_ray.config import RunConfig, config_from_dict, global_batch_size
-from lrc_ray.data.shard import compact_slices, concat_compact
+from lrc_ray.data.shard import compact_arrays, compact_record_batch, concat_compact
 from lrc_ray.distributed.runtime import ray_error_message
 from lrc_ray.engine.input_path import STREAM_WINDOW_ROWS, DeviceResidentSlices, StreamedSlices, choose_input_mode, free_memory_bytes
 from lrc_ray.engine.pretrain_loop import DDP_OPTIONS, PretrainOutcome, Surroundings, run_pretraining
@@ -90,7 +90,7 @@ def pretrain_with_ray_train(
     # Side by side, 2-epoch 1-worker Train runs on 2 CPUs: epoch loops 18.4-19.0 s with V1,
     # 21.1-21.6 s with V2, wall time equal (V1 pays its footers up front); longer runs gain more.
     data_context.use_datasource_v2 = False
-    dataset = ray_dataset(parquet_dir, selection)
+    dataset = ray_dataset(parquet_dir, selection, config.data.size)
     loop_config = {"config": config.to_dict(), "use_gpu": use_gpu, "num_classes": num_classes, "probe": probe,
                    "num_slices": num_slices}
     if workers == 0:
@@ -173,21 +173,24 @@ def _caused_by_user_input(error: BaseException | None) -> bool:
     return False
 
 
-def ray_dataset(parquet_dir: str, selection: RowSelection):
+def ray_dataset(parquet_dir: str, selection: RowSelection, side: int):
     """The cache's Parquet files as a Ray dataset of compact arrays (`data.shard`): its map tasks
     decode the rows that `selection` keeps."""
     return ray.data.read_parquet(parquet_dir, file_extensions=["parquet"]).map_batches(
-        compact_slices, fn_kwargs={"selection": selection}, batch_format="pyarrow", batch_size=None
+        compact_record_batch, fn_kwargs={"selection": selection, "side": side}, batch_format="pyarrow", batch_size=None
     )
 
 
 def _read_whole(dataset) -> dict:
     """Every selected slice, decoded by Ray Data map tasks, as one set of compact arrays."""
-    return concat_compact(list(dataset.iter_batches(batch_size=None, batch_format="numpy")))
+    return concat_compact([compact_arrays(table) for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow")])
 
 
 def _windows(dataset):
-    return lambda epoch: dataset.iter_batches(batch_size=STREAM_WINDOW_ROWS, batch_format="numpy", prefetch_batches=2)
+    def windows(epoch: int):
+        for table in dataset.iter_batches(batch_size=STREAM_WINDOW_ROWS, batch_format="pyarrow", prefetch_batches=2):
+            yield compact_arrays(table)
+    return windows
 
 
 def slices_for(config: RunConfig, where: Surroundings, num_slices: int, *, with_labels: bool, dataset):

@@ -22,7 +22,7 @@ from lrc_ray.config import PretrainConfig
 from lrc_ray.errors import TrainingError
 from lrc_ray.losses import ContrastiveSamplingLoss, MoCoV2Loss, momentum_update, sample_region_pixels
 from lrc_ray.models.heads import SegmentationHead
-from lrc_ray.models.networks import Features, LrcNetwork, LrcOutputs, NetworkParams
+from lrc_ray.models.networks import LrcNetwork, NetworkParams
 
 
 @dataclass(frozen=True)
@@ -73,25 +73,9 @@ class LrcPretrainer(nn.Module):
         return self.batch_losses(batch)
 
     def batch_losses(self, batch: dict) -> BatchLosses:
-        both = self.online(self._network_input(torch.cat([batch["image1"], batch["image2"]])))
-        # Under mixed precision only the network runs in low precision: the contrastive logits
-        # (divided by small temperatures) and their log-sum-exps stay in float32.
-        with torch.autocast(both.global_embedding.device.type, enabled=False):
-            return self._losses(_split_views(_float32(both)), batch)
-
-    def _network_input(self, images: Tensor) -> Tensor:
-        return images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
-
-    def _losses(self, views: tuple[LrcOutputs, LrcOutputs], batch: dict) -> BatchLosses:
-        view1, view2 = views
-        terms: dict[str, Tensor] = {}
-        if self.moco is not None:
-            keys1, keys2 = self._momentum_keys(torch.cat([batch["image1"], batch["image2"]])).chunk(2)
-            # Symmetric: each view's query against the other view's key.
-            terms["global"] = 0.5 * (
-                self.moco(view1.global_embedding, keys2) + self.moco(view2.global_embedding, keys1)
-            )
-            self._pending_keys = torch.cat([keys1, keys2])
+        features = self.online.backbone(self._network_input(torch.cat([batch["image1"], batch["image2"]])))
+        global_embedding = self.online.global_head(features.bottleneck) if self.moco is not None else None
+        local = None
         if self.local_loss is not None:
             samples = sample_region_pixels(
                 batch["regions1"],
@@ -101,12 +85,37 @@ class LrcPretrainer(nn.Module):
                 seeds=batch["sample_seeds"],
                 num_ids=batch.get("region_ids_below"),
             )
-            embeddings = samples.gather(view1.local_embedding, view2.local_embedding)
-            terms["local"] = self.local_loss(embeddings, samples.region_ids)
+            # The local head is per pixel (1x1 convolutions), so embedding only the sampled pixels
+            # gives their embeddings exactly, without a (B, D, H, W) map: at 256 px and batch 64
+            # that map alone was 2 GB a view, most of the step's memory traffic.
+            local = (self.online.local_head.embed_points(samples.gather(*features.decoder.chunk(2))), samples.region_ids)
+        # Under mixed precision only the network runs in low precision: the contrastive logits
+        # (divided by small temperatures) and their log-sum-exps stay in float32.
+        with torch.autocast(features.decoder.device.type, enabled=False):
+            return self._losses(features.decoder, global_embedding, local, batch)
+
+    def _network_input(self, images: Tensor) -> Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
+
+    def _losses(self, decoder: Tensor, global_embedding: Tensor | None, local: tuple[Tensor, Tensor] | None,
+                batch: dict) -> BatchLosses:
+        """The loss terms from the network's outputs for both views (concatenated along the batch):
+        the last decoder map, the global embeddings, and the sampled pixels' local embeddings with
+        their region ids."""
+        terms: dict[str, Tensor] = {}
+        if self.moco is not None:
+            queries1, queries2 = global_embedding.float().chunk(2)
+            keys1, keys2 = self._momentum_keys(torch.cat([batch["image1"], batch["image2"]])).float().chunk(2)
+            # Symmetric: each view's query against the other view's key.
+            terms["global"] = 0.5 * (self.moco(queries1, keys2) + self.moco(queries2, keys1))
+            self._pending_keys = torch.cat([keys1, keys2])
+        if local is not None:
+            embeddings, region_ids = local
+            terms["local"] = self.local_loss(embeddings.float(), region_ids)
         if self.segmentation_head is not None:
             terms["supervised"] = 0.5 * sum(
-                self.supervised_loss(self.segmentation_head(view.features.decoder), batch[label][:, None])
-                for view, label in ((view1, "label1"), (view2, "label2"))
+                self.supervised_loss(self.segmentation_head(view_decoder), batch[label][:, None])
+                for view_decoder, label in zip(decoder.float().chunk(2), ("label1", "label2"))
             )
         weights = {"global": self.config.w_global, "local": self.config.w_local, "supervised": self.config.w_supervised}
         total = sum(weights[name] * value for name, value in terms.items())
@@ -125,26 +134,6 @@ class LrcPretrainer(nn.Module):
         """Keys of both views in one pass (instance norm: the same as one pass per view)."""
         network = self.momentum_network
         return network.global_head(network.backbone(self._network_input(images)).bottleneck)
-
-
-def _float32(outputs: LrcOutputs) -> LrcOutputs:
-    features = Features(bottleneck=outputs.features.bottleneck.float(), decoder=outputs.features.decoder.float())
-    return LrcOutputs(global_embedding=outputs.global_embedding.float(), local_embedding=outputs.local_embedding.float(),
-                      features=features)
-
-
-def _split_views(outputs: LrcOutputs) -> tuple[LrcOutputs, LrcOutputs]:
-    """Undo the concatenation of the two views along the batch dimension."""
-    halves = [
-        LrcOutputs(global_embedding=g, local_embedding=l, features=Features(bottleneck=b, decoder=d))
-        for g, l, b, d in zip(
-            outputs.global_embedding.chunk(2),
-            outputs.local_embedding.chunk(2),
-            outputs.features.bottleneck.chunk(2),
-            outputs.features.decoder.chunk(2),
-        )
-    ]
-    return halves[0], halves[1]
 
 
 def build_optimizer(pretrainer: LrcPretrainer, config: PretrainConfig) -> torch.optim.Optimizer:

@@ -9,7 +9,9 @@ import pyarrow as pa
 import pytest
 
 from lrc_ray.data.phantom import generate_case
-from lrc_ray.data.shard import compact_bytes, compact_slices, concat_compact, row_keys
+from lrc_ray.data.shard import (
+    compact_arrays, compact_bytes, compact_record_batch, compact_slices, concat_compact, row_keys,
+)
 from lrc_ray.data.slices import SliceParams, prepare_slices
 from lrc_ray.errors import UserInputError
 from lrc_ray.superpixels.felzenszwalb import FelzenszwalbParams
@@ -66,17 +68,39 @@ def test_batches_join_in_row_key_order_whatever_order_they_come_in(table):
     order = np.argsort(whole["row_key"], kind="stable")
     for name in whole:
         assert np.array_equal(joined[name], whole[name][order]), name
-    wide = dict(parts[0], regions=parts[0]["regions"].astype(np.int32))
-    assert concat_compact([wide, parts[1]])["regions"].dtype == np.int32
     with pytest.raises(UserInputError, match="no slice to pre-train on"):
         concat_compact([])
 
 
 def test_slices_of_different_sizes_are_refused():
     mixed = pa.concat_tables([phantom_table("a", 0, labelled=True, size=32), phantom_table("b", 1, labelled=True, size=48)])
-    with pytest.raises(UserInputError, match=r"one size, got heights \[32, 48\].*set data.size"):
+    with pytest.raises(UserInputError, match=r"slices of one square size, got sides \[32, 48\]; set data.size"):
         compact_slices(mixed)
+    with pytest.raises(UserInputError, match=r"slices of 48 x 48, got sides \[32\]"):
+        compact_slices(phantom_table("a", 0, labelled=True, size=32), side=48)
 
 
 def test_compact_bytes_counts_four_bytes_a_pixel():
     assert compact_bytes(10, 256) == 10 * 256 * 256 * 4
+
+
+def test_the_arrow_form_holds_the_same_arrays_in_plain_arrow_types(table):
+    record_batch = compact_record_batch(table, RowSelection(min_regions=2), 32)
+    assert not any(isinstance(field.type, pa.ExtensionType) for field in record_batch.schema)
+    expected = compact_slices(table, RowSelection(min_regions=2))
+    back = compact_arrays(pa.concat_tables([record_batch.slice(0, 3), record_batch.slice(3)]))
+    for name in expected:
+        assert np.array_equal(back[name], expected[name]) and back[name].dtype == expected[name].dtype, name
+
+
+def test_a_batch_that_keeps_no_row_still_has_the_slices_shape(table):
+    empty = compact_record_batch(table, RowSelection(exclude_cases=("a", "b")), 32)
+    assert empty.num_rows == 0 and empty.schema == compact_record_batch(table, None, 32).schema
+    assert compact_arrays(empty)["image"].shape == (0, 32, 32)
+
+
+def test_more_regions_than_int16_ids_hold_are_refused(table):
+    crowded = table.set_column(table.schema.get_field_index("n_regions"), "n_regions",
+                               pa.array([40000] * table.num_rows, pa.int32()))
+    with pytest.raises(UserInputError, match="40000 super-pixel regions.*raise data.scale or data.min_size"):
+        compact_slices(crowded)

@@ -104,8 +104,8 @@ def test_mixed_precision_epoch_keeps_the_losses_in_float32(batches):
     torch.manual_seed(0)
     pretrainer = LrcPretrainer(_config("global+lrc"), NETWORK)
     seen = []
-    original = pretrainer._losses
-    pretrainer._losses = lambda views, batch: seen.append(views[0].local_embedding.dtype) or original(views, batch)
+    original = pretrainer.local_loss.forward
+    pretrainer.local_loss.forward = lambda embeddings, ids: seen.append(embeddings.dtype) or original(embeddings, ids)
     metrics = pretrain_one_epoch(
         pretrainer, batches, build_optimizer(pretrainer, _config("global+lrc")), epoch=0,
         progress=False, autocast_dtype=torch.bfloat16,
