@@ -107,7 +107,7 @@ def sample_region_pixels(
 
     Shape: region maps are integer tensors (B, H1, W1) and (B, H2, W2) (the views may differ
     in size); ids >= 0 are super-pixel regions (the same id in both views is the same
-    region), any negative id (-1 by convention) is ignored. Returns a `RegionSamples` with
+    region), -1 marks ignored pixels (no other negative id is allowed). Returns a `RegionSamples` with
     indices (B, S*M) per view and region ids (B, 2*S*M).
 
     Randomness comes only from `seeds` (int64, shape (B,), one per image, on the maps' device):
@@ -158,7 +158,7 @@ def _pixel_bins(region_map: Tensor, num_ids: int) -> Tensor:
     batch = region_map.shape[0]
     dtype = torch.int32 if batch * (num_ids + 1) < 2**31 else torch.int64
     first_bin = torch.arange(batch, device=region_map.device, dtype=dtype).unsqueeze(1) * (num_ids + 1) + 1
-    return torch.add(first_bin, region_map.reshape(batch, -1).clamp(min=-1))
+    return torch.add(first_bin, region_map.reshape(batch, -1))
 
 
 def _bin_counts(pixel_bins: Tensor, batch: int, num_ids: int) -> Tensor:
@@ -206,14 +206,16 @@ def _draw_pixels(
     valid_slot = slot_ids >= 0
     drawn_bins = torch.where(valid_slot, slot_ids + 1, 0)
     region_pixels = torch.where(valid_slot, counts.gather(1, drawn_bins), 0)  # (B, S)
-    # Slot of every bin (`slots`: not drawn); a pixel's slot is one lookup of its bin.
-    slot_of_bin = torch.full(counts.shape, slots, dtype=torch.uint8 if slots < 255 else torch.int32, device=device)
-    slot_of_bin.scatter_(1, drawn_bins, torch.arange(slots, device=device, dtype=slot_of_bin.dtype).expand(batch, -1))
-    slot_of_bin[:, 0] = slots  # ignored pixels, and padded slots pointed at bin 0
-    pixel_slot = slot_of_bin.view(-1).index_select(0, pixel_bins.reshape(-1))
-    in_drawn_region = _flat_nonzero(pixel_slot < slots)
+    # Slot of every bin, and whether it was drawn: a pixel's is one lookup of its bin.
+    slot_of_bin = torch.zeros(counts.shape, dtype=torch.long, device=device)
+    slot_of_bin.scatter_(1, drawn_bins, torch.arange(slots, device=device).expand(batch, -1))
+    drawn = torch.zeros(counts.shape, dtype=torch.bool, device=device)
+    drawn.scatter_(1, drawn_bins, True)
+    drawn[:, 0] = False  # ignored pixels, and padded slots pointed at bin 0
+    in_drawn_region = _flat_nonzero(drawn.view(-1).index_select(0, pixel_bins.reshape(-1)))
     image = in_drawn_region // num_pixels
-    candidate_slot = pixel_slot[in_drawn_region].long() + image * slots  # image * S + slot
+    candidate_bins = pixel_bins.reshape(-1)[in_drawn_region].long()
+    candidate_slot = slot_of_bin.view(-1)[candidate_bins] + image * slots  # image * S + slot
     keys = keyed_uniform(seeds[image], _PIXEL_STREAMS[view], in_drawn_region - image * num_pixels)
     for threshold in (_key_threshold(pixels_per_region, region_pixels), torch.ones_like(region_pixels, dtype=torch.float64)):
         kept = _flat_nonzero(keys < threshold.view(-1)[candidate_slot])
