@@ -2,9 +2,9 @@
 
 Per image, among the super-pixel regions visible in BOTH views, draw S regions uniformly
 without replacement (all of them when fewer than S are shared); for each drawn region and
-each view draw M pixels of that region uniformly: without replacement where the region has
+each view draw M pixels of that region uniformly without replacement where the region has
 at least M pixels in that view (a pixel paired with itself would be a trivially identical
-positive), with replacement only below that. The loss then only ever sees these B * 2*S*M
+positive); a region of n < M pixels gives each of its pixels floor(M/n) or ceil(M/n) times. The loss then only ever sees these B * 2*S*M
 sampled embeddings, never the whole feature map, so its cost does not depend on the image
 size.
 
@@ -36,8 +36,8 @@ from lrc_ray.keyed_random import keyed_uniform
 
 __all__ = ["RegionSamples", "gather_embeddings", "sample_region_pixels"]
 
-# Streams of an image's keyed random numbers: region keys; pixel keys and with-replacement draws per view.
-_REGION_STREAM, _PIXEL_STREAMS, _REPLACEMENT_STREAMS = 0, (1, 2), (3, 4)
+# Streams of an image's keyed random numbers: region keys; pixel keys per view.
+_REGION_STREAM, _PIXEL_STREAMS = 0, (1, 2)
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,8 @@ def _key_threshold(pixels_per_region: int, region_pixels: Tensor) -> Tensor:
 def _draw_pixels(
     pixel_bins: Tensor, counts: Tensor, slot_ids: Tensor, pixels_per_region: int, seeds: Tensor, view: int
 ) -> Tensor:
-    """M pixels per slot within the slot's region: without replacement where it has >= M pixels.
+    """M pixels per slot within the slot's region: without replacement where it has >= M pixels,
+    else each of its n pixels floor(M/n) or ceil(M/n) times.
 
     Shape: pixel_bins (B, P) and counts (B, N + 1) from `_pixel_bins` and `_bin_counts`, slot_ids
     (B, S) -> flat pixel indices (B, S*M); padded slots (id -1) get index 0.
@@ -226,13 +227,10 @@ def _draw_pixels(
     # Sorted by (slot, key), each slot's kept pixels are a run in random order.
     order = kept[(kept_slot.double() + keys[kept]).argsort()]
     run_start = (kept_per_slot.cumsum(0) - kept_per_slot).view(batch, slots, 1)
-    sample = torch.arange(slots * pixels_per_region, device=device).view(1, slots, pixels_per_region)
-    uniform = keyed_uniform(seeds.view(batch, 1, 1), _REPLACEMENT_STREAMS[view], sample)
-    # Below M pixels, draw with replacement: floor(u * n) is uniform on 0..n-1 (clamped at the rounding edge).
-    with_replacement = torch.minimum((uniform * region_pixels.unsqueeze(-1)).long(),
-                                     (region_pixels - 1).clamp(min=0).unsqueeze(-1))
+    # The run's first M pixels; a region of n < M pixels cycles through its (randomly ordered) run,
+    # so each pixel comes floor(M/n) or ceil(M/n) times.
     first_m = torch.arange(pixels_per_region, device=device).view(1, 1, -1)
-    offset = torch.where((region_pixels >= pixels_per_region).unsqueeze(-1), first_m, with_replacement)
+    offset = first_m % region_pixels.clamp(min=1).unsqueeze(-1)
     position = (run_start + offset).clamp(max=max(order.numel() - 1, 0))
     flat_pixel = in_drawn_region[order[position]] if order.numel() else torch.zeros_like(position)
     index = flat_pixel - torch.arange(batch, device=device).view(batch, 1, 1) * num_pixels

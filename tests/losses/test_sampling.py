@@ -114,20 +114,46 @@ def test_an_image_draws_the_same_alone_or_in_any_batch():
             assert torch.equal(getattr(part, name), getattr(whole, name)[members]), name
 
 
-def test_pixels_are_distinct_where_the_region_has_enough():
-    # Region sizes 1..20 in both views; M = 6: regions of >= 6 pixels give 6 distinct pixels, smaller
-    # ones repeat (with replacement), never leaving their region.
-    sizes = list(range(1, 21))
-    row = torch.cat([torch.full((size,), region) for region, size in enumerate(sizes)])
-    view = row.view(1, 1, -1).expand(64, -1, -1).contiguous()
-    samples = sample_region_pixels(view, view, regions_per_image=20, pixels_per_region=6, seeds=torch.arange(64))
-    for index in (samples.view1_index, samples.view2_index):
-        for image in range(64):
-            for slot, pixels in enumerate(index[image].view(20, 6).tolist()):
-                region = int(samples.region_ids[image, slot * 6])
-                assert all(int(row[p]) == region for p in pixels)
-                if sizes[region] >= 6:
-                    assert len(set(pixels)) == 6
+def test_pixels_are_distinct_in_regions_of_at_least_m_and_repeat_least_below():
+    # Regions of 1..12 pixels in each view; M = 5: regions of >= 5 pixels give 5 distinct ones,
+    # smaller ones give every pixel floor(5/n) or ceil(5/n) times.
+    sizes = torch.arange(1, 13)
+    row = torch.arange(12).repeat_interleave(sizes)  # 78 pixels, region r has r + 1 of them
+    view1 = row.reshape(6, 13).expand(8, -1, -1)
+    view2 = row.flip(0).reshape(13, 6).expand(8, -1, -1)
+    pixels_per_region = 5
+    samples = sample_region_pixels(view1, view2, regions_per_image=12, pixels_per_region=pixels_per_region,
+                                   seeds=torch.arange(8))
+    slots = slot_ids(samples, pixels_per_region)
+    checked = 0
+    for view, index in ((view1, samples.view1_index), (view2, samples.view2_index)):
+        for image in range(view.shape[0]):
+            for slot, picked in zip(slots[image].tolist(), index[image].split(pixels_per_region)):
+                assert (view[image].reshape(-1)[picked] == slot).all(), "every pixel in its region"
+                region_size = slot + 1
+                times = torch.bincount(picked, minlength=78)[picked.unique()]
+                if region_size >= pixels_per_region:
+                    assert len(picked.unique()) == pixels_per_region, (slot, picked)
+                else:
+                    assert len(picked.unique()) == region_size, (slot, picked)
+                    assert times.max() - times.min() <= 1, (slot, picked)
+                checked += 1
+    assert checked == 2 * 8 * 12
+
+
+def test_draws_without_replacement_cover_the_region_uniformly():
+    # A region of 6 pixels, M = 3: every 3-subset is equally likely (20 of them), and each
+    # pixel is in half of the draws. Bounds are ~6 standard deviations.
+    view = torch.tensor([[[0, 0, 0, 0, 0, 0, -1]]])
+    draws = 4000
+    samples = sample_region_pixels(view.expand(draws, -1, -1), view.expand(draws, -1, -1), regions_per_image=1,
+                                   pixels_per_region=3, seeds=torch.arange(draws))
+    subsets = samples.view1_index.sort(dim=1).values
+    assert (subsets[:, 1:] > subsets[:, :-1]).all(), "three distinct pixels per draw"
+    codes = (subsets * torch.tensor([36, 6, 1])).sum(dim=1)
+    frequency = torch.bincount(codes, minlength=216)[codes.unique()].double() / draws
+    assert len(frequency) == 20
+    assert (frequency - 1 / 20).abs().max() < 6 * ((1 / 20) * (19 / 20) / draws) ** 0.5
 
 
 def test_a_region_short_of_kept_pixels_is_drawn_again_from_all_its_pixels(monkeypatch):
