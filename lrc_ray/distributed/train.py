@@ -79,17 +79,6 @@ def pretrain_with_ray_train(
         UserInputError: a worker's input mode was forced to `device` and the slices do not fit.
         TrainingError: the run failed (the cause in one line).
     """
-    data_context = ray.data.DataContext.get_current()
-    # Workers read quietly: a progress bar per epoch and worker would bury Train's own reports.
-    data_context.enable_progress_bars = False
-    # Blocks in file order, so a seed gives the same batches run after run (the shuffle is seeded).
-    data_context.execution_options.preserve_order = True
-    # Ray 2.60's default Parquet reader (DataSource V2) lists the files and reads their footers
-    # in new actors on every pass, i.e. every epoch: 1-1.7 s an epoch of 112 slices read in one
-    # process against 0.17 s with V1, which reads the footers once, when the dataset is made.
-    # Side by side, 2-epoch 1-worker Train runs on 2 CPUs: epoch loops 18.4-19.0 s with V1,
-    # 21.1-21.6 s with V2, wall time equal (V1 pays its footers up front); longer runs gain more.
-    data_context.use_datasource_v2 = False
     dataset = ray_dataset(parquet_dir, selection, config.data.size)
     loop_config = {"config": config.to_dict(), "use_gpu": use_gpu, "num_classes": num_classes, "probe": probe,
                    "num_slices": num_slices}
@@ -176,6 +165,17 @@ def _caused_by_user_input(error: BaseException | None) -> bool:
 def ray_dataset(parquet_dir: str, selection: RowSelection, side: int):
     """The cache's Parquet files as a Ray dataset of compact arrays (`data.shard`): its map tasks
     decode the rows that `selection` keeps."""
+    data_context = ray.data.DataContext.get_current()
+    # Workers read quietly: a progress bar per epoch and worker would bury Train's own reports.
+    data_context.enable_progress_bars = False
+    # Blocks in file order, so a seed gives the same stream windows run after run (they are permuted, seeded).
+    data_context.execution_options.preserve_order = True
+    # Ray 2.60's default Parquet reader (DataSource V2) lists the files and reads their footers
+    # in new actors on every pass, i.e. every epoch: 1-1.7 s an epoch of 112 slices read in one
+    # process against 0.17 s with V1, which reads the footers once, when the dataset is made.
+    # Side by side, 2-epoch 1-worker Train runs on 2 CPUs: epoch loops 18.4-19.0 s with V1,
+    # 21.1-21.6 s with V2, wall time equal (V1 pays its footers up front); longer runs gain more.
+    data_context.use_datasource_v2 = False
     return ray.data.read_parquet(parquet_dir, file_extensions=["parquet"]).map_batches(
         compact_record_batch, fn_kwargs={"selection": selection, "side": side}, batch_format="pyarrow", batch_size=None
     )
