@@ -207,7 +207,12 @@ def slices_for(config: RunConfig, where: Surroundings, num_slices: int, *, with_
     return StreamedSlices(_windows(dataset(SPLIT)), where.device, steps_per_epoch=steps, **shape)
 
 
-class _TrainWorker(Surroundings):
+class _RaySurroundings(Surroundings):
+    def before_epoch(self, epoch: int) -> None:
+        _maybe_inject_fault(epoch)
+
+
+class _TrainWorker(_RaySurroundings):
     """A Ray Train worker: its rank, device and datasets, Train's checkpoints and reports."""
 
     def __init__(self, num_slices: int) -> None:
@@ -225,14 +230,11 @@ class _TrainWorker(Surroundings):
     def last_state(self) -> dict | None:
         return _state_of(ray.train.get_checkpoint(), self.device)
 
-    def before_epoch(self, epoch: int) -> None:
-        _maybe_inject_fault(epoch)
-
     def report(self, metrics: dict, state: dict | None) -> None:
         _report(ray.train.report, Checkpoint, metrics, state)
 
 
-class _TrialProcess(Surroundings):
+class _TrialProcess(_RaySurroundings):
     """The same inside a Tune trial's own process: rank 0 of 1, the whole data set, Tune's checkpoints."""
 
     def __init__(self, dataset, num_slices: int, *, use_gpu: bool) -> None:
