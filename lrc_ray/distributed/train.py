@@ -33,8 +33,8 @@ from ray.train.torch import TorchTrainer
 from lrc_ray.config import RunConfig, config_from_dict, global_batch_size
 from lrc_ray.data.shard import compact_arrays, compact_record_batch, concat_compact
 from lrc_ray.distributed.runtime import ray_error_message
-from lrc_ray.engine.input_path import STREAM_WINDOW_ROWS, DeviceResidentSlices, StreamedSlices, choose_input_mode, free_memory_bytes
-from lrc_ray.engine.pretrain_loop import DDP_OPTIONS, PretrainOutcome, Surroundings, run_pretraining
+from lrc_ray.engine.input_path import STREAM_WINDOW_ROWS
+from lrc_ray.engine.pretrain_loop import DDP_OPTIONS, PretrainOutcome, Surroundings, input_slices, run_pretraining
 from lrc_ray.engine.splits import ProbeSource
 from lrc_ray.errors import TrainingError, UserInputError
 from lrc_ray.superpixels.selection import RowSelection
@@ -80,8 +80,7 @@ def pretrain_with_ray_train(
         TrainingError: the run failed (the cause in one line).
     """
     dataset = ray_dataset(parquet_dir, selection, config.data.size)
-    loop_config = {"config": config.to_dict(), "use_gpu": use_gpu, "num_classes": num_classes, "probe": probe,
-                   "num_slices": num_slices}
+    loop_config = {"config": config.to_dict(), "num_classes": num_classes, "probe": probe, "num_slices": num_slices}
     if workers == 0:
         if not report_to_tune:
             raise ValueError("workers=0 runs inside a Tune trial; use api.pretrain(workers=0) for a plain run")
@@ -98,8 +97,8 @@ def pretrain_with_ray_train(
         workers, config.pretrain.batch_size,
     )
     # Only the datasets the input mode may read: a split starts a coordinator actor of its own.
-    mode = config.pretrain.input_mode
-    datasets = {name: dataset for name in ((SPLIT, WHOLE) if mode == "auto" else (SPLIT if mode == "stream" else WHOLE,))}
+    readable = {"auto": (SPLIT, WHOLE), "stream": (SPLIT,), "device": (WHOLE,)}[config.pretrain.input_mode]
+    datasets = {name: dataset for name in readable}
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=loop_config,
@@ -181,30 +180,20 @@ def ray_dataset(parquet_dir: str, selection: RowSelection, side: int):
     )
 
 
-def _read_whole(dataset) -> dict:
-    """Every selected slice, decoded by Ray Data map tasks, as one set of compact arrays."""
-    return concat_compact([compact_arrays(table) for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow")])
-
-
-def _windows(dataset):
-    def windows(epoch: int):
-        for table in dataset.iter_batches(batch_size=STREAM_WINDOW_ROWS, batch_format="pyarrow", prefetch_batches=2):
-            yield compact_arrays(table)
-    return windows
-
-
 def slices_for(config: RunConfig, where: Surroundings, num_slices: int, *, with_labels: bool, dataset):
     """The input mode's slices; `dataset(WHOLE)` and `dataset(SPLIT)` give the Ray data of each mode
-    (the whole set, this rank's split)."""
-    settings = config.pretrain
-    mode = choose_input_mode(settings.input_mode, num_slices=num_slices, size=config.data.size,
-                             free_bytes=free_memory_bytes(where.device))
-    shape = dict(batch_size=settings.batch_size, world_size=where.world_size, rank=where.rank, with_labels=with_labels)
-    if mode == "device":
-        return DeviceResidentSlices(_read_whole(dataset(WHOLE)), where.device, **shape)
-    # Ray Data splits rows equally (`equal=True`), so every rank makes as many batches.
-    steps = num_slices // where.world_size // settings.batch_size
-    return StreamedSlices(_windows(dataset(SPLIT)), where.device, steps_per_epoch=steps, **shape)
+    (the whole set; this rank's split, which Ray Data makes equal on every rank)."""
+    def read_whole():
+        tables = dataset(WHOLE).iter_batches(batch_size=None, batch_format="pyarrow")
+        return concat_compact([compact_arrays(table) for table in tables])
+
+    def windows(epoch: int):
+        for table in dataset(SPLIT).iter_batches(batch_size=STREAM_WINDOW_ROWS, batch_format="pyarrow",
+                                                 prefetch_batches=2):
+            yield compact_arrays(table)
+
+    return input_slices(config, where, num_slices, with_labels=with_labels, read_whole=read_whole, windows=windows,
+                        stream_rows=num_slices // where.world_size)
 
 
 class _RaySurroundings(Surroundings):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,23 +150,32 @@ def mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str
     return {name: (int(round(value)) if name == "steps" else float(value)) for name, value in zip(names, values.tolist())}
 
 
-def slices_from_arrays(arrays: dict[str, np.ndarray], config: RunConfig, where: Surroundings, *,
-                       with_labels: bool) -> DeviceResidentSlices | StreamedSlices:
-    """All the selected slices, in memory already, as the input mode asks (in process, the
-    stream mode just walks the arrays in windows)."""
+def input_slices(config: RunConfig, where: Surroundings, num_slices: int, *, with_labels: bool,
+                 read_whole: Callable[[], dict[str, np.ndarray]],
+                 windows: Callable[[int], Iterator[dict[str, np.ndarray]]], stream_rows: int
+                 ) -> DeviceResidentSlices | StreamedSlices:
+    """The input mode's slices (`engine.input_path`): `read_whole()` gives every selected slice (the
+    device mode reads them once), `windows(epoch)` this rank's `stream_rows` rows (the stream mode)."""
     settings = config.pretrain
-    count = len(arrays["row_key"])
-    mode = choose_input_mode(settings.input_mode, num_slices=count, size=config.data.size,
+    mode = choose_input_mode(settings.input_mode, num_slices=num_slices, size=config.data.size,
                              free_bytes=free_memory_bytes(where.device))
     shape = dict(batch_size=settings.batch_size, world_size=where.world_size, rank=where.rank, with_labels=with_labels)
     if mode == "device":
-        return DeviceResidentSlices(arrays, where.device, **shape)
+        return DeviceResidentSlices(read_whole(), where.device, **shape)
+    return StreamedSlices(windows, where.device, steps_per_epoch=stream_rows // settings.batch_size, **shape)
+
+
+def slices_from_arrays(arrays: dict[str, np.ndarray], config: RunConfig, where: Surroundings, *,
+                       with_labels: bool) -> DeviceResidentSlices | StreamedSlices:
+    """All the selected slices, in memory already (in process: the stream mode just walks them in windows)."""
+    count = len(arrays["row_key"])
 
     def windows(epoch: int):
         for start in range(0, count, STREAM_WINDOW_ROWS):
             yield {name: values[start : start + STREAM_WINDOW_ROWS] for name, values in arrays.items()}
 
-    return StreamedSlices(windows, where.device, steps_per_epoch=count // settings.batch_size, **shape)
+    return input_slices(config, where, count, with_labels=with_labels, read_whole=lambda: arrays, windows=windows,
+                        stream_rows=count)
 
 
 class LocalRun(Surroundings):
