@@ -252,7 +252,12 @@ class FinetuneConfig:
     # long as a larger one instead of for fewer steps. None: one pass over the slices per epoch.
     steps_per_epoch: int | None = None
     weight_decay: float = 1e-4
-    augment: bool = True
+    augment: bool = True  # a small rotation of each labelled slice (and the flips below, when on)
+    # Flips of the labelled slices, each with probability 0.5 when on. Off by default: supine CT is
+    # never seen upside down, and a left-right flip swaps left and right organs (the kidneys) while
+    # their labels keep the side. Turn left-right on only when no label has a side.
+    flip_anterior_posterior: bool = False
+    flip_left_right: bool = False
 
     def __post_init__(self) -> None:
         require(0 < self.label_fraction <= 1, "finetune.label_fraction", "in (0, 1]", self.label_fraction)
@@ -266,6 +271,10 @@ class FinetuneConfig:
         require(self.steps_per_epoch is None or self.steps_per_epoch >= 1, "finetune.steps_per_epoch",
                 "at least 1, or null for one pass over the slices", self.steps_per_epoch)
         require(self.weight_decay >= 0, "finetune.weight_decay", "at least 0", self.weight_decay)
+        for name in ("flip_anterior_posterior", "flip_left_right"):
+            require(isinstance(getattr(self, name), bool), f"finetune.{name}", "true or false", getattr(self, name))
+            require(self.augment or not getattr(self, name), f"finetune.{name}",
+                    "false when finetune.augment is false (flips are part of the augmentation)", getattr(self, name))
 
 
 @dataclass(frozen=True)

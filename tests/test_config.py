@@ -42,6 +42,9 @@ def test_yaml_overrides_nested_values(tmp_path):
         ({"network": {"local_dim": 0}}, r"network.local_dim"),
         ({"pretrain": {"method": "supervised"}}, r"pretrain.source_data_dir: expected a labelled source data set"),
         ({"pretrain": {"w_supervised": -1}}, r"pretrain.w_supervised: expected a non-negative weight"),
+        ({"finetune": {"flip_left_right": "yes"}}, r"finetune.flip_left_right: expected true or false, got 'yes'"),
+        ({"finetune": {"flip_anterior_posterior": True, "augment": False}},
+         r"finetune.flip_anterior_posterior: expected false when finetune.augment is false"),
     ],
 )
 def test_bad_values_name_their_path(raw, message):
@@ -70,3 +73,9 @@ def test_replace_validates_too():
 def test_global_batch_is_per_worker_batch_times_workers():
     assert global_batch_size(16, 4) == 64
     assert global_batch_size(16, 0) == 16, "local mode (0 workers) runs one process"
+
+
+def test_fine_tuning_flips_are_off_by_default_and_can_be_turned_on():
+    assert (RunConfig().finetune.flip_anterior_posterior, RunConfig().finetune.flip_left_right) == (False, False)
+    flips = config_from_dict({"finetune": {"flip_anterior_posterior": True, "flip_left_right": True}}).finetune
+    assert flips.flip_anterior_posterior and flips.flip_left_right
