@@ -97,6 +97,15 @@ def test_bad_config_key(capsys, tmp_path):
                                  "did you mean 'pretrain.regions_per_image'?"]
 
 
+def test_batch_norm_with_moco_is_refused_at_config_load(capsys, tmp_path):
+    (tmp_path / "run.yaml").write_text("network:\n  norm: batch\npretrain:\n  method: global\n")
+    code, err = _cli(capsys, "pretrain", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "pre"))
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"lrc-ray: error: {tmp_path / 'run.yaml'}: network.norm: 'batch' cannot be used with "
+                             "pretrain.method 'global'") and err[0].endswith("use one of 'group', 'instance'")
+    assert not (tmp_path / "pre").exists()
+
+
 @pytest.mark.parametrize("fraction", ["0", "1.5"])
 def test_label_fraction_out_of_range(capsys, tmp_path, fraction):
     code, err = _cli(capsys, "finetune", "--label-fraction", fraction)

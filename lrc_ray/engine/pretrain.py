@@ -68,7 +68,8 @@ class LrcPretrainer(nn.Module):
         supervised methods (`engine.input_path.TwoViewBatches.make` makes such batches).
 
         Both views go through the online network in one call: one forward per step is what
-        DistributedDataParallel expects, and instance norm makes it equal to two calls.
+        DistributedDataParallel expects, and a per-image norm (group, instance) makes it equal to two
+        calls. Batch norm would normalise the two views together: the MoCo methods refuse it (config).
         """
         return self.batch_losses(batch)
 
