@@ -27,19 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from lrc_ray import api
 from lrc_ray.augment.two_views import TwoViewAugment
 from lrc_ray.config import NORMS, RunConfig
 from lrc_ray.data.phantom import generate_case
+from lrc_ray.data.shard import compact_slices
 from lrc_ray.data.slices import DEFAULT_WINDOW_HU, window_to_unit
-from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset
-from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
+from lrc_ray.engine.input_path import TwoViewBatches
+from lrc_ray.engine.pretrain import LrcPretrainer
+from lrc_ray.engine.pretrain_loop import LocalRun, run_pretraining
 from lrc_ray.engine.probe import linear_probe_dice, probe_slices
 from lrc_ray.models import EncoderDecoder, NetworkParams, pooled_spread_ratio
 from lrc_ray.superpixels.cache import read_entry_table
-from lrc_ray.superpixels.selection import select_rows
 
 SEEDS = (0, 1, 2)
 
@@ -103,6 +103,32 @@ def moco_indicators(pretrainer: LrcPretrainer, views: dict[str, torch.Tensor]) -
     }
 
 
+class DiagnosedRun(LocalRun):
+    """The in-process pre-training loop; after each epoch, instead of a checkpoint, a row of the
+    global branch's indicators on held two-view pairs."""
+
+    def __init__(self, config: RunConfig, arrays: dict[str, np.ndarray], held: dict[str, torch.Tensor]) -> None:
+        super().__init__(config, arrays, checkpoint=Path("unused"), progress=False)
+        self.held = held
+        self.started = time.perf_counter()
+
+    def pretrainer(self, state: dict | None) -> LrcPretrainer:
+        torch.manual_seed(self.config.seed)  # as run_pretraining builds it: the same initial weights
+        pretrainer = LrcPretrainer(self.config.pretrain, self.config.network, seed=self.config.seed)
+        if state is not None:
+            pretrainer.load_state_dict(state["pretrainer"])
+        return pretrainer
+
+    def show(self, epoch: int, metrics: dict, state: dict | None) -> None:
+        shown = moco_indicators(self.pretrainer(state), self.held)
+        print(f"   {self.config.network.norm:>8} {epoch:>5} {metrics.get('loss', float('nan')):>6.3f} "
+              f"{shown['spread']:>7.3f} {shown['own key']:>8.3f} {shown['other keys']:>11.3f} {shown['top-1']:>6.2f} "
+              f"{metrics.get('probe_dice', float('nan')):>11.3f} {time.perf_counter() - self.started:>5.0f}", flush=True)
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        self.show(metrics["epoch"], metrics, state)
+
+
 def moco_training(norms: list[str], epochs: int, workdir: Path) -> None:
     data_dir = workdir / "data"
     if not (data_dir / "dataset.json").is_file():
@@ -120,30 +146,18 @@ def moco_training(norms: list[str], epochs: int, workdir: Path) -> None:
     for norm in norms:
         config = base.replace(network={"norm": norm})
         data = api.pretraining_data(config)
-        table = read_entry_table(data.entry)
-        source = api.probe_source(config, data.entry)
-        probe = probe_slices(table, train_case=source.train_case, validation_cases=source.validation_cases,
-                             num_classes=source.num_classes)
-        torch.manual_seed(config.seed)
-        pretrainer = LrcPretrainer(config.pretrain, config.network, seed=config.seed)
-        dataset = TwoViewSliceDataset(select_rows(table, data.selection), TwoViewAugment(config.augment, output_size=64),
-                                      seed=config.seed, min_regions=config.pretrain.min_regions)
-        held = dataset.augmented_batch(np.linspace(0, len(dataset) - 1, 32).astype(int).tolist())
-        generator = torch.Generator().manual_seed(config.seed)
-        loader = DataLoader(dataset, batch_size=16, shuffle=True, drop_last=True, generator=generator)
-        optimizer = build_optimizer(pretrainer, config.pretrain)
-        started = time.perf_counter()
-        for epoch in range(epochs + 1):
-            loss = float("nan")
-            if epoch:
-                dataset.set_epoch(epoch - 1)
-                loss = pretrain_one_epoch(pretrainer, loader, optimizer, generator=generator, epoch=epoch - 1,
-                                          progress=False)["loss"]
-            shown = moco_indicators(pretrainer, held)
-            dice = linear_probe_dice(pretrainer.online.backbone, probe)
-            print(f"   {norm:>8} {epoch:>5} {loss:>6.3f} {shown['spread']:>7.3f} {shown['own key']:>8.3f} "
-                  f"{shown['other keys']:>11.3f} {shown['top-1']:>6.2f} {dice:>11.3f} "
-                  f"{time.perf_counter() - started:>5.0f}", flush=True)
+        arrays = compact_slices(read_entry_table(data.entry), data.selection)
+        rows = np.linspace(0, len(arrays["row_key"]) - 1, 32).astype(int)
+        held = TwoViewBatches(TwoViewAugment(config.augment, output_size=config.data.size), seed=config.seed,
+                              with_labels=False).make(
+            {name: torch.from_numpy(arrays[name][rows]) for name in ("image", "regions")},
+            arrays["row_key"][rows], arrays["n_regions"][rows], epoch=0)
+        run = DiagnosedRun(config, arrays, held)
+        probe = api.probe_source(config, data.entry)
+        run.show(0, {"probe_dice": linear_probe_dice(run.pretrainer(None).online.backbone, probe_slices(
+            read_entry_table(data.entry), train_case=probe.train_case, validation_cases=probe.validation_cases,
+            num_classes=probe.num_classes), seed=config.seed)}, None)
+        run_pretraining(config, run, probe=probe)
 
 
 def main() -> None:

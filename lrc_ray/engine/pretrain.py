@@ -132,7 +132,7 @@ class LrcPretrainer(nn.Module):
 
     @torch.no_grad()
     def _momentum_keys(self, images: Tensor) -> Tensor:
-        """Keys of both views in one pass (instance norm: the same as one pass per view)."""
+        """Keys of both views in one pass (a per-image norm: the same as one pass per view)."""
         network = self.momentum_network
         return network.global_head(network.backbone(self._network_input(images)).bottleneck)
 
