@@ -14,8 +14,8 @@ connection, which hides both maps.
   `backbone`, so the weights share the key names `backbone.*`.
 
 H and W must be multiples of 16 (four 2x max-poolings). With instance norm (or batch norm
-at batch size 1, or group norm with one channel per group) the bottleneck must hold more than
-one pixel while training, so 16x16 inputs fail there: use 32 or more.
+at batch size 1) the bottleneck must hold more than one pixel while training, so 16x16
+inputs fail there: use 32 or more.
 """
 
 from __future__ import annotations
