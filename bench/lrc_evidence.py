@@ -24,7 +24,7 @@ import numpy as np
 from scipy import stats
 
 from lrc_ray import api
-from lrc_ray.config import RunConfig
+from lrc_ray.config import NORMS, NetworkParams, RunConfig
 
 METHODS = ("scratch", "global", "lrc", "global+lrc")
 
@@ -45,6 +45,7 @@ def main() -> None:
                         help="finetune.head_epochs: head-only epochs on the frozen backbone before full fine-tuning")
     parser.add_argument("--steps-per-epoch", type=int, default=8,
                         help="finetune.steps_per_epoch for every fraction (8: one pass over fraction 0.5's slices)")
+    parser.add_argument("--norm", default=NetworkParams().norm, choices=NORMS, help="network.norm")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -57,6 +58,7 @@ def main() -> None:
                                 slices=args.slices, seed=0)
     base = RunConfig().replace(
         data={"data_dir": str(data_dir), "cache_root": str(workdir / "cache"), "size": args.size, "validation_cases": 2},
+        network={"norm": args.norm},
         pretrain={"epochs": args.pretrain_epochs, "batch_size": 16, "queue_size": 256},
         finetune={"epochs": args.finetune_epochs, "batch_size": 8, "backbone_lr_scale": args.backbone_lr_scale,
                   "head_epochs": args.head_epochs, "steps_per_epoch": args.steps_per_epoch},
@@ -87,7 +89,8 @@ def main() -> None:
     print(f"\nmean validation Dice over {args.seeds} seeds (mean +- std), {args.size}x{args.size}, "
           f"pre-train {args.pretrain_epochs} epochs, fine-tune {args.finetune_epochs} epochs "
           f"(+{args.head_epochs} head-only) of {args.steps_per_epoch} steps at every fraction, batch "
-          f"{base.finetune.batch_size}, flip_prob {base.augment.flip_prob}, backbone_lr_scale {args.backbone_lr_scale}")
+          f"{base.finetune.batch_size}, network.norm {args.norm}, flip_prob {base.augment.flip_prob}, "
+          f"backbone_lr_scale {args.backbone_lr_scale}")
     print(f"{'method':>12}" + "".join(f"{f'fraction {f:.2f}':>20}" for f in fractions))
     for method in methods:
         cells = [dice[(method, fraction)] for fraction in fractions]
