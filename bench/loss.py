@@ -6,7 +6,8 @@ Run: .venv/bin/python bench/loss.py   (about a minute on 2 cores)
    over anchors at B=16, S=32, M=16 (K = 2*S*M = 1024), D=128.
 2. Peak memory of the vectorised loss as B and K vary: it should scale with B*K^2.
 3. Sampling + gather + loss as the image grows with B, S, M fixed: the loss only sees the
-   B*K sampled embeddings, so its memory must not change with H*W.
+   B*K sampled embeddings, so its memory must not change with H*W. The sampling's own time
+   (O(B*H*W): a permutation and a sort of the pixels) is printed beside the loss's.
 """
 
 from __future__ import annotations
@@ -54,22 +55,25 @@ def sampled_inputs(batch: int, num_samples: int, regions: int, seed: int = 0) ->
     return embeddings, region_ids
 
 
-def median_seconds(loss_fn, embeddings: torch.Tensor, region_ids: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Median forward+backward time over `repeats` runs (after one warm-up run), and the loss."""
+def median_seconds(step: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """Median wall time of `step` over `repeats` calls (after one warm-up call), and what the last call returned."""
+    result = step()
     times = []
-    for _ in range(repeats + 1):
-        leaf = embeddings.detach().requires_grad_()
+    for _ in range(repeats):
         start = time.perf_counter()
+        result = step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def forward_backward(loss_fn, embeddings: torch.Tensor, region_ids: torch.Tensor) -> Callable[[], float]:
+    """One forward+backward of `loss_fn` from a fresh leaf; the step returns the loss."""
+
+    def step() -> float:
+        leaf = embeddings.detach().requires_grad_()
         loss = loss_fn(leaf, region_ids, TEMPERATURE)
         loss.backward()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]), loss.item()
-
-
-def forward_backward(loss_fn, embeddings: torch.Tensor, region_ids: torch.Tensor) -> Callable[[], None]:
-    def step() -> None:
-        leaf = embeddings.detach().requires_grad_()
-        loss_fn(leaf, region_ids, TEMPERATURE).backward()
+        return loss.item()
 
     return step
 
@@ -114,12 +118,13 @@ def time_against_naive() -> None:
     batch, regions, pixels, naive_images = 16, 32, 16, 4
     num_samples = 2 * regions * pixels
     embeddings, region_ids = sampled_inputs(batch, num_samples, regions)
-    vectorised_s, vectorised_loss = median_seconds(contrastive_sampling_loss, embeddings, region_ids, repeats=5)
+    vectorised_s, vectorised_loss = median_seconds(forward_backward(contrastive_sampling_loss, embeddings, region_ids),
+                                                  repeats=5)
     # The naive loop runs one iteration per anchor, so its time is linear in the number of
     # images (all images here have the same layout): it is timed on a few and scaled, which
     # keeps the bench short.
     subset = embeddings[:naive_images], region_ids[:naive_images]
-    naive_subset_s, naive_value = median_seconds(naive_loss, *subset, repeats=2)
+    naive_subset_s, naive_value = median_seconds(forward_backward(naive_loss, *subset), repeats=2)
     naive_s = naive_subset_s * batch / naive_images
     subset_value = contrastive_sampling_loss(*subset, TEMPERATURE).item()
     print(f"1. forward+backward, B={batch} S={regions} M={pixels} K={num_samples} D={DIM}, "
@@ -149,8 +154,9 @@ def memory_against_image_size() -> None:
     num_samples = 2 * regions * pixels
     print(f"\n3. sampling + loss as the image grows, B={batch} S={regions} M={pixels} K={num_samples} D={DIM} (MiB)")
     print("   sampling: sample_region_pixels (integer work, O(B*H*W)); loss: forward+backward from the")
-    print("   gathered (B, K, D) embeddings; feature map: the network's (B, D, H, W) output, for scale")
-    print(f"   {'H x W':>9} {'sampling':>9} {'loss':>8} {'feature map':>12}")
+    print("   gathered (B, K, D) embeddings; feature map: the network's (B, D, H, W) output, for scale;")
+    print("   times: median of 5 runs")
+    print(f"   {'H x W':>9} {'sampling':>9} {'loss':>8} {'feature map':>12} {'sampling ms':>12} {'loss ms':>8}")
     for size in (64, 128, 256, 512):
         generator = torch.Generator().manual_seed(0)
         # Square super-pixels of 8x8 pixels; view 2 is a shifted copy of view 1.
@@ -166,9 +172,12 @@ def memory_against_image_size() -> None:
 
         samples = sample()
         embeddings = samples.gather(features, features)
+        loss_step = forward_backward(contrastive_sampling_loss, embeddings, samples.region_ids)
         sampling_peak = peak_bytes(sample)
-        loss_peak = peak_bytes(forward_backward(contrastive_sampling_loss, embeddings, samples.region_ids))
-        print(f"   {f'{size}x{size}':>9} {mib(sampling_peak):>9} {mib(loss_peak)} {mib(features.nbytes):>12}")
+        loss_peak = peak_bytes(loss_step)
+        sampling_ms, loss_ms = (1000 * median_seconds(step, repeats=5)[0] for step in (sample, loss_step))
+        print(f"   {f'{size}x{size}':>9} {mib(sampling_peak):>9} {mib(loss_peak)} {mib(features.nbytes):>12} "
+              f"{sampling_ms:12.1f} {loss_ms:8.1f}")
 
 
 if __name__ == "__main__":

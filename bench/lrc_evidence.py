@@ -1,9 +1,13 @@
 """Does LRC help at low label budgets? scratch vs global vs lrc vs global+lrc on the built-in data.
 
 For each seed, each pre-training method is trained once and fine-tuned at two label
-fractions: the lowest one (a single training volume) and a middle one. Prints mean +- std
-of the validation mean Dice over seeds. Sized for ~20 minutes on 2 CPU cores; the budget
-flags make it longer (and more telling) on bigger machines.
+fractions: the lowest one (a single training volume) and a middle one. Every fine-tuning gets
+the same number of optimiser steps (`finetune.steps_per_epoch` batches drawn at random per
+epoch), so a smaller label fraction trains as long as a larger one and "fewer labels" is not
+confounded with "fewer steps". Prints mean +- std of the validation mean Dice over seeds, and
+each method's paired difference to scratch (same seeds, same fraction) with its 95% t-interval.
+Sized for ~30 minutes on 2 quiet CPU cores; the budget flags make it longer (and more telling)
+on bigger machines.
 
     .venv/bin/python bench/lrc_evidence.py [--seeds 3] [--pretrain-epochs 5] [--finetune-epochs 40] [--head-epochs 20]
 """
@@ -17,9 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from lrc_ray import api
-from lrc_ray.config import RunConfig
+from lrc_ray.config import NORMS, NetworkParams, RunConfig
 
 METHODS = ("scratch", "global", "lrc", "global+lrc")
 
@@ -38,6 +43,9 @@ def main() -> None:
     parser.add_argument("--backbone-lr-scale", type=float, default=1.0, help="finetune.backbone_lr_scale")
     parser.add_argument("--head-epochs", type=int, default=20,
                         help="finetune.head_epochs: head-only epochs on the frozen backbone before full fine-tuning")
+    parser.add_argument("--steps-per-epoch", type=int, default=8,
+                        help="finetune.steps_per_epoch for every fraction (8: one pass over fraction 0.5's slices)")
+    parser.add_argument("--norm", default=NetworkParams().norm, choices=NORMS, help="network.norm")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -50,9 +58,10 @@ def main() -> None:
                                 slices=args.slices, seed=0)
     base = RunConfig().replace(
         data={"data_dir": str(data_dir), "cache_root": str(workdir / "cache"), "size": args.size, "validation_cases": 2},
+        network={"norm": args.norm},
         pretrain={"epochs": args.pretrain_epochs, "batch_size": 16, "queue_size": 256},
         finetune={"epochs": args.finetune_epochs, "batch_size": 8, "backbone_lr_scale": args.backbone_lr_scale,
-                  "head_epochs": args.head_epochs},
+                  "head_epochs": args.head_epochs, "steps_per_epoch": args.steps_per_epoch},
     )
     if args.flip_prob is not None:
         base = base.replace(augment={"flip_prob": args.flip_prob})
@@ -78,13 +87,30 @@ def main() -> None:
                       f"mean Dice {results['dice_mean']:.3f}", flush=True)
 
     print(f"\nmean validation Dice over {args.seeds} seeds (mean +- std), {args.size}x{args.size}, "
-          f"pre-train {args.pretrain_epochs} epochs, fine-tune {args.finetune_epochs} epochs, "
-          f"(+{args.head_epochs} head-only), flip_prob {base.augment.flip_prob}, backbone_lr_scale {args.backbone_lr_scale}")
+          f"pre-train {args.pretrain_epochs} epochs, fine-tune {args.finetune_epochs} epochs "
+          f"(+{args.head_epochs} head-only) of {args.steps_per_epoch} steps at every fraction, batch "
+          f"{base.finetune.batch_size}, network.norm {args.norm}, flip_prob {base.augment.flip_prob}, "
+          f"backbone_lr_scale {args.backbone_lr_scale}")
     print(f"{'method':>12}" + "".join(f"{f'fraction {f:.2f}':>20}" for f in fractions))
     for method in methods:
         cells = [dice[(method, fraction)] for fraction in fractions]
-        print(f"{method:>12}" + "".join(f"{np.mean(c):>13.3f} +- {np.std(c):.3f}" for c in cells))
+        print(f"{method:>12}" + "".join(f"{np.mean(c):>13.3f} +- {np.std(c, ddof=1) if len(c) > 1 else 0:.3f}"
+                                        for c in cells))
+    if "scratch" in methods and args.seeds > 1:
+        print(f"\npaired difference to scratch (same seeds), mean [95% t-interval over {args.seeds} seeds]")
+        print(f"{'method':>12}" + "".join(f"{f'fraction {f:.2f}':>26}" for f in fractions))
+        for method in (m for m in methods if m != "scratch"):
+            cells = [paired_difference(dice[(method, f)], dice[("scratch", f)]) for f in fractions]
+            print(f"{method:>12}" + "".join(f"{mean:>+10.3f} [{low:+.3f}, {high:+.3f}]" for mean, low, high in cells))
     print(f"total {time.perf_counter() - started:.0f} s; data and checkpoints in {workdir}")
+
+
+def paired_difference(values: list[float], baseline: list[float]) -> tuple[float, float, float]:
+    """Mean of the per-seed differences and its 95% t-interval (n - 1 degrees of freedom)."""
+    differences = np.asarray(values) - np.asarray(baseline)
+    mean = float(differences.mean())
+    half_width = float(stats.t.ppf(0.975, len(differences) - 1) * stats.sem(differences))
+    return mean, mean - half_width, mean + half_width
 
 
 if __name__ == "__main__":

@@ -26,13 +26,18 @@ NEGATIVES = ("image", "batch")  # where the contrastive sampling loss takes its 
 LR_SCHEDULES = ("poly", "constant")  # fine-tuning learning-rate schedules
 INPUT_MODES = ("auto", "device", "stream")  # where pre-training keeps its slices
 
-# Setting name -> MONAI norm spec. Instance norm is affine, as in BasicUNet's own default, so
-# fine-tuning can rescale the pre-trained features; it is also independent of the per-worker
-# batch size, which data-parallel training makes small.
-NORMS: dict[str, str | tuple[str, dict]] = {
-    "instance": ("instance", {"affine": True}),
-    "batch": "batch",
-}
+# Normalisation layers of the network (`network.norm`; `NetworkParams.monai_norm` gives MONAI's spec).
+# - group: GroupNorm, at most MAX_NORM_GROUPS groups (the largest count that divides every width).
+#   Like instance norm it does not depend on the per-worker batch, which data-parallel training
+#   makes small, and it leaks nothing between the images of a batch; unlike instance norm it keeps
+#   each channel's per-image mean relative to its group, so a channel can say what a whole image
+#   holds and the global (MoCo) branch's pooled feature can tell images apart.
+# - instance: affine InstanceNorm, BasicUNet's own default. It removes every channel's per-image
+#   mean, so the pooled bottleneck barely differs between images (bench/global_embedding.py).
+# - batch: BatchNorm; refused by the MoCo methods (see RunConfig).
+NORMS = ("group", "instance", "batch")
+NORMS_WITHOUT_MOCO = ("batch",)
+MAX_NORM_GROUPS = 8
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class NetworkParams:
         global_dim: size of the MoCo projection.
         global_hidden: hidden width of the MoCo projection MLP.
         local_dim: size D of the per-pixel embedding.
-        norm: normalisation layer, one of `NORMS`.
+        norm: normalisation layer, one of `NORMS` (default group norm: see there).
         dropout: dropout probability in every BasicUNet convolution, in [0, 1).
 
     Raises UserInputError naming the field ("network.<field>") for a bad value.
@@ -105,7 +110,7 @@ class NetworkParams:
     global_dim: int = 128
     global_hidden: int = 512
     local_dim: int = 128
-    norm: str = "instance"
+    norm: str = "group"
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -132,10 +137,20 @@ class NetworkParams:
         if self.norm not in NORMS:
             close = difflib.get_close_matches(str(self.norm), NORMS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserInputError(f"network.norm must be one of {sorted(NORMS)}, got {self.norm!r}{hint}")
+            raise UserInputError(f"network.norm must be one of {list(NORMS)}, got {self.norm!r}{hint}")
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
             raise UserInputError(f"network.dropout must be a number in [0, 1), got {dropout!r}")
+
+    @property
+    def monai_norm(self) -> str | tuple[str, dict]:
+        """MONAI's norm spec for `norm`, as `monai.networks.nets.BasicUNet(norm=...)` takes it."""
+        if self.norm == "group":
+            return ("group", {"num_groups": math.gcd(MAX_NORM_GROUPS, *self.features)})
+        if self.norm == "instance":
+            # Affine, as in BasicUNet's own default, so fine-tuning can rescale the pre-trained features.
+            return ("instance", {"affine": True})
+        return "batch"
 
 
 def _is_int(value: object) -> bool:
@@ -252,7 +267,12 @@ class FinetuneConfig:
     # long as a larger one instead of for fewer steps. None: one pass over the slices per epoch.
     steps_per_epoch: int | None = None
     weight_decay: float = 1e-4
-    augment: bool = True
+    augment: bool = True  # a small rotation of each labelled slice (and the flips below, when on)
+    # Flips of the labelled slices, each with probability 0.5 when on. Off by default: supine CT is
+    # never seen upside down, and a left-right flip swaps left and right organs (the kidneys) while
+    # their labels keep the side. Turn left-right on only when no label has a side.
+    flip_anterior_posterior: bool = False
+    flip_left_right: bool = False
 
     def __post_init__(self) -> None:
         require(0 < self.label_fraction <= 1, "finetune.label_fraction", "in (0, 1]", self.label_fraction)
@@ -266,6 +286,10 @@ class FinetuneConfig:
         require(self.steps_per_epoch is None or self.steps_per_epoch >= 1, "finetune.steps_per_epoch",
                 "at least 1, or null for one pass over the slices", self.steps_per_epoch)
         require(self.weight_decay >= 0, "finetune.weight_decay", "at least 0", self.weight_decay)
+        for name in ("flip_anterior_posterior", "flip_left_right"):
+            require(isinstance(getattr(self, name), bool), f"finetune.{name}", "true or false", getattr(self, name))
+            require(self.augment or not getattr(self, name), f"finetune.{name}",
+                    "false when finetune.augment is false (flips are part of the augmentation)", getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -276,6 +300,18 @@ class RunConfig:
     network: NetworkParams = field(default_factory=NetworkParams)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        # MoCo with BatchNorm needs shuffle-BN (or SyncBN plus a per-rank shuffle), which this
+        # project does not implement: without it a query and its positive key are normalised with
+        # statistics of the same batch, a signature the queue's older keys lack, and MoCo learns
+        # that signature instead of the images (He et al. 2020, section 3.3).
+        if self.pretrain.uses_global and self.network.norm in NORMS_WITHOUT_MOCO:
+            allowed = ", ".join(repr(norm) for norm in NORMS if norm not in NORMS_WITHOUT_MOCO)
+            raise UserInputError(
+                f"network.norm: {self.network.norm!r} cannot be used with pretrain.method {self.pretrain.method!r} "
+                f"(MoCo without shuffle-BN: batch statistics leak from each query to its key); use one of {allowed}"
+            )
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from lrc_ray.config import RunConfig, config_from_dict, global_batch_size, load_config, save_config
@@ -42,6 +44,9 @@ def test_yaml_overrides_nested_values(tmp_path):
         ({"network": {"local_dim": 0}}, r"network.local_dim"),
         ({"pretrain": {"method": "supervised"}}, r"pretrain.source_data_dir: expected a labelled source data set"),
         ({"pretrain": {"w_supervised": -1}}, r"pretrain.w_supervised: expected a non-negative weight"),
+        ({"finetune": {"flip_left_right": "yes"}}, r"finetune.flip_left_right: expected true or false, got 'yes'"),
+        ({"finetune": {"flip_anterior_posterior": True, "augment": False}},
+         r"finetune.flip_anterior_posterior: expected false when finetune.augment is false"),
     ],
 )
 def test_bad_values_name_their_path(raw, message):
@@ -70,3 +75,21 @@ def test_replace_validates_too():
 def test_global_batch_is_per_worker_batch_times_workers():
     assert global_batch_size(16, 4) == 64
     assert global_batch_size(16, 0) == 16, "local mode (0 workers) runs one process"
+
+
+def test_fine_tuning_flips_are_off_by_default_and_can_be_turned_on():
+    assert (RunConfig().finetune.flip_anterior_posterior, RunConfig().finetune.flip_left_right) == (False, False)
+    flips = config_from_dict({"finetune": {"flip_anterior_posterior": True, "flip_left_right": True}}).finetune
+    assert flips.flip_anterior_posterior and flips.flip_left_right
+
+
+@pytest.mark.parametrize("method", ["global", "global+lrc"])
+def test_moco_methods_refuse_batch_norm(method):
+    with pytest.raises(UserInputError, match=rf"^config: network.norm: 'batch' cannot be used with pretrain.method "
+                                             rf"'{re.escape(method)}' \(MoCo without shuffle-BN.*use one of 'group', 'instance'$"):
+        config_from_dict({"network": {"norm": "batch"}, "pretrain": {"method": method}})
+
+
+@pytest.mark.parametrize("pretrain", [{"method": "lrc"}, {"method": "scratch"}, {"method": "global+lrc", "w_global": 0}])
+def test_batch_norm_is_allowed_without_the_global_branch(pretrain):
+    assert config_from_dict({"network": {"norm": "batch"}, "pretrain": pretrain}).network.norm == "batch"

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lrc_ray.config import RunConfig
+from lrc_ray.config import RunConfig, config_from_dict
 from lrc_ray.errors import UserInputError
 from lrc_ray.search_space import (
     Choice,
@@ -53,10 +53,14 @@ def test_every_search_space_parses_and_a_draw_is_a_valid_run_config(path):
     assert space.description and "\n" not in space.description
     assert space.source == str(path)
     for seed in range(3):
+        rng = np.random.default_rng(seed)
+        drawn = {key: param.sample(rng) for key, param in space.params.items()}  # sample_config's order
         config = sample_config(space, np.random.default_rng(seed))
-        assert isinstance(config, RunConfig)
+        assert config_from_dict(config.to_dict()) == config, "the draw passes the validation a YAML file gets"
         for key, param in space.params.items():
-            _assert_in_range(param, _get(config, key), key)
+            value = _get(config, key)
+            assert value == (tuple(drawn[key]) if isinstance(drawn[key], list) else pytest.approx(drawn[key])), key
+            _assert_in_range(param, value, key)
 
 
 def test_quickstart_is_all_discrete_and_its_grid_is_the_cartesian_product():

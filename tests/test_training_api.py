@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,14 +97,43 @@ def test_bad_config_key(capsys, tmp_path):
                                  "did you mean 'pretrain.regions_per_image'?"]
 
 
+def test_batch_norm_with_moco_is_refused_at_config_load(capsys, tmp_path):
+    (tmp_path / "run.yaml").write_text("network:\n  norm: batch\npretrain:\n  method: global\n")
+    code, err = _cli(capsys, "pretrain", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "pre"))
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"lrc-ray: error: {tmp_path / 'run.yaml'}: network.norm: 'batch' cannot be used with "
+                             "pretrain.method 'global'") and err[0].endswith("use one of 'group', 'instance'")
+    assert not (tmp_path / "pre").exists()
+
+
 @pytest.mark.parametrize("fraction", ["0", "1.5"])
 def test_label_fraction_out_of_range(capsys, tmp_path, fraction):
     code, err = _cli(capsys, "finetune", "--label-fraction", fraction)
     assert code == 2 and "finetune.label_fraction: expected in (0, 1]" in err[0]
 
 
-def test_checkpoint_is_loaded_weights_only(checkpoint):
-    torch.load(checkpoint, weights_only=True)
+class _RunsCodeWhenUnpickled:
+    """Unpickles as a call to Path.touch: a checkpoint that runs code when loaded without weights_only."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_checkpoint_is_loaded_weights_only(tmp_path, monkeypatch):
+    """Even where torch.load's default is the full unpickler (forced here by torch's own switch, as
+    with torch < 2.6), a checkpoint that would run code is refused and the code never runs."""
+    from lrc_ray.engine.checkpoint import CHECKPOINT_KIND
+
+    marker = tmp_path / "code_ran"
+    torch.save({"kind": CHECKPOINT_KIND, "state_dict": {}, "config": _RunsCodeWhenUnpickled(marker)},
+               tmp_path / "checkpoint.pt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(UserInputError, match="not a readable lrc_ray checkpoint"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    assert not marker.exists()
 
 
 def test_supervised_lrc_pretrains_on_a_separate_labelled_source(tiny_config, tmp_path):

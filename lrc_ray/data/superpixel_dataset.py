@@ -23,9 +23,11 @@ from lrc_ray.errors import UserInputError
 from lrc_ray.superpixels.table import decode_row
 
 # Fine-tuning augmentation is deliberately light: labels are scarce, and the network should
-# still learn where organs lie.
+# still learn where organs lie. Flips are off unless asked for (`finetune.flip_*`): a supine scan
+# is never seen upside down, and a left-right flip puts left-side organs where the right-side ones
+# belong while their labels keep the side.
 LABEL_ROTATE_DEGREES = 10.0
-LABEL_FLIP_PROB = 0.5
+LABEL_FLIP_PROB = 0.5  # per axis, when that axis's flip is on
 
 
 class _EpochSeeded(Dataset):
@@ -58,15 +60,26 @@ class _EpochSeeded(Dataset):
 class LabelledSliceDataset(_EpochSeeded):
     """Labelled slices for fine-tuning: image float32 (1, H, W), label int64 (H, W).
 
-    With `augment`, each item gets a small rotation and, at random, an anterior-posterior flip,
-    the same on image and label (nearest for the label, background where the rotation leaves the
-    slice). Left-right flips are left out: they would put left-side organs where the right-side
-    ones belong (e.g. the two kidneys) while their labels keep the side.
+    With `augment`, each item gets a small rotation, the same on image and label (nearest for the
+    label, background where the rotation leaves the slice). Flips only when asked for, each axis
+    with probability LABEL_FLIP_PROB: `flip_anterior_posterior` mirrors the rows (a supine scan is
+    never seen upside down, so off by default), `flip_left_right` the columns (off by default: it
+    would put left-side organs, e.g. the left kidney, where the right-side ones belong while their
+    labels keep the side). Raises UserInputError for a flip asked for without `augment`.
     """
 
     def __init__(
-        self, table: pa.Table, *, case_ids: Sequence[str] | None = None, augment: bool = False, seed: int = 0
+        self,
+        table: pa.Table,
+        *,
+        case_ids: Sequence[str] | None = None,
+        augment: bool = False,
+        seed: int = 0,
+        flip_anterior_posterior: bool = False,
+        flip_left_right: bool = False,
     ) -> None:
+        if (flip_anterior_posterior or flip_left_right) and not augment:
+            raise UserInputError("flip_anterior_posterior / flip_left_right: need augment=True")
         keep = pc.invert(pc.is_null(table.column("label")))
         if case_ids is not None:
             if isinstance(case_ids, str):
@@ -78,6 +91,7 @@ class LabelledSliceDataset(_EpochSeeded):
             raise UserInputError(f"no labelled slice{chosen} in the slice table")
         super().__init__(table, rows, seed)
         self._augment = augment
+        self._flips = (flip_anterior_posterior, flip_left_right)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record, rng = self._record_and_rng(index)
@@ -86,11 +100,10 @@ class LabelledSliceDataset(_EpochSeeded):
         if not self._augment:
             return {"image": image[None], "label": label}
         shape = tuple(image.shape)
-        geometry = ViewGeometry(
-            center_offset=(0.0, 0.0),
-            crop_size=shape,
-            angle=math.radians(rng.uniform(-LABEL_ROTATE_DEGREES, LABEL_ROTATE_DEGREES)),
-            flip=(bool(rng.random() < LABEL_FLIP_PROB), False),
-        )
+        angle = math.radians(rng.uniform(-LABEL_ROTATE_DEGREES, LABEL_ROTATE_DEGREES))
+        # Both coins are tossed whether used or not, so turning one flip on leaves the other draws as they were.
+        coins = rng.random(2) < LABEL_FLIP_PROB
+        flip = (bool(coins[0] and self._flips[0]), bool(coins[1] and self._flips[1]))
+        geometry = ViewGeometry(center_offset=(0.0, 0.0), crop_size=shape, angle=angle, flip=flip)
         image, label = warp_slice(image, label, geometry, shape, index_fill=BACKGROUND_LABEL)
         return {"image": image, "label": label}

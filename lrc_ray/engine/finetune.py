@@ -41,7 +41,9 @@ def finetune(
     """Train with Dice + cross-entropy on the slices of `train_cases`; returns per-epoch losses."""
     torch.manual_seed(seed)
     model.to(device)
-    dataset = LabelledSliceDataset(table, case_ids=train_cases, augment=config.augment, seed=seed)
+    dataset = LabelledSliceDataset(table, case_ids=train_cases, augment=config.augment, seed=seed,
+                                   flip_anterior_posterior=config.flip_anterior_posterior,
+                                   flip_left_right=config.flip_left_right)
     generator = torch.Generator().manual_seed(seed)
     if config.steps_per_epoch is None:
         loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)

@@ -68,7 +68,8 @@ class LrcPretrainer(nn.Module):
         supervised methods (`engine.input_path.TwoViewBatches.make` makes such batches).
 
         Both views go through the online network in one call: one forward per step is what
-        DistributedDataParallel expects, and instance norm makes it equal to two calls.
+        DistributedDataParallel expects, and a per-image norm (group, instance) makes it equal to two
+        calls. Batch norm would normalise the two views together: the MoCo methods refuse it (config).
         """
         return self.batch_losses(batch)
 
@@ -131,7 +132,7 @@ class LrcPretrainer(nn.Module):
 
     @torch.no_grad()
     def _momentum_keys(self, images: Tensor) -> Tensor:
-        """Keys of both views in one pass (instance norm: the same as one pass per view)."""
+        """Keys of both views in one pass (a per-image norm: the same as one pass per view)."""
         network = self.momentum_network
         return network.global_head(network.backbone(self._network_input(images)).bottleneck)
 

@@ -1,6 +1,6 @@
 """Networks of LRC: the BasicUNet encoder-decoder, projection heads, pre-training and fine-tuning networks."""
 
-from lrc_ray.models.heads import GlobalProjectionHead, LocalProjectionHead, SegmentationHead
+from lrc_ray.models.heads import GlobalProjectionHead, LocalProjectionHead, SegmentationHead, pooled_spread_ratio
 from lrc_ray.models.networks import (
     NORMS,
     EncoderDecoder,
@@ -26,4 +26,5 @@ __all__ = [
     "SegmentationNetwork",
     "build_lrc_network",
     "build_segmentation_network",
+    "pooled_spread_ratio",
 ]

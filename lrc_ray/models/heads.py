@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GlobalProjectionHead", "LocalProjectionHead", "SegmentationHead"]
+__all__ = ["GlobalProjectionHead", "LocalProjectionHead", "SegmentationHead", "pooled_spread_ratio"]
 
 
 def _check_size(name: str, value: int) -> None:
@@ -52,6 +52,25 @@ class GlobalProjectionHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_feature_map("GlobalProjectionHead", x, self.in_channels)
         return self.mlp(x.mean(dim=(2, 3)))
+
+
+def pooled_spread_ratio(feature_map: Tensor) -> float:
+    """How much the global average pool of a feature map tells images apart: the spread of each
+    channel's pooled value across the images, over the map's spread within an image.
+
+    Both spreads are standard deviations averaged over channels (and, within an image, over the
+    images). Near 0, the pooled feature is about the same for every image: the global branch then
+    has no image content to contrast (an instance norm right before the pool gives ~0.02).
+
+    Shape: (B, C, h, w) with B >= 2 and h * w >= 2 -> float.
+    Raises ValueError for another shape.
+    """
+    if feature_map.ndim != 4 or feature_map.shape[0] < 2 or feature_map.shape[2] * feature_map.shape[3] < 2:
+        raise ValueError(f"expected a (B, C, h, w) feature map with B >= 2 and h * w >= 2, got {tuple(feature_map.shape)}")
+    feature_map = feature_map.detach().float()
+    across_images = feature_map.mean(dim=(2, 3)).std(dim=0).mean()
+    within_image = feature_map.flatten(2).std(dim=2).mean()
+    return float(across_images / within_image)
 
 
 class LocalProjectionHead(nn.Module):

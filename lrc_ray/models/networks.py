@@ -87,7 +87,7 @@ class EncoderDecoder(nn.Module):
             in_channels=in_channels,
             out_channels=1,  # feeds final_conv only, which is dropped
             features=params.features,
-            norm=NORMS[params.norm],
+            norm=params.monai_norm,
             dropout=params.dropout,
         )
         self.in_channels = in_channels

@@ -86,3 +86,39 @@ def test_labelled_augmentation_moves_image_and_label_together(table):
         before = original["image"][0][original["label"] == organ].mean()
         after = first["image"][0][first["label"] == organ].mean()
         assert abs(before - after) < 0.05, organ
+
+
+def mirrored_axes(original: torch.Tensor, augmented: torch.Tensor) -> tuple[bool, bool]:
+    """Which axes (rows = anterior-posterior, columns = left-right) a label map was mirrored along,
+    read from its organs' centroids: each lies nearer its mirror image than its own place only when
+    mirrored (the small rotation moves a centroid much less than a mirror does)."""
+    mirrored = [0, 0]
+    organs = [organ for organ in original.unique().tolist() if organ and (augmented == organ).sum() >= 10]
+    for organ in organs:
+        before = torch.nonzero(original == organ).double().mean(dim=0)
+        after = torch.nonzero(augmented == organ).double().mean(dim=0)
+        for axis in (0, 1):
+            mirror = original.shape[axis] - 1 - before[axis]
+            mirrored[axis] += int(abs(after[axis] - mirror) < abs(after[axis] - before[axis]))
+    return mirrored[0] > len(organs) / 2, mirrored[1] > len(organs) / 2
+
+
+@pytest.mark.parametrize("flip_anterior_posterior", [False, True])
+@pytest.mark.parametrize("flip_left_right", [False, True])
+def test_labelled_flips_only_along_the_axes_asked_for(table, flip_anterior_posterior, flip_left_right):
+    """No flip by default: supine CT is never upside down, and left-right flips swap sided organs."""
+    original = LabelledSliceDataset(table, case_ids=["b"])[2]["label"]
+    dataset = LabelledSliceDataset(table, case_ids=["b"], augment=True, seed=5,
+                                   flip_anterior_posterior=flip_anterior_posterior, flip_left_right=flip_left_right)
+    seen = set()
+    for epoch in range(16):
+        dataset.set_epoch(epoch)
+        seen.add(mirrored_axes(original, dataset[2]["label"]))
+    rows = {False, True} if flip_anterior_posterior else {False}
+    columns = {False, True} if flip_left_right else {False}
+    assert {axis[0] for axis in seen} == rows and {axis[1] for axis in seen} == columns, seen
+
+
+def test_labelled_flips_need_augmentation(table):
+    with pytest.raises(UserInputError, match="flip_anterior_posterior / flip_left_right: need augment=True"):
+        LabelledSliceDataset(table, case_ids=["b"], flip_left_right=True)

@@ -1,5 +1,8 @@
 """The pure helpers of the Tune layer: no Ray cluster is started here."""
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -199,7 +202,22 @@ def test_pretraining_key_ignores_the_finetune_section():
     quarter = RunConfig().replace(finetune={"label_fraction": 0.25})
     full = RunConfig().replace(finetune={"label_fraction": 1.0, "epochs": 3, "lr": 0.01})
     assert pretraining_key(quarter, "sp", 1) == pretraining_key(full, "sp", 1)
-    assert pretraining_key(quarter, "sp", 1) == pretraining_key(quarter, "sp", 1)
+
+
+def test_pretraining_key_is_the_same_for_an_equal_config_in_another_process():
+    """A restored sweep finds its checkpoints: the key depends on the settings only, not on the
+    config object or on the process (Python's string hashing changes with PYTHONHASHSEED)."""
+    config = RunConfig().replace(pretrain={"method": "lrc", "temperature": 0.3}, seed=4)
+    script = (
+        "from lrc_ray.config import RunConfig; from lrc_ray.distributed.tune import pretraining_key; "
+        "print(pretraining_key(RunConfig().replace(pretrain={'method': 'lrc', 'temperature': 0.3}, seed=4), 'sp', 2))"
+    )
+    keys = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": str(hash_seed)}).stdout.strip()
+        for hash_seed in (1, 2)
+    }
+    assert keys == {pretraining_key(config, "sp", 2)}
 
 
 def test_pretraining_key_names_the_method():

@@ -68,6 +68,23 @@ def test_steps_per_epoch_fixes_the_training_budget_whatever_the_label_fraction(s
     assert steps == ({1: 2, 2: 4} if steps_per_epoch is None else {1: 3, 2: 3})
 
 
+@pytest.mark.parametrize("flips", [{}, {"flip_anterior_posterior": True, "flip_left_right": True}])
+def test_fine_tuning_passes_its_flip_settings_to_the_labelled_slices(slice_table, monkeypatch, flips):
+    made = []
+    original = finetune_module.LabelledSliceDataset
+
+    def recording(*args, **kwargs):
+        made.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "LabelledSliceDataset", recording)
+    model = build_segmentation_model(NETWORK, NUM_CLASSES, None)
+    finetune(model, slice_table, train_cases=("case_0",), seed=0, progress=False,
+             config=FinetuneConfig(epochs=1, batch_size=2, **flips))
+    expected = {"flip_anterior_posterior": False, "flip_left_right": False} | flips
+    assert [{key: kwargs[key] for key in expected} for kwargs in made] == [expected]
+
+
 def test_probe_is_deterministic_and_a_dice(slice_table):
     probe = probe_slices(slice_table, train_case="case_0", validation_cases=("case_1", "case_2"), num_classes=NUM_CLASSES)
     assert probe.train_images.shape == (4, 1, 32, 32) and len(probe.validation) == 2
