@@ -351,21 +351,22 @@ def results(
         hint = f"; did you mean '{close[0]}'?" if close else f"; the trials report {', '.join(reported)}"
         raise UserInputError(f"--metric {metric}: no trial reports it{hint}")
     out_dir = Path(out) if out is not None else experiment / "results"
-    finalist_table = _finalists_table(experiment, info)
-    chosen_values = None
-    if finalist_table is not None and by == "label_fraction":
+    finalists = _finalists_table(experiment, info)
+    found = chosen_values = None
+    if finalists is not None:
         from lrc_ray.finalists import choices
 
-        found = choices(finalist_table[0])
-        chosen_values = {choice.label_fraction: choice.chosen["setting"] for choice in found}
+        found = choices(finalists[0])
+        if by == "label_fraction":  # the finalists' choice replaces the search's single-run best
+            chosen_values = {choice.label_fraction: choice.chosen["setting"] for choice in found}
     written = write_results(records, info, out_dir, by=by, space=_recorded_space(experiment), chosen_values=chosen_values)
     written |= {"out_dir": out_dir, "metric": info.metric, "mode": info.mode, "by": by, "finalists": None, "missing": ()}
-    if finalist_table is not None:
-        from lrc_ray.finalists import choices, write_finalists
+    if finalists is not None:
+        from lrc_ray.finalists import write_finalists
 
-        table, plan = finalist_table
-        chosen_configs = written["chosen"] if by == "label_fraction" else {}
-        written |= write_finalists(table, choices(table), info, out_dir, chosen_configs) | {"missing": plan.missing}
+        table, plan = finalists
+        written |= write_finalists(table, found, info, out_dir, written["chosen"] if chosen_values else {})
+        written["missing"] = plan.missing
     return written
 
 

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "cluster", help=f"as given to `up` (default {DEFAULT_WORKDIR / 'cluster'})")
     down.set_defaults(handler=_run_cluster_down)
 
-    demo = commands.add_parser("demo", help="the quick start: a small sweep on the built-in data, then its results")
+    demo = commands.add_parser(
+        "demo", help="the quick start: a small sweep on the built-in data, its finalists, then its results")
     demo.add_argument("--storage", type=Path, default=None, help=f"where the sweep goes (default {DEFAULT_WORKDIR / 'sweeps'})")
     demo.set_defaults(handler=_run_demo)
     return parser

@@ -70,8 +70,12 @@ def test_quickstart_is_all_discrete_and_its_grid_is_the_cartesian_product():
     assert set(space.params["pretrain.method"].values) == {"scratch", "global", "lrc", "global+lrc"}
     for point in points:
         run_config_for(space, point)  # every grid point is a valid run config
-    # TPE's trials fit the compute target (0.35 of the grid's) even if each cost a grid point's
-    assert space.sweep.num_samples <= 0.35 * len(points) and not space.sweep.use_gpu
+    assert not space.sweep.use_gpu
+    # finalists scored on test volumes, and a volume left to fine-tune on beside the held-out ones
+    base = run_config_for(space, {})
+    assert space.finalists is not None and base.data.test_cases >= 1
+    assert space.data.cases > base.data.validation_cases + base.data.test_cases
+    assert label_fractions(space) == (0.25, 1.0)
 
 
 def test_ablation_samples_its_whole_grid():

@@ -41,6 +41,7 @@ from lrc_ray.distributed.search import make_searcher
 from lrc_ray.distributed.superpixels import ray_data_extract
 from lrc_ray.engine.splits import SPLIT_PARTS
 from lrc_ray.errors import UserInputError
+from lrc_ray.finalists import TEST_PREFIX
 from lrc_ray.search_space import (
     Choice, Fixed, LogUniform, QUniform, RandInt, SearchSpace, SweepSettings, Uniform, config_with_values, grid_points,
 )
@@ -51,7 +52,6 @@ PROBE_METRIC = "probe_dice"
 EPOCH = "epoch"  # pre-training epochs finished (ASHA's time attribute)
 SWEEP_FILE = "lrc_ray_sweep.json"  # what `results` needs beyond Tune's own files
 FINALISTS_FILE = "lrc_ray_finalists.json"  # the finalists' plan and the name of their Tune experiment
-TEST_PREFIX = "test_"  # finalists report their test scores as the validation ones with this prefix
 
 
 @dataclass(frozen=True)
