@@ -359,7 +359,7 @@ def _plot_test_dice(table: pd.DataFrame, info: SweepInfo, path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lrc_ray.atomic import atomic_write_path
+    from lrc_ray.results import save_label_fraction_plot
 
     best = finished.groupby(["method", "label_fraction"], sort=True).head(1).sort_values("label_fraction")
     figure, axes = plt.subplots(figsize=(6, 4))
@@ -367,13 +367,6 @@ def _plot_test_dice(table: pd.DataFrame, info: SweepInfo, path) -> bool:
         low = (rows["test_mean"] - rows["test_low"]).fillna(0).to_numpy()
         high = (rows["test_high"] - rows["test_mean"]).fillna(0).to_numpy()
         axes.errorbar(rows["label_fraction"], rows["test_mean"], yerr=[low, high], marker="o", capsize=4, label=method)
-    axes.set_xlabel("label fraction")
-    axes.set_ylabel(f"test {info.metric}")
-    axes.set_title("Finalists: test Dice vs label fraction (95% interval over seeds)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    with atomic_write_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
+    save_label_fraction_plot(figure, axes, ylabel=f"test {info.metric}", path=path,
+                             title="Finalists: test Dice vs label fraction (95% interval over seeds)")
     return True

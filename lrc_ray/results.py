@@ -204,16 +204,23 @@ def _plot_dice_vs_label_fraction(table: pd.DataFrame, metric: str, mode: str, pa
     figure, axes = plt.subplots(figsize=(6, 4))
     for method, rows in best.groupby("method"):
         axes.plot(rows["label_fraction"], rows[metric], marker="o", label=method)
+    save_label_fraction_plot(figure, axes, ylabel=f"best {metric}", title="Validation Dice vs label fraction", path=path)
+    return True
+
+
+def save_label_fraction_plot(figure, axes, *, ylabel: str, title: str, path: Path) -> None:
+    """Label a plot over label fractions (one line per method) and write it as PNG (atomically)."""
+    import matplotlib.pyplot as plt
+
     axes.set_xlabel("label fraction")
-    axes.set_ylabel(f"best {metric}")
-    axes.set_title("Validation Dice vs label fraction")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
     with atomic_write_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
     plt.close(figure)
-    return True
 
 
 def parameter_importance(records: list[TrialRecord], info: SweepInfo, space) -> dict[str, float]:

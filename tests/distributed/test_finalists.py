@@ -5,11 +5,8 @@ finished trial; the finalists' bad inputs."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -46,24 +43,14 @@ def _finished_finalists(experiment: Path) -> dict[int, tuple[float, float]]:
     return finished
 
 
-def test_a_sweep_killed_during_its_finalists_continues_them_and_reports_the_choice(tmp_path, tiny_sweep_space):
+def test_a_sweep_killed_during_its_finalists_continues_them_and_reports_the_choice(tmp_path, tiny_sweep_space,
+                                                                                  sigkill_when):
     space = _space_file(tmp_path / "tiny.yaml", tiny_sweep_space, finalists={"top": 2, "seeds": 2}, num_samples=4,
                         space={"pretrain.method": {"choice": ["scratch", "lrc"]},
                                "finetune.label_fraction": {"choice": [0.5, 1.0]}})
     experiment = tmp_path / "store" / "tiny"
     command = [sys.executable, "-m", "lrc_ray.cli", "tune", str(space), "--storage", str(tmp_path / "store")]
-    # Own session: the kill reaches the sweep and the local Ray it started, nothing else.
-    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    try:
-        deadline = time.monotonic() + 480
-        while not _finished_finalists(experiment) and sweep.poll() is None and time.monotonic() < deadline:
-            time.sleep(1)
-        assert sweep.poll() is None, "the sweep ended before its finalists could be interrupted"
-        assert _finished_finalists(experiment), "no finalist finished in time"
-    finally:
-        os.killpg(sweep.pid, signal.SIGKILL)
-        sweep.wait()
+    sigkill_when(command, cwd=tmp_path, ready=lambda: bool(_finished_finalists(experiment)), within=480)
     before = _finished_finalists(experiment)
     plan = json.loads((experiment / "lrc_ray_finalists.json").read_text())
     assert plan["seeds"] == [1, 2], "seeds the search (seed 0) did not use"
