@@ -114,7 +114,7 @@ def pretrain(
 
     `workers` 0 runs the plain loop in this process; N >= 1 runs Ray Train with N data-parallel
     workers (one GPU each with `use_gpu`), whose run `out_dir/name` resumes from its last epoch
-    when started again. Validation volumes are left out of pre-training. The checkpoint
+    when started again. Validation and test volumes are left out of pre-training. The checkpoint
     (`out_dir/checkpoint.pt`, written atomically after every epoch of the plain loop and at the
     end of a Ray Train run) carries the config and the loss history.
     """
@@ -272,9 +272,20 @@ def tune(
         failure = summarise_failures(result_grid)
         if failure:
             raise TrainingError(f"sweep {experiment}: {failure}")
-        if search_space.finalists is not None:
+        if search_space.finalists is not None and _search_finished(experiment):
             _run_finalists(experiment, top=search_space.finalists.top, seeds=search_space.finalists.seeds)
+        elif search_space.finalists is not None:
+            logger.warning("sweep %s: its search was interrupted before every trial finished; no finalists yet "
+                           "(continue it with --resume)", experiment)
     return experiment
+
+
+def _search_finished(experiment: Path) -> bool:
+    from lrc_ray.distributed.tune import read_trials
+    from lrc_ray.finalists import search_finished
+
+    _, recorded = _sweep_info(experiment)
+    return search_finished(read_trials(experiment), expected=recorded.get("trials", 0))
 
 
 def finalists(*, experiment: str | Path, top: int | None = None, seeds: int | None = None,

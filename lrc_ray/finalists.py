@@ -66,6 +66,12 @@ class FinalistPlan:
                    missing=tuple(raw["missing"]))
 
 
+def search_finished(records: list[TrialRecord], *, expected: int) -> bool:
+    """Whether a search ran all its `expected` trials to an end (finished, stopped early or failed):
+    one interrupted (e.g. by Ctrl+C, which Tune turns into a normal return) gets no finalists yet."""
+    return len(records) >= expected and all(record.status in ("TERMINATED", "ERROR") for record in records)
+
+
 def fresh_seeds(used: set[int], count: int) -> tuple[int, ...]:
     """The `count` smallest non-negative seeds not in `used` (the search's)."""
     seeds, candidate = [], 0

@@ -9,7 +9,8 @@ from scipy import stats
 
 from lrc_ray.config import RunConfig, load_config
 from lrc_ray.finalists import (
-    SCRATCH, FinalistPlan, choices, finalists_table, fresh_seeds, plan_finalists, t_interval, write_finalists,
+    SCRATCH, FinalistPlan, choices, finalists_table, fresh_seeds, plan_finalists, search_finished, t_interval,
+    write_finalists,
 )
 from lrc_ray.results import SweepInfo, TrialRecord, write_results
 
@@ -87,6 +88,16 @@ def test_minimising_metrics_rank_the_other_way():
     info = SweepInfo(metric="dice_mean", mode="min", base=BASE, fixed={})
     plan = plan_finalists(_search(), info, top=1, seeds=1)
     assert [run.setting["pretrain.method"] for run in plan.runs if run.label_fraction == 1.0] == ["scratch"]
+
+
+def test_an_interrupted_search_gets_no_finalists_yet():
+    records = _search()
+    assert search_finished(records, expected=len(records))
+    assert not search_finished(records, expected=len(records) + 1), "trials not yet started"
+    running = [*records[:-1], _trial("h", "global", 50, 0.25, None, status="RUNNING")]
+    assert not search_finished(running, expected=len(records))
+    failed = [*records[:-1], _trial("h", "global", 50, 0.25, None, status="ERROR")]
+    assert search_finished(failed, expected=len(records))
 
 
 # --- t_interval -----------------------------------------------------------------------------

@@ -176,12 +176,6 @@ def run_sweep(
         return tuner.fit()
     if experiment.exists() and any(experiment.iterdir()):
         raise UserInputError(f"--name {name}: {experiment} already holds a sweep; pass --resume to continue it or pick another name")
-    experiment.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(experiment / SWEEP_FILE, {
-        "source": space.source, "description": space.description, "metric": settings.metric, "mode": settings.mode,
-        "base": base.to_dict(), "fixed": fixed_values(space), "searched": sorted(tune_param_space(space)),
-        "space_yaml": Path(space.source).read_text() if Path(space.source).is_file() else None,
-    })
     if search == "grid":
         trials = len(grid_points(space))  # also refuses continuous parameters, by name
         param_space = {key: tune.grid_search(list(spec.values)) for key, spec in space.params.items() if isinstance(spec, Choice)}
@@ -194,6 +188,13 @@ def run_sweep(
         param_space = tune_param_space(space)
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                       max_concurrent_trials=concurrency, reuse_actors=_reuse_actors(settings))
+    experiment.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(experiment / SWEEP_FILE, {
+        "source": space.source, "description": space.description, "metric": settings.metric, "mode": settings.mode,
+        "base": base.to_dict(), "fixed": fixed_values(space), "searched": sorted(tune_param_space(space)),
+        "space_yaml": Path(space.source).read_text() if Path(space.source).is_file() else None,
+        "trials": trials,  # the search is finished when this many are
+    })
     logger.info("sweep %s (%s): %d trial(s), up to %d at a time", experiment, search, trials, concurrency)
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=_run_config(settings, storage, name))
     return tuner.fit()
