@@ -17,7 +17,6 @@ from lrc_ray.errors import TrainingError, UserInputError
 from lrc_ray.stages import PretrainingData, check_batch_fits, pretrains
 from lrc_ray.superpixels.cache import CacheEntry
 from lrc_ray.superpixels.felzenszwalb import FelzenszwalbParams
-from lrc_ray.superpixels.selection import select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +131,14 @@ def pretrain(
         return _pretrain_in_process(config, data, checkpoint, progress=progress)
 
     from lrc_ray.distributed.runtime import ray_session
-    from lrc_ray.distributed.train import pretrain_with_ray_train
+    from lrc_ray.distributed.train import check_train_resources, pretrain_with_ray_train
 
-    check_batch_fits(config, data)
+    check_batch_fits(config, data, workers=workers)
     with ray_session(address=address):
+        check_train_resources(workers, use_gpu=use_gpu)
         outcome = pretrain_with_ray_train(
-            config, parquet_dir=str(data.entry.path), selection=data.selection, storage_path=str(out_dir), name=name,
-            workers=workers, use_gpu=use_gpu, num_classes=data.num_classes,
+            config, parquet_dir=str(data.entry.path), selection=data.selection, num_slices=data.num_slices,
+            storage_path=str(out_dir), name=name, workers=workers, use_gpu=use_gpu, num_classes=data.num_classes,
         )
     return save_checkpoint(checkpoint, state_dict=outcome.state_dict, config=config.to_dict(), epoch=outcome.epoch,
                            history=outcome.history)
@@ -161,38 +161,25 @@ def in_process_pretrain_fn(*, progress: bool = False) -> stages.PretrainFn:
 
 
 def _pretrain_in_process(config: RunConfig, data: PretrainingData, checkpoint: Path, *, progress: bool) -> Path:
+    """The plain loop in this process; `scratch` (or zero epochs) saves the random initialisation."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from lrc_ray.augment.two_views import TwoViewAugment
-    from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset
+    from lrc_ray.data.shard import compact_slices
     from lrc_ray.engine.checkpoint import save_checkpoint
-    from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
+    from lrc_ray.engine.pretrain import LrcPretrainer
+    from lrc_ray.engine.pretrain_loop import LocalRun, run_pretraining
     from lrc_ray.superpixels.cache import read_entry_table
 
-    settings = config.pretrain
-    table = select_rows(read_entry_table(data.entry), data.selection)
-    torch.manual_seed(config.seed)
-    pretrainer = LrcPretrainer(settings, config.network, seed=config.seed, num_classes=data.num_classes)
     if not pretrains(config):
-        return save_checkpoint(checkpoint, state_dict=pretrainer.online.state_dict(), config=config.to_dict(), epoch=-1, history=[])
-    dataset = TwoViewSliceDataset(
-        table, TwoViewAugment(config.augment, output_size=config.data.size), seed=config.seed,
-        min_regions=settings.min_regions, with_labels=settings.uses_supervised,
-    )
-    check_batch_fits(config, data, slices=len(dataset))
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True, generator=generator,
-                        num_workers=settings.num_workers)
-    logger.info("pre-training %s on %d slices, %d epochs, batch %d", settings.method, len(dataset), settings.epochs, settings.batch_size)
-    history: list[dict] = []
-    optimizer = build_optimizer(pretrainer, settings)
-    for epoch in range(settings.epochs):
-        dataset.set_epoch(epoch)
-        metrics = pretrain_one_epoch(pretrainer, loader, optimizer, generator=generator, epoch=epoch, progress=progress)
-        history.append({"epoch": epoch + 1, **metrics})
-        logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        save_checkpoint(checkpoint, state_dict=pretrainer.online.state_dict(), config=config.to_dict(), epoch=epoch, history=history)
+        torch.manual_seed(config.seed)
+        initial = LrcPretrainer(config.pretrain, config.network, seed=config.seed, num_classes=data.num_classes)
+        return save_checkpoint(checkpoint, state_dict=initial.online.state_dict(), config=config.to_dict(), epoch=-1,
+                               history=[])
+    check_batch_fits(config, data)
+    arrays = compact_slices(read_entry_table(data.entry), data.selection)
+    logger.info("pre-training %s on %d slices, %d epochs, batch %d", config.pretrain.method, data.num_slices,
+                config.pretrain.epochs, config.pretrain.batch_size)
+    run_pretraining(config, LocalRun(config, arrays, checkpoint, progress=progress), num_classes=data.num_classes)
     return checkpoint
 
 

@@ -24,6 +24,7 @@ from lrc_ray.errors import UserInputError
 METHODS = ("scratch", "global", "lrc", "global+lrc", "supervised", "supervised+lrc")
 NEGATIVES = ("image", "batch")  # where the contrastive sampling loss takes its negatives
 LR_SCHEDULES = ("poly", "constant")  # fine-tuning learning-rate schedules
+INPUT_MODES = ("auto", "device", "stream")  # where pre-training keeps its slices
 
 # Setting name -> MONAI norm spec. Instance norm is affine, as in BasicUNet's own default, so
 # fine-tuning can rescale the pre-trained features; it is also independent of the per-worker
@@ -186,7 +187,14 @@ class PretrainConfig:
     moco_temperature: float = 0.2
     queue_size: int = 1024
     min_regions: int = 2  # slices with fewer regions are skipped
-    num_workers: int = 0  # DataLoader worker processes
+    # Where pre-training keeps its slices (engine/input_path.py): "device" holds them all on the
+    # training device, "stream" reads each worker's split every epoch, "auto" holds them when they
+    # take at most half of the device's free memory.
+    input_mode: str = "auto"
+    # Speed options of the model step (bench/gpu_check.py measures them; the loss is the same):
+    # channels-last memory layout for the convolutions, and torch.compile of the encoder-decoders.
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         require_choice(self.method, METHODS, "pretrain.method")
@@ -211,7 +219,7 @@ class PretrainConfig:
         require(0 <= self.moco_momentum < 1, "pretrain.moco_momentum", "in [0, 1)", self.moco_momentum)
         require(self.queue_size >= 1, "pretrain.queue_size", "at least 1", self.queue_size)
         require(self.min_regions >= 1, "pretrain.min_regions", "at least 1", self.min_regions)
-        require(self.num_workers >= 0, "pretrain.num_workers", "at least 0", self.num_workers)
+        require_choice(self.input_mode, INPUT_MODES, "pretrain.input_mode")
 
     @property
     def uses_global(self) -> bool:

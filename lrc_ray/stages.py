@@ -64,6 +64,7 @@ class PretrainingData:
     entry: CacheEntry
     selection: RowSelection
     num_classes: int | None
+    num_slices: int  # the slices the selection keeps
 
 
 # Pre-trains `config` on `data`, writes the online network's checkpoint at the path (with
@@ -182,30 +183,31 @@ def pretraining_data(config: RunConfig, data: RunData, *, extract: Extract | Non
     """Self-supervised methods use every volume of the data set except the held-out ones
     (validation and test); the supervised methods use the labelled volumes of
     `pretrain.source_data_dir`, a separate set (its entry built with `extract` when missing)."""
-    settings = config.pretrain
-    if not settings.uses_supervised:
-        selection = RowSelection(exclude_cases=data.split.validation + data.split.test, min_regions=settings.min_regions)
-        return PretrainingData(data.entry, selection, None)
-    if Path(settings.source_data_dir).resolve() == Path(config.data.data_dir).resolve():
-        raise UserInputError(
-            f"pretrain.source_data_dir: {settings.source_data_dir} is the fine-tuning data set; supervised "
-            "pre-training on it would use labels beyond the label fraction"
-        )
-    source = load_msd_dataset(settings.source_data_dir)
-    entry, _ = superpixel_entry(source, config.data.cache_root, extraction_params_for(config.data), extract=extract)
-    selection = RowSelection(labelled_only=True, min_regions=settings.min_regions)
-    return PretrainingData(entry, selection, max(entry_labels(entry)) + 1)
-
-
-def check_batch_fits(config: RunConfig, data: PretrainingData, slices: int | None = None) -> None:
-    """Refuse a per-worker batch larger than the slices to pre-train on (no step would run)."""
     from lrc_ray.superpixels.cache import read_entry_table
 
-    if slices is None:
-        table = read_entry_table(data.entry, columns=["n_regions", "label"])
-        slices = select_rows(table, data.selection).num_rows
-    if slices < config.pretrain.batch_size:
-        raise UserInputError(f"pretrain.batch_size: {config.pretrain.batch_size} is more than the {slices} slices to pre-train on")
+    settings = config.pretrain
+    if not settings.uses_supervised:
+        entry, num_classes = data.entry, None
+        selection = RowSelection(exclude_cases=data.split.validation + data.split.test, min_regions=settings.min_regions)
+    else:
+        if Path(settings.source_data_dir).resolve() == Path(config.data.data_dir).resolve():
+            raise UserInputError(
+                f"pretrain.source_data_dir: {settings.source_data_dir} is the fine-tuning data set; supervised "
+                "pre-training on it would use labels beyond the label fraction"
+            )
+        source = load_msd_dataset(settings.source_data_dir)
+        entry, _ = superpixel_entry(source, config.data.cache_root, extraction_params_for(config.data), extract=extract)
+        selection, num_classes = RowSelection(labelled_only=True, min_regions=settings.min_regions), max(entry_labels(entry)) + 1
+    kept = select_rows(read_entry_table(entry, columns=["n_regions", "label"]), selection).num_rows
+    return PretrainingData(entry, selection, num_classes, kept)
+
+
+def check_batch_fits(config: RunConfig, data: PretrainingData, *, workers: int = 1) -> None:
+    """Refuse a global batch larger than the slices to pre-train on (no step would run)."""
+    batch = config.pretrain.batch_size
+    if data.num_slices < batch * max(workers, 1):
+        across = f" x {workers} workers" if workers > 1 else ""
+        raise UserInputError(f"pretrain.batch_size: {batch}{across} is more than the {data.num_slices} slices to pre-train on")
 
 
 def probe_source(config: RunConfig, data: RunData) -> ProbeSource:
@@ -273,7 +275,7 @@ def pretrain(config: RunConfig, data: RunData, *, root: Path, workers: int, pret
     with entry_lock(directory.parent, key):
         if history_file.is_file():
             return Pretrained(key, checkpoint, json.loads(history_file.read_text()), reused=True)
-        check_batch_fits(config, inputs)
+        check_batch_fits(config, inputs, workers=workers)
         history = pretrain_fn(config, inputs, checkpoint)
         write_json_atomic(history_file, history)  # last: it marks the checkpoint complete
     return Pretrained(key, checkpoint, history, reused=False)

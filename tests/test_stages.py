@@ -199,7 +199,7 @@ def test_a_run_reads_dataset_json_once_and_the_slice_table_once_per_use(stage_co
     pretrained = stages.pretrain(stage_config, data, root=tmp_path, workers=0, pretrain_fn=pretrain_fn)
     finetuned = stages.finetune_and_evaluate(stage_config, data, pretrained, root=tmp_path, parts=("validation",))
     assert len(data_reads) == 1, "dataset.json is read once per run"
-    # the batch check reads two columns, the in-process loop and fine-tuning one table each
+    # counting the slices to pre-train on reads two columns, the in-process loop and fine-tuning one table each
     assert len(table_reads) == 3
     assert not pretrained.reused and len(pretrained.history) == 1 and pretrained.checkpoint.is_file()
     assert trained == [tmp_path / "pretrained" / pretrained.key / "checkpoint.pt"]

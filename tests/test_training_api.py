@@ -1,6 +1,7 @@
 """Pre-training and fine-tuning through the API and the CLI, on a tiny cached data set."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -142,3 +143,15 @@ def test_finetune_gives_the_same_dice_whatever_ran_before_in_the_process(checkpo
     torch.rand(1000)  # what an earlier task might have drawn
     second = api.finetune(config=config, checkpoint=checkpoint, progress=False)
     assert first["dice_per_organ"] == second["dice_per_organ"]
+
+
+def test_a_forced_device_mode_that_does_not_fit_is_one_line(capsys, tiny_config, tmp_path, monkeypatch):
+    from lrc_ray.engine import pretrain_loop
+
+    monkeypatch.setattr(pretrain_loop, "free_memory_bytes", lambda device: 1000)
+    save_config(tiny_config.replace(pretrain={"input_mode": "device"}), tmp_path / "run.yaml")
+    code, err = _cli(capsys, "pretrain", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "pre"))
+    assert code == 2 and len(err) == 1
+    assert re.fullmatch(r"lrc-ray: error: pretrain.input_mode: device needs \d+ bytes for \d+ slices of 32 x 32, "
+                        r"but only 1000 bytes are free on the device .*use input_mode: stream or auto", err[0]), err
+    assert not (tmp_path / "pre" / "checkpoint.pt").exists()

@@ -22,14 +22,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.layers import GaussianFilter
+from monai.networks.layers.convutils import gaussian_1d
 
 from lrc_ray.config import AugmentParams
 from lrc_ray.errors import UserInputError
+from lrc_ray.keyed_random import keyed_normal
 from lrc_ray.superpixels.felzenszwalb import IGNORED_REGION
 
 BACKGROUND_LABEL = 0
 _GAMMA_EPSILON = 1e-7  # MONAI AdjustContrast's
+_NOISE_STREAM = 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ def warp(
     output_shape: tuple[int, int],
     *,
     index_fills: Sequence[int],
+    index_dtype: torch.dtype = torch.int64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample a batch of slices and their integer maps, each slice through its own affine grid.
 
@@ -98,7 +101,7 @@ def warp(
 
     Returns:
         The images, shape (B, 1, *output_shape), float32 (0 outside the slice), and the maps,
-        shape (B, K, *output_shape), int64, with exactly the input's ids plus the fills.
+        shape (B, K, *output_shape), `index_dtype`, with exactly the input's ids plus the fills.
     """
     input_shape = tuple(images.shape[-2:])
     thetas = np.stack([grid_theta(geometry, input_shape, output_shape) for geometry in geometries])
@@ -110,7 +113,7 @@ def warp(
     fills = torch.as_tensor(list(index_fills), dtype=torch.int64, device=images.device).view(1, -1, 1, 1)
     shifted_maps = (index_maps.to(torch.int64) - fills).to(torch.float32)
     warped_maps = F.grid_sample(shifted_maps, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return warped_images, warped_maps.to(torch.int64) + fills
+    return warped_images, warped_maps.to(index_dtype) + fills.to(index_dtype)
 
 
 def warp_slice(
@@ -200,11 +203,11 @@ class TwoViewAugment:
         labels: Sequence[np.ndarray] | None = None,
         device: torch.device | str | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Apply each slice's draws (from `draw`) to a batch of slices, on `device` (default CPU).
+        """Apply each slice's draws (from `draw`) to a list of numpy slices, on `device` (default CPU).
 
-        Slices may differ in shape; each shape is warped as one batch. Returns image1, image2
-        (B, 1, S, S) float32 and regions1, regions2 (B, S, S) int64, -1 = ignored; with `labels`,
-        also label1, label2 (B, S, S) int64.
+        Slices may differ in shape; each shape is warped as one batch by `augment_batch`.
+        Returns image1, image2 (B, 1, S, S) float32 and regions1, regions2 (B, S, S) int64,
+        -1 = ignored; with `labels`, also label1, label2 (B, S, S) int64.
         """
         count = len(images)
         if len(superpixels) != count or len(draws) != count or (labels is not None and len(labels) != count):
@@ -214,36 +217,62 @@ class TwoViewAugment:
             if image.ndim != 2 or len(set(shapes)) != 1:
                 raise ValueError(f"slice {index}: expected a 2D image and maps of its shape, got shapes {shapes}")
         device = torch.device(device if device is not None else "cpu")
-        size = (self.output_size, self.output_size)
-        names = ["image1", "image2", "regions1", "regions2"] + ([] if labels is None else ["label1", "label2"])
-        views: dict[str, torch.Tensor] = {}
         by_shape: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(images):
             by_shape.setdefault(tuple(image.shape), []).append(index)
+        groups = []
         for members in by_shape.values():
-            maps = [np.stack([superpixels[i] for i in members])]
+            group = self.augment_batch(
+                _to_device(np.stack([images[i] for i in members]), np.float32, device),
+                _to_device(np.stack([superpixels[i] for i in members]), np.int32, device),
+                [draws[i] for i in members],
+                labels=None if labels is None else _to_device(np.stack([labels[i] for i in members]), np.int32, device),
+            )
+            groups.append((members, {name: value if value.is_floating_point() else value.long()
+                                     for name, value in group.items()}))
+        if len(groups) == 1:  # the usual batch, one shape: the group is the whole batch
+            return groups[0][1]
+        views = {name: value.new_empty((count, *value.shape[1:])) for name, value in groups[0][1].items()}
+        for members, group in groups:
+            for name, value in group.items():
+                views[name][members] = value
+        return views
+
+    @torch.no_grad()
+    def augment_batch(
+        self,
+        images: torch.Tensor,
+        regions: torch.Tensor,
+        draws: Sequence[tuple[ViewDraw, ViewDraw]],
+        *,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Apply each slice's draws to a batch of slices of one shape, on the batch's device.
+
+        Args:
+            images: uint8 (value / 255 in [0, 1], as cached) or float in [0, 1]. Shape: (B, H, W).
+            regions: integer region ids, -1 = ignored. Shape: (B, H, W).
+            draws: one (view 1, view 2) pair per slice, from `draw`.
+            labels: integer organ ids, or None. Shape: (B, H, W).
+
+        Returns image1, image2 (B, 1, S, S) float32; regions1, regions2 (B, S, S) int32, -1 =
+        ignored; with `labels`, label1, label2 (B, S, S) int32, background outside the slice.
+        """
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0  # as `data.slices.dequantise`, bit for bit
+        maps = regions.unsqueeze(1) if labels is None else torch.stack([regions, labels.to(regions.dtype)], dim=1)
+        fills = [IGNORED_REGION] + ([] if labels is None else [BACKGROUND_LABEL])
+        size = (self.output_size, self.output_size)
+        views: dict[str, torch.Tensor] = {}
+        for view in (0, 1):
+            view_draws = [pair[view] for pair in draws]
+            warped_images, warped_maps = warp(images, maps, [draw.geometry for draw in view_draws], size,
+                                              index_fills=fills, index_dtype=torch.int32)
+            views[f"image{view + 1}"] = self._adjust_intensity(warped_images, view_draws)
+            views[f"regions{view + 1}"] = warped_maps[:, 0]
             if labels is not None:
-                maps.append(np.stack([labels[i] for i in members]))
-            # Ids travel as int32 (half the bytes of int64); float images as float32.
-            slice_images = _to_device(np.stack([images[i] for i in members]), np.float32, device)
-            slice_maps = _to_device(np.stack(maps, axis=1), np.int32, device)
-            fills = [IGNORED_REGION] + ([] if labels is None else [BACKGROUND_LABEL])
-            for view in (0, 1):
-                view_draws = [draws[i][view] for i in members]
-                warped_images, warped_maps = warp(
-                    slice_images, slice_maps, [draw.geometry for draw in view_draws], size, index_fills=fills
-                )
-                group = {f"image{view + 1}": self._adjust_intensity(warped_images, view_draws),
-                         f"regions{view + 1}": warped_maps[:, 0]}
-                if labels is not None:
-                    group[f"label{view + 1}"] = warped_maps[:, 1]
-                if len(by_shape) == 1:  # the usual batch, one shape: the group is the whole batch
-                    views.update(group)
-                    continue
-                for name, value in group.items():
-                    if name not in views:
-                        views[name] = value.new_empty((count, *value.shape[1:]))
-                    views[name][members] = value
+                views[f"label{view + 1}"] = warped_maps[:, 1]
+        names = ["image1", "image2", "regions1", "regions2"] + ([] if labels is None else ["label1", "label2"])
         return {name: views[name] for name in names}
 
     def _adjust_intensity(self, images: torch.Tensor, draws: Sequence[ViewDraw]) -> torch.Tensor:
@@ -260,16 +289,32 @@ class TwoViewAugment:
         span = images.amax(dim=(1, 2, 3), keepdim=True) - low
         # torch.where returns a new tensor, so blurring into it below leaves the caller's intact.
         images = torch.where(gamma == 1.0, images, ((images - low) / (span + _GAMMA_EPSILON)) ** gamma * span + low)
-        for index, draw in enumerate(draws):
-            if draw.blur_sigma is not None:  # MONAI GaussianSmooth's filter, one sigma per slice
-                sigma = torch.as_tensor(draw.blur_sigma, device=images.device)
-                images[index] = GaussianFilter(spatial_dims=2, sigma=sigma, approx="erf")(images[index : index + 1])[0]
-        generator = torch.Generator(device=images.device)
-        noise = torch.empty_like(images)
-        for index, draw in enumerate(draws):
-            generator.manual_seed(draw.noise_seed)
-            noise[index] = torch.randn(images.shape[1:], generator=generator, **per_slice)
+        blurred = [index for index, draw in enumerate(draws) if draw.blur_sigma is not None]
+        if blurred:
+            images[blurred] = gaussian_blur(images[blurred], [draws[index].blur_sigma for index in blurred])
+        if self.params.noise_std == 0:
+            return images
+        # Each slice's noise is keyed by its own draw's seed: the same alone or in any batch, on any device.
+        seeds = torch.tensor([draw.noise_seed for draw in draws], dtype=torch.int64, device=images.device)
+        pixels = torch.arange(images[0].numel(), device=images.device)
+        noise = keyed_normal(seeds.unsqueeze(1), _NOISE_STREAM, pixels, dtype=images.dtype).view(images.shape)
         return images + self.params.noise_std * noise
+
+
+def gaussian_blur(images: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """MONAI GaussianSmooth's filter (`gaussian_1d`, "erf", truncated at 4 sigma, zero padding), each
+    slice with its own sigma, in two grouped convolutions for the whole batch.
+
+    Shape: images (B, 1, H, W), one sigma per slice -> (B, 1, H, W).
+    """
+    kernels = [gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, approx="erf") for sigma in sigmas]
+    tail = max(len(kernel) for kernel in kernels) // 2
+    # Shorter kernels are padded with zeros to the longest, which adds only zero terms.
+    weights = torch.stack([F.pad(kernel, (tail - len(kernel) // 2,) * 2) for kernel in kernels]).to(images)
+    channels = images.reshape(1, len(kernels), *images.shape[-2:])  # one channel per slice
+    rows = F.conv2d(F.pad(channels, (0, 0, tail, tail)), weights.view(-1, 1, 2 * tail + 1, 1), groups=len(kernels))
+    both = F.conv2d(F.pad(rows, (tail, tail, 0, 0)), weights.view(-1, 1, 1, 2 * tail + 1), groups=len(kernels))
+    return both.view(images.shape)
 
 
 def _to_device(array: np.ndarray, dtype: type, device: torch.device) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""PyTorch datasets over a super-pixel cache table: two-view pre-training and labelled fine-tuning.
+"""The PyTorch dataset of fine-tuning over a super-pixel cache table: labelled slices.
+
+(Pre-training reads compact arrays instead: `data.shard`, `engine.input_path`.)
 
 Rows are decoded lazily, one per item, so a dataset holds only the Arrow table (cheap to pickle to
 DataLoader workers). Each item's randomness comes from `(seed, epoch, index)` alone, so an item is
@@ -16,7 +18,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
-from lrc_ray.augment.two_views import BACKGROUND_LABEL, TwoViewAugment, ViewGeometry, warp_slice
+from lrc_ray.augment.two_views import BACKGROUND_LABEL, ViewGeometry, warp_slice
 from lrc_ray.errors import UserInputError
 from lrc_ray.superpixels.table import decode_row
 
@@ -51,56 +53,6 @@ class _EpochSeeded(Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {len(self._rows)} slices")
         record = decode_row(self._table, int(self._rows[index]))
         return record, np.random.default_rng([self._seed, self._epoch, index])
-
-
-class TwoViewSliceDataset(_EpochSeeded):
-    """Slices of a super-pixel cache table -> two augmented views each.
-
-    Items: image1, image2 float32 (1, S, S); regions1, regions2 int64 (S, S), -1 = ignored;
-    with `with_labels`, also label1, label2 int64 (S, S), and only labelled slices are used.
-    Slices with fewer than `min_regions` super-pixel regions are left out: they give the
-    region contrast nothing to contrast.
-    """
-
-    def __init__(
-        self, table: pa.Table, augment: TwoViewAugment, *, seed: int, min_regions: int = 2, with_labels: bool = False
-    ) -> None:
-        if "n_regions" not in table.column_names:
-            raise UserInputError("the slice table has no super-pixels; run the super-pixel stage first")
-        if isinstance(min_regions, bool) or not isinstance(min_regions, int) or min_regions < 1:
-            raise UserInputError(f"min_regions: expected a whole number >= 1, got {min_regions!r}")
-        keep = table.column("n_regions").to_numpy(zero_copy_only=False) >= min_regions
-        if with_labels:
-            keep &= pc.is_valid(table.column("label")).to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(keep)
-        if rows.size == 0:
-            labelled = "labelled " if with_labels else ""
-            raise UserInputError(
-                f"no {labelled}slice has >= {min_regions} super-pixel regions; lower min_size/scale or check the cache"
-            )
-        super().__init__(table, rows, seed)
-        self._augment = augment
-        self._with_labels = with_labels
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {name: value[0] for name, value in self.augmented_batch([index]).items()}
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """What a DataLoader fetches a batch with: the batch augmented at once, as items."""
-        batch = self.augmented_batch(indices)
-        return [{name: value[position] for name, value in batch.items()} for position in range(len(indices))]
-
-    def augmented_batch(self, indices: Sequence[int], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Items `indices`, collated and augmented on `device` in one batched pass; the same views
-        as item by item. Keys as the items', each with a leading batch dimension."""
-        images, superpixels, labels, draws = [], [], [], []
-        for index in indices:
-            record, rng = self._record_and_rng(index)
-            images.append(record.image)
-            superpixels.append(record.superpixels)
-            labels.append(record.label)
-            draws.append(self._augment.draw(record.image.shape, rng, with_label=self._with_labels))
-        return self._augment.augment(images, superpixels, draws, labels=labels if self._with_labels else None, device=device)
 
 
 class LabelledSliceDataset(_EpochSeeded):

@@ -1,15 +1,18 @@
-"""Ray Train around the plain pre-training epoch: DDP workers, streamed shards, checkpoints, resume.
+"""Ray Train around the plain pre-training loop (`engine.pretrain_loop`): DDP workers, Ray Data
+input, checkpoints, resume.
 
-The loop is `engine.pretrain.pretrain_one_epoch` with three differences, all here:
-- data: each worker streams its shard of the super-pixel Parquet (`get_dataset_shard`), so
-  no worker holds the whole data set; rows become two-view batches in the worker;
+The loop is `engine.pretrain_loop.run_pretraining`; this module supplies its Ray surroundings:
+- data: Ray Data reads the cache's Parquet files and its map tasks decode the selected rows into
+  compact arrays (`data.shard.compact_record_batch`), on the node's spare CPUs. A worker in the device
+  input mode reads the whole set once and keeps it on its device; in the stream mode it reads
+  its own split (`get_dataset_shard`) every epoch (`engine.input_path`);
 - the model is wrapped by `prepare_model` (DistributedDataParallel when there are several
   workers: gloo on CPU, NCCL on GPU), and GPU runs use bfloat16 autocast;
 - every epoch ends in `ray.train.report` with a checkpoint (rank 0 writes it), so a rerun
   under the same name, or a worker group restarted by `FailureConfig`, resumes from the last
   finished epoch.
 Inside a Tune trial the same loop can also run in the trial's own process (`workers=0`): it
-streams the whole data set, and reports and checkpoints through the trial instead.
+reads the whole data set, and reports and checkpoints through the trial instead.
 """
 
 from __future__ import annotations
@@ -18,41 +21,34 @@ import logging
 import os
 import signal
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import torch
 from ray import tune
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from lrc_ray.config import RunConfig, config_from_dict, global_batch_size
-from lrc_ray.superpixels.selection import RowSelection, select_rows
+from lrc_ray.data.shard import compact_arrays, compact_record_batch, concat_compact
 from lrc_ray.distributed.runtime import ray_error_message
+from lrc_ray.engine.input_path import STREAM_WINDOW_ROWS
+from lrc_ray.engine.pretrain_loop import DDP_OPTIONS, PretrainOutcome, Surroundings, input_slices, run_pretraining
 from lrc_ray.engine.splits import ProbeSource
-from lrc_ray.errors import TrainingError
+from lrc_ray.errors import TrainingError, UserInputError
+from lrc_ray.superpixels.selection import RowSelection
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "pretrain_state.pt"
 FAULT_ENV = "LRC_RAY_FAULT_KILL_AT_EPOCH"
-# Rows a worker shuffles among while streaming: enough to mix neighbouring slices of a volume.
-SHUFFLE_BUFFER_ROWS = 256
 # Train's controller polls its workers this often (Ray's default: 2 s) and only then sees a run
 # start or end; 0.25 s made a short 1-worker run about 3 s faster on 2 cores. Train passes the
 # variable on to its controller; a value the user set is kept.
 POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    state_dict: dict  # the online network's weights
-    epoch: int  # last finished epoch (0-based)
-    history: list[dict]
+# The two Ray datasets a run may get: every rank's own split (stream mode), and the whole set (device mode).
+SPLIT, WHOLE = "split", "whole"
 
 
 def pretrain_with_ray_train(
@@ -60,6 +56,7 @@ def pretrain_with_ray_train(
     *,
     parquet_dir: str,
     selection: RowSelection,
+    num_slices: int,
     storage_path: str,
     name: str,
     workers: int,
@@ -68,37 +65,27 @@ def pretrain_with_ray_train(
     probe: ProbeSource | None = None,
     report_to_tune: bool = False,
     max_failures: int = 2,
-) -> TrainOutcome:
+) -> PretrainOutcome:
     """Run (or resume) pre-training on `workers` Ray Train workers; returns the final weights.
 
+    `num_slices` is how many slices `selection` keeps (it sizes the input modes and the steps).
     `workers=0` (only inside a Tune trial) runs the same loop in the trial's own process, on the
     trial's device, reporting and checkpointing through the trial (`tune.report`), so Tune's own
     trial retries resume it. It skips a worker group's start-up: a controller and a worker process,
     each importing torch, about 20 s a run on 2 CPUs. (Train's own local mode, `num_workers=0`,
     refuses to run inside a Tune function in Ray 2.60.)
+
+    Raises:
+        UserInputError: a worker's input mode was forced to `device` and the slices do not fit.
+        TrainingError: the run failed (the cause in one line).
     """
-    data_context = ray.data.DataContext.get_current()
-    # Workers stream quietly: a progress bar per epoch and worker would bury Train's own reports.
-    data_context.enable_progress_bars = False
-    # Blocks in file order, so a seed gives the same batches run after run (the shuffle is seeded).
-    data_context.execution_options.preserve_order = True
-    # Ray 2.60's default Parquet reader (DataSource V2) lists the files and reads their footers
-    # in new actors on every pass, i.e. every epoch: 1-1.7 s an epoch of 112 slices read in one
-    # process against 0.17 s with V1, which reads the footers once, when the dataset is made.
-    # Side by side, 2-epoch 1-worker Train runs on 2 CPUs: epoch loops 18.4-19.0 s with V1,
-    # 21.1-21.6 s with V2, wall time equal (V1 pays its footers up front); longer runs gain more.
-    data_context.use_datasource_v2 = False
-    dataset = ray.data.read_parquet(parquet_dir, file_extensions=["parquet"]).map_batches(
-        select_rows, fn_kwargs={"selection": selection}, batch_format="pyarrow", batch_size=None
-    )
-    loop_config = {"config": config.to_dict(), "use_gpu": use_gpu, "num_classes": num_classes, "probe": probe}
+    dataset = ray_dataset(parquet_dir, selection, config.data.size)
+    loop_config = {"config": config.to_dict(), "num_classes": num_classes, "probe": probe, "num_slices": num_slices}
     if workers == 0:
         if not report_to_tune:
             raise ValueError("workers=0 runs inside a Tune trial; use api.pretrain(workers=0) for a plain run")
-        try:
-            return _pretrain_loop(loop_config, _TrialProcess(dataset, use_gpu=use_gpu))
-        except Exception as exc:  # as for a Train run: the cause, in one line
-            raise TrainingError(f"pre-training run {name} failed: {ray_error_message(exc)}") from None
+        return _run(lambda: run_pretraining(config, _TrialProcess(dataset, num_slices, use_gpu=use_gpu),
+                                            num_classes=num_classes, probe=probe), name)
     callbacks = []
     if report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -109,11 +96,15 @@ def pretrain_with_ray_train(
         workers, " with one GPU each" if use_gpu else "", global_batch_size(config.pretrain.batch_size, workers),
         workers, config.pretrain.batch_size,
     )
+    # Only the datasets the input mode may read: a split starts a coordinator actor of its own.
+    readable = {"auto": (SPLIT, WHOLE), "stream": (SPLIT,), "device": (WHOLE,)}[config.pretrain.input_mode]
+    datasets = {name: dataset for name in readable}
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        datasets={"train": dataset},
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[SPLIT] if SPLIT in datasets else []),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
@@ -123,133 +114,153 @@ def pretrain_with_ray_train(
         ),
     )
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # Train wraps worker errors; show the cause, not the wrapper
-        raise TrainingError(f"pre-training run {name} failed: {ray_error_message(exc)}") from None
+    result = _run(trainer.fit, name)
     if result.return_value is None:
         raise TrainingError(f"pre-training run {name} finished without its final weights")
     return result.return_value
 
 
-class _TrainWorker:
-    """The loop's surroundings on a Ray Train worker: rank, device, data shard, checkpoints, reports."""
+def check_train_resources(workers: int, *, use_gpu: bool) -> None:
+    """Refuse at once a Train run the cluster cannot hold, instead of waiting forever: each worker
+    takes a CPU (and a GPU with `use_gpu`), and Ray Data needs one CPU more to read the slices.
 
-    checkpoint_type = Checkpoint
+    Raises:
+        UserInputError: naming what the run needs and what the cluster has.
+    """
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    if cpus < workers + 1:
+        raise UserInputError(
+            f"--workers {workers}: needs {workers + 1} CPUs (one per Train worker, one for Ray Data to read the "
+            f"slices), the Ray cluster has {cpus}; use --workers {max(cpus - 1, 0)} or a larger cluster"
+        )
+    if use_gpu and gpus < workers:
+        raise UserInputError(f"--workers {workers} --gpu: needs {workers} GPUs (one per worker), the Ray cluster has {gpus}")
 
-    def __init__(self) -> None:
-        self.rank = ray.train.get_context().get_world_rank()
+
+def _run(fit, name: str):
+    """Call `fit`; a user error stays one (exit 2), any other failure becomes a TrainingError,
+    each with the cause in one line, not Ray's wrapping."""
+    try:
+        return fit()
+    except Exception as exc:  # Train wraps worker errors; show the cause, not the wrapper
+        message = ray_error_message(exc)
+        if _caused_by_user_input(exc):
+            raise UserInputError(message) from None
+        raise TrainingError(f"pre-training run {name} failed: {message}") from None
+
+
+def _caused_by_user_input(error: BaseException | None) -> bool:
+    """Whether a worker's UserInputError is behind `error`: Train's WorkerGroupError keeps each
+    rank's error, and Ray re-raises a task's error as an instance of its cause's class."""
+    while error is not None:
+        failures = getattr(error, "worker_failures", {}) or {}
+        if isinstance(error, UserInputError) or any(map(_caused_by_user_input, failures.values())):
+            return True
+        error = error.__cause__ or getattr(error, "cause", None)
+    return False
+
+
+def ray_dataset(parquet_dir: str, selection: RowSelection, side: int):
+    """The cache's Parquet files as a Ray dataset of compact arrays (`data.shard`): its map tasks
+    decode the rows that `selection` keeps."""
+    data_context = ray.data.DataContext.get_current()
+    # Workers read quietly: a progress bar per epoch and worker would bury Train's own reports.
+    data_context.enable_progress_bars = False
+    # Blocks in file order, so a seed gives the same stream windows run after run (they are permuted, seeded).
+    data_context.execution_options.preserve_order = True
+    # Ray 2.60's default Parquet reader (DataSource V2) lists the files and reads their footers
+    # in new actors on every pass, i.e. every epoch: 1-1.7 s an epoch of 112 slices read in one
+    # process against 0.17 s with V1, which reads the footers once, when the dataset is made.
+    # Side by side, 2-epoch 1-worker Train runs on 2 CPUs: epoch loops 18.4-19.0 s with V1,
+    # 21.1-21.6 s with V2, wall time equal (V1 pays its footers up front); longer runs gain more.
+    data_context.use_datasource_v2 = False
+    return ray.data.read_parquet(parquet_dir, file_extensions=["parquet"]).map_batches(
+        compact_record_batch, fn_kwargs={"selection": selection, "side": side}, batch_format="pyarrow", batch_size=None
+    )
+
+
+def slices_for(config: RunConfig, where: Surroundings, num_slices: int, *, with_labels: bool, dataset):
+    """The input mode's slices; `dataset(WHOLE)` and `dataset(SPLIT)` give the Ray data of each mode
+    (the whole set; this rank's split, which Ray Data makes equal on every rank)."""
+    def read_whole():
+        tables = dataset(WHOLE).iter_batches(batch_size=None, batch_format="pyarrow")
+        return concat_compact([compact_arrays(table) for table in tables])
+
+    def windows(epoch: int):
+        for table in dataset(SPLIT).iter_batches(batch_size=STREAM_WINDOW_ROWS, batch_format="pyarrow",
+                                                 prefetch_batches=2):
+            yield compact_arrays(table)
+
+    return input_slices(config, where, num_slices, with_labels=with_labels, read_whole=read_whole, windows=windows,
+                        stream_rows=num_slices // where.world_size)
+
+
+class _RaySurroundings(Surroundings):
+    def before_epoch(self, epoch: int) -> None:
+        _maybe_inject_fault(epoch)
+
+
+class _TrainWorker(_RaySurroundings):
+    """A Ray Train worker: its rank, device and datasets, Train's checkpoints and reports."""
+
+    def __init__(self, num_slices: int) -> None:
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.num_slices = num_slices
 
-    def batches(self, **kwargs):
-        return ray.train.get_dataset_shard("train").iter_batches(**kwargs)
+    def slices(self, config: RunConfig, *, with_labels: bool):
+        return slices_for(config, self, self.num_slices, with_labels=with_labels, dataset=ray.train.get_dataset_shard)
 
     def prepare(self, pretrainer):
-        # DDP (static graph: each method leaves the same heads unused every step); the MoCo queue
-        # is kept identical on every rank by all-gathering keys, so buffers need no broadcast.
-        return ray.train.torch.prepare_model(
-            pretrainer, parallel_strategy_kwargs={"static_graph": True, "broadcast_buffers": False}
-        )
+        return ray.train.torch.prepare_model(pretrainer, parallel_strategy_kwargs=DDP_OPTIONS)
 
-    def last_checkpoint(self):
-        return ray.train.get_checkpoint()
+    def last_state(self) -> dict | None:
+        return _state_of(ray.train.get_checkpoint(), self.device)
 
-    def report(self, metrics: dict, checkpoint) -> None:
-        ray.train.report(metrics, checkpoint=checkpoint)
+    def report(self, metrics: dict, state: dict | None) -> None:
+        _report(ray.train.report, Checkpoint, metrics, state)
 
 
-class _TrialProcess:
+class _TrialProcess(_RaySurroundings):
     """The same inside a Tune trial's own process: rank 0 of 1, the whole data set, Tune's checkpoints."""
 
-    rank = 0
-    checkpoint_type = tune.Checkpoint
-
-    def __init__(self, dataset, *, use_gpu: bool) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset, num_slices: int, *, use_gpu: bool) -> None:
+        self.dataset, self.num_slices = dataset, num_slices
         self.device = torch.device("cuda" if use_gpu else "cpu")
 
-    def batches(self, **kwargs):
-        return self.dataset.iter_batches(**kwargs)
+    def slices(self, config: RunConfig, *, with_labels: bool):
+        return slices_for(config, self, self.num_slices, with_labels=with_labels, dataset=lambda name: self.dataset)
 
-    def prepare(self, pretrainer):
-        return pretrainer
+    def last_state(self) -> dict | None:
+        return _state_of(tune.get_checkpoint(), self.device)
 
-    def last_checkpoint(self):
-        return tune.get_checkpoint()
-
-    def report(self, metrics: dict, checkpoint) -> None:
-        tune.report(metrics, checkpoint=checkpoint)
+    def report(self, metrics: dict, state: dict | None) -> None:
+        _report(tune.report, tune.Checkpoint, metrics, state)
 
 
-def _worker_loop(loop_config: dict) -> TrainOutcome | None:
-    return _pretrain_loop(loop_config, _TrainWorker())
-
-
-def _pretrain_loop(loop_config: dict, where: _TrainWorker | _TrialProcess) -> TrainOutcome | None:
-    """Pre-train on this worker's shard; rank 0 returns the final weights (Train hands them to `fit`)."""
-    from lrc_ray.augment.two_views import TwoViewAugment
-    from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
-    from lrc_ray.engine.probe import linear_probe_dice, probe_slices
-    from lrc_ray.superpixels.cache import read_parquet_dir
-
-    config = config_from_dict(loop_config["config"])
-    settings = config.pretrain
-    rank, device = where.rank, where.device
-    use_gpu = loop_config["use_gpu"]
-    torch.manual_seed(config.seed)
-    pretrainer = LrcPretrainer(settings, config.network, seed=config.seed, num_classes=loop_config["num_classes"])
-    pretrainer.to(device)
-    optimizer = build_optimizer(pretrainer, settings)
-
-    start_epoch, history = 0, []
-    checkpoint = where.last_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
-        pretrainer.load_state_dict(state["pretrainer"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"] + 1, list(state["history"])
-
-    step_model = where.prepare(pretrainer)
-    probe = None
-    if rank == 0 and loop_config["probe"] is not None:
-        source: ProbeSource = loop_config["probe"]
-        table = read_parquet_dir(Path(source.parquet_dir), columns=["image", "label", "height", "width"])
-        probe = probe_slices(table, train_case=source.train_case, validation_cases=source.validation_cases,
-                             num_classes=source.num_classes)
-
-    augment = TwoViewAugment(config.augment, output_size=config.data.size)
-    generator = torch.Generator(device=device)
-    for epoch in range(start_epoch, settings.epochs):
-        _maybe_inject_fault(epoch)
-        generator.manual_seed(_derived_seed(config.seed, epoch, rank))
-        arrow_batches = where.batches(
-            batch_size=settings.batch_size, batch_format="pyarrow", drop_last=True,
-            local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS, local_shuffle_seed=_derived_seed(config.seed, epoch, rank),
-        )
-        batches = two_view_batches(arrow_batches, augment, seed=config.seed, epoch=epoch, rank=rank,
-                                   with_labels=settings.uses_supervised, device=device)
-        metrics = pretrain_one_epoch(
-            pretrainer, batches, optimizer, generator=generator, epoch=epoch, progress=False, step_model=step_model,
-            device=device, autocast_dtype=torch.bfloat16 if use_gpu else None,
-        )
-        metrics = _mean_over_ranks(metrics, device) | {"epoch": epoch + 1, "run_start_epoch": start_epoch}
-        if probe is not None:
-            started = time.perf_counter()
-            metrics["probe_dice"] = linear_probe_dice(pretrainer.online.backbone, probe, seed=config.seed)
-            metrics["probe_seconds"] = time.perf_counter() - started
-        history.append(metrics)
-        with tempfile.TemporaryDirectory() as directory:
-            epoch_checkpoint = None
-            if rank == 0:
-                torch.save({"pretrainer": pretrainer.state_dict(), "optimizer": optimizer.state_dict(),
-                            "epoch": epoch, "history": history}, Path(directory) / STATE_FILE)
-                epoch_checkpoint = where.checkpoint_type.from_directory(directory)
-            where.report(metrics, epoch_checkpoint)
-    if rank != 0:
+def _state_of(checkpoint, device: torch.device) -> dict | None:
+    if checkpoint is None:
         return None
-    online = {key: value.cpu() for key, value in pretrainer.online.state_dict().items()}
-    return TrainOutcome(state_dict=online, epoch=len(history) - 1, history=history)
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
+
+
+def _report(report, checkpoint_type, metrics: dict, state: dict | None) -> None:
+    """Report an epoch, with a checkpoint of `state` where there is one (rank 0)."""
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if state is not None:
+            torch.save(state, Path(directory) / STATE_FILE)
+            checkpoint = checkpoint_type.from_directory(directory)
+        report(metrics, checkpoint=checkpoint)
+
+
+def _worker_loop(loop_config: dict) -> PretrainOutcome | None:
+    config = config_from_dict(loop_config["config"])
+    return run_pretraining(config, _TrainWorker(loop_config["num_slices"]), num_classes=loop_config["num_classes"],
+                           probe=loop_config["probe"])
 
 
 def _maybe_inject_fault(epoch: int) -> None:
@@ -262,35 +273,3 @@ def _maybe_inject_fault(epoch: int) -> None:
     if int(at_epoch) == epoch and not Path(marker).exists():
         Path(marker).write_text(f"killed at epoch {epoch}\n")
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def two_view_batches(arrow_batches, augment, *, seed: int, epoch: int, rank: int, with_labels: bool, device=None):
-    """Arrow record batches of cached slices -> two-view training batches, augmented on `device`
-    (a GPU worker's augmentation runs on its GPU, batched).
-
-    Each batch's augmentation is seeded by (seed, epoch, rank, batch index), so a resumed or
-    retried epoch draws the same views.
-    """
-    from lrc_ray.data.superpixel_dataset import TwoViewSliceDataset
-
-    for step, table in enumerate(arrow_batches):
-        dataset = TwoViewSliceDataset(table, augment, seed=_derived_seed(seed, rank, step), with_labels=with_labels)
-        dataset.set_epoch(epoch)
-        yield dataset.augmented_batch(range(len(dataset)), device=device)
-
-
-def _derived_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
-def _mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Each rank's loss is over its shard; report the mean over ranks (steps are equal)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return metrics
-    names = sorted(metrics)
-    values = torch.tensor([float(metrics[name]) for name in names], device=device, dtype=torch.float64)
-    dist.all_reduce(values)
-    values /= dist.get_world_size()
-    return {name: (int(round(value)) if name == "steps" else float(value)) for name, value in zip(names, values.tolist())}

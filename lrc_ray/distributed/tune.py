@@ -331,9 +331,9 @@ def _pretrain_with_ray(config: RunConfig, data: stages.PretrainingData, checkpoi
     from lrc_ray.engine.checkpoint import save_checkpoint
 
     outcome = pretrain_with_ray_train(
-        config, parquet_dir=str(data.entry.path), selection=data.selection, storage_path=str(checkpoint.parent.parent),
-        name=checkpoint.parent.name, workers=context.workers, use_gpu=context.use_gpu, num_classes=data.num_classes,
-        probe=probe, report_to_tune=True,
+        config, parquet_dir=str(data.entry.path), selection=data.selection, num_slices=data.num_slices,
+        storage_path=str(checkpoint.parent.parent), name=checkpoint.parent.name, workers=context.workers,
+        use_gpu=context.use_gpu, num_classes=data.num_classes, probe=probe, report_to_tune=True,
     )
     save_checkpoint(checkpoint, state_dict=outcome.state_dict, config=config.to_dict(), epoch=outcome.epoch,
                     history=outcome.history)

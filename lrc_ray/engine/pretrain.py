@@ -22,7 +22,7 @@ from lrc_ray.config import PretrainConfig
 from lrc_ray.errors import TrainingError
 from lrc_ray.losses import ContrastiveSamplingLoss, MoCoV2Loss, momentum_update, sample_region_pixels
 from lrc_ray.models.heads import SegmentationHead
-from lrc_ray.models.networks import Features, LrcNetwork, LrcOutputs, NetworkParams
+from lrc_ray.models.networks import LrcNetwork, NetworkParams
 
 
 @dataclass(frozen=True)
@@ -61,46 +61,61 @@ class LrcPretrainer(nn.Module):
         """False for `scratch`: nothing to optimise."""
         return self.moco is not None or self.local_loss is not None or self.segmentation_head is not None
 
-    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> BatchLosses:
+    def forward(self, batch: dict) -> BatchLosses:
         """Loss of one batch of two-view pairs: image1/image2 (B, 1, S, S), regions1/regions2 (B, S, S),
-        and label1/label2 (B, S, S) for the supervised methods.
+        sample_seeds (B,) (each slice's seed for the pixels the local loss samples), optionally
+        region_ids_below (an int above every region id), and label1/label2 (B, S, S) for the
+        supervised methods (`engine.input_path.TwoViewBatches.make` makes such batches).
 
         Both views go through the online network in one call: one forward per step is what
         DistributedDataParallel expects, and instance norm makes it equal to two calls.
         """
-        return self.batch_losses(batch, generator)
+        return self.batch_losses(batch)
 
-    def batch_losses(self, batch: dict[str, Tensor], generator: torch.Generator) -> BatchLosses:
-        both = self.online(torch.cat([batch["image1"], batch["image2"]]))
-        # Under mixed precision only the network runs in low precision: the contrastive logits
-        # (divided by small temperatures) and their log-sum-exps stay in float32.
-        with torch.autocast(both.global_embedding.device.type, enabled=False):
-            return self._losses(_split_views(_float32(both)), batch, generator)
-
-    def _losses(self, views: tuple[LrcOutputs, LrcOutputs], batch: dict[str, Tensor], generator) -> BatchLosses:
-        view1, view2 = views
-        terms: dict[str, Tensor] = {}
-        if self.moco is not None:
-            keys1, keys2 = self._momentum_keys(batch["image1"]), self._momentum_keys(batch["image2"])
-            # Symmetric: each view's query against the other view's key.
-            terms["global"] = 0.5 * (
-                self.moco(view1.global_embedding, keys2) + self.moco(view2.global_embedding, keys1)
-            )
-            self._pending_keys = torch.cat([keys1, keys2])
+    def batch_losses(self, batch: dict) -> BatchLosses:
+        features = self.online.backbone(self._network_input(torch.cat([batch["image1"], batch["image2"]])))
+        global_embedding = self.online.global_head(features.bottleneck) if self.moco is not None else None
+        local = None
         if self.local_loss is not None:
             samples = sample_region_pixels(
                 batch["regions1"],
                 batch["regions2"],
                 regions_per_image=self.config.regions_per_image,
                 pixels_per_region=self.config.pixels_per_region,
-                generator=generator,
+                seeds=batch["sample_seeds"],
+                num_ids=batch.get("region_ids_below"),
             )
-            embeddings = samples.gather(view1.local_embedding, view2.local_embedding)
-            terms["local"] = self.local_loss(embeddings, samples.region_ids)
+            # The local head is per pixel (1x1 convolutions), so embedding only the sampled pixels
+            # gives their embeddings exactly, without a (B, D, H, W) map: at 256 px and batch 64
+            # that map alone was 2 GB a view, most of the step's memory traffic.
+            local = (self.online.local_head.embed_points(samples.gather(*features.decoder.chunk(2))), samples.region_ids)
+        # Under mixed precision only the network runs in low precision: the contrastive logits
+        # (divided by small temperatures) and their log-sum-exps stay in float32.
+        with torch.autocast(features.decoder.device.type, enabled=False):
+            return self._losses(features.decoder, global_embedding, local, batch)
+
+    def _network_input(self, images: Tensor) -> Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
+
+    def _losses(self, decoder: Tensor, global_embedding: Tensor | None, local: tuple[Tensor, Tensor] | None,
+                batch: dict) -> BatchLosses:
+        """The loss terms from the network's outputs for both views (concatenated along the batch):
+        the last decoder map, the global embeddings, and the sampled pixels' local embeddings with
+        their region ids."""
+        terms: dict[str, Tensor] = {}
+        if self.moco is not None:
+            queries1, queries2 = global_embedding.float().chunk(2)
+            keys1, keys2 = self._momentum_keys(torch.cat([batch["image1"], batch["image2"]])).float().chunk(2)
+            # Symmetric: each view's query against the other view's key.
+            terms["global"] = 0.5 * (self.moco(queries1, keys2) + self.moco(queries2, keys1))
+            self._pending_keys = torch.cat([keys1, keys2])
+        if local is not None:
+            embeddings, region_ids = local
+            terms["local"] = self.local_loss(embeddings.float(), region_ids)
         if self.segmentation_head is not None:
             terms["supervised"] = 0.5 * sum(
-                self.supervised_loss(self.segmentation_head(view.features.decoder), batch[label][:, None])
-                for view, label in ((view1, "label1"), (view2, "label2"))
+                self.supervised_loss(self.segmentation_head(view_decoder), batch[label][:, None])
+                for view_decoder, label in zip(decoder.float().chunk(2), ("label1", "label2"))
             )
         weights = {"global": self.config.w_global, "local": self.config.w_local, "supervised": self.config.w_supervised}
         total = sum(weights[name] * value for name, value in terms.items())
@@ -116,80 +131,75 @@ class LrcPretrainer(nn.Module):
 
     @torch.no_grad()
     def _momentum_keys(self, images: Tensor) -> Tensor:
+        """Keys of both views in one pass (instance norm: the same as one pass per view)."""
         network = self.momentum_network
-        return network.global_head(network.backbone(images).bottleneck)
-
-
-def _float32(outputs: LrcOutputs) -> LrcOutputs:
-    features = Features(bottleneck=outputs.features.bottleneck.float(), decoder=outputs.features.decoder.float())
-    return LrcOutputs(global_embedding=outputs.global_embedding.float(), local_embedding=outputs.local_embedding.float(),
-                      features=features)
-
-
-def _split_views(outputs: LrcOutputs) -> tuple[LrcOutputs, LrcOutputs]:
-    """Undo the concatenation of the two views along the batch dimension."""
-    halves = [
-        LrcOutputs(global_embedding=g, local_embedding=l, features=Features(bottleneck=b, decoder=d))
-        for g, l, b, d in zip(
-            outputs.global_embedding.chunk(2),
-            outputs.local_embedding.chunk(2),
-            outputs.features.bottleneck.chunk(2),
-            outputs.features.decoder.chunk(2),
-        )
-    ]
-    return halves[0], halves[1]
+        return network.global_head(network.backbone(self._network_input(images)).bottleneck)
 
 
 def build_optimizer(pretrainer: LrcPretrainer, config: PretrainConfig) -> torch.optim.Optimizer:
     # The online network and, for the supervised methods, the segmentation head; not the
     # momentum encoder, which follows the online one by EMA.
     parameters = [p for p in pretrainer.parameters() if p.requires_grad]
-    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    # On a GPU the fused kernel updates every tensor in one launch instead of a few per tensor.
+    fused = all(p.is_cuda for p in parameters)
+    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+
+
+# Reading a loss back waits for the device's queue to empty; the losses are checked for a
+# non-finite value every this many steps (and at the end of the epoch) instead of every step.
+FINITE_CHECK_STEPS = 20
 
 
 def pretrain_one_epoch(
     pretrainer: LrcPretrainer,
-    loader,
+    batches,
     optimizer: torch.optim.Optimizer,
     *,
-    generator: torch.Generator,
     epoch: int,
     progress: bool = True,
     step_model: nn.Module | None = None,
-    device: torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
+    total: int | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns the mean total loss and of each term, the steps and the seconds.
+    """One pass over `batches` (already on the model's device); returns the mean total loss and of
+    each term, the steps and the seconds.
 
     `step_model` is what computes the loss (default: `pretrainer`; a DistributedDataParallel
-    wrapper of it under Ray Train). Batches move to `device` when given; `autocast_dtype`
-    (e.g. bfloat16 on GPU) runs the forward pass in mixed precision.
+    wrapper of it under Ray Train). `autocast_dtype` (e.g. bfloat16 on GPU) runs the network in
+    mixed precision. The losses are summed on the device and read once at the end.
 
     Raises:
         TrainingError: on a non-finite loss (the run stops; lower lr or raise temperature).
     """
     pretrainer.train()
     started = time.perf_counter()
-    sums: dict[str, float] = {}
+    sums: dict[str, Tensor] = {}
     steps = 0
     step_model = step_model if step_model is not None else pretrainer
-    for batch in tqdm(loader, desc=f"pretrain epoch {epoch}", disable=not progress, leave=False):
-        if device is not None:
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-        device_type = device.type if device is not None else "cpu"
+    device_type = next(pretrainer.parameters()).device.type
+    for batch in tqdm(batches, desc=f"pretrain epoch {epoch}", disable=not progress, leave=False, total=total):
         with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            losses = step_model(batch, generator)
-        if not torch.isfinite(losses.total):
-            raise TrainingError(
-                f"pre-training epoch {epoch} step {steps}: loss is {losses.total.item()}; "
-                "lower pretrain.lr or raise pretrain.temperature"
-            )
+            losses = step_model(batch)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         optimizer.step()
         pretrainer.after_optimizer_step()
         for name, value in {"loss": losses.total, **{f"loss_{k}": v for k, v in losses.terms.items()}}.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
+            sums[name] = sums[name] + value.detach() if name in sums else value.detach().clone()
         steps += 1
+        if steps % FINITE_CHECK_STEPS == 0:
+            _check_finite(sums["loss"], epoch, steps)
+    if steps:
+        _check_finite(sums["loss"], epoch, steps)
     seconds = time.perf_counter() - started
-    return {name: total / max(steps, 1) for name, total in sums.items()} | {"steps": steps, "seconds": seconds}
+    means = {name: float(total_loss) / steps for name, total_loss in sums.items()}
+    return means | {"steps": steps, "seconds": seconds}
+
+
+def _check_finite(loss_sum: Tensor, epoch: int, steps: int) -> None:
+    if not torch.isfinite(loss_sum):
+        first = steps - (steps - 1) % FINITE_CHECK_STEPS - 1
+        raise TrainingError(
+            f"pre-training epoch {epoch} steps {first}-{steps - 1}: loss is {float(loss_sum)}; "
+            "lower pretrain.lr or raise pretrain.temperature"
+        )

@@ -167,9 +167,12 @@ def momentum_update(online: nn.Module, momentum_model: nn.Module, momentum: floa
                 f"{[(n, tuple(t.shape)) for n, t in momentum_tensors.items()]}"
             )
         pairs += [(online_tensors[name], momentum_tensors[name]) for name in online_tensors]
+    floating = [(o, m) for o, m in pairs if m.dtype.is_floating_point and o.dtype == m.dtype]
+    if floating:  # one multi-tensor kernel for all of them, not a launch per tensor
+        torch._foreach_lerp_([m for _, m in floating], [o for o, _ in floating], 1.0 - momentum)
     for online_tensor, momentum_tensor in pairs:
-        if momentum_tensor.dtype.is_floating_point:
-            momentum_tensor.lerp_(online_tensor.to(momentum_tensor.dtype), 1.0 - momentum)
-        else:
+        if not momentum_tensor.dtype.is_floating_point:
             momentum_tensor.copy_(online_tensor)
+        elif online_tensor.dtype != momentum_tensor.dtype:
+            momentum_tensor.lerp_(online_tensor.to(momentum_tensor.dtype), 1.0 - momentum)
 

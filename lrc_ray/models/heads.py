@@ -82,6 +82,19 @@ class LocalProjectionHead(nn.Module):
         _check_feature_map("LocalProjectionHead", x, self.in_channels)
         return F.normalize(self.mlp(x), dim=1)
 
+    def embed_points(self, points: Tensor) -> Tensor:
+        """The same projection of feature vectors taken from the map (its 1x1 convolutions as linear
+        maps): what `forward` gives at those pixels, without the rest of the map.
+
+        Shape: (B, K, C) -> (B, K, D), unit L2 norm per vector.
+        Raises ValueError for an input that is not (B, K, C).
+        """
+        if points.ndim != 3 or points.shape[-1] != self.in_channels:
+            raise ValueError(f"LocalProjectionHead.embed_points expects (B, K, {self.in_channels}), got shape {tuple(points.shape)}")
+        first, _, second = self.mlp
+        hidden = F.relu(F.linear(points, first.weight.flatten(1), first.bias))
+        return F.normalize(F.linear(hidden, second.weight.flatten(1), second.bias), dim=-1)
+
 
 class SegmentationHead(nn.Module):
     """A new 1x1 convolution from the decoder map to class logits (fine-tuning).

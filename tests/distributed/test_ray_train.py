@@ -67,3 +67,16 @@ def test_a_killed_worker_restarts_from_its_last_checkpoint(config, tmp_path):
     # Resumed from a checkpoint, not from scratch. Which one: Ray registers a reported checkpoint
     # asynchronously, so a kill right after epoch 2's report may leave epoch 1's as the latest.
     assert history[-1]["run_start_epoch"] in (1, 2)
+
+
+def test_more_workers_than_the_cluster_can_feed_are_refused_at_once(config, tmp_path, capsys):
+    """2 Train workers take both CPUs of this 2-CPU Ray and Ray Data could never read: one line, exit 2."""
+    from lrc_ray.cli import main
+
+    config_file = tmp_path / "config.yaml"
+    save_config(config, config_file)
+    code = main(["-q", "pretrain", "--config", str(config_file), "--workers", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["lrc-ray: error: --workers 2: needs 3 CPUs (one per Train worker, one for Ray Data "
+                                 "to read the slices), the Ray cluster has 2; use --workers 1 or a larger cluster"]
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()

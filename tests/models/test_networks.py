@@ -260,3 +260,16 @@ def test_gradients_reach_the_backbone_from_both_heads():
     (outputs.local_embedding * torch.randn_like(outputs.local_embedding)).sum().backward()
     assert _parameters_with_gradient(network.backbone) == dict(network.backbone.named_parameters()).keys()
     assert _parameters_with_gradient(network.local_head) == dict(network.local_head.named_parameters()).keys()
+
+
+def test_the_local_head_on_sampled_pixels_equals_its_map_at_those_pixels():
+    from lrc_ray.losses import gather_embeddings
+
+    torch.manual_seed(0)
+    head = LocalProjectionHead(6, 10)
+    features = torch.randn(3, 6, 8, 12)
+    index = torch.randint(0, 8 * 12, (3, 20))
+    expected = gather_embeddings(head(features), index)
+    torch.testing.assert_close(head.embed_points(gather_embeddings(features, index)), expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\(B, K, 6\).*\(3, 20, 5\)"):
+        head.embed_points(torch.zeros(3, 20, 5))
