@@ -183,23 +183,30 @@ def pretraining_data(config: RunConfig, data: RunData, *, extract: Extract | Non
     """Self-supervised methods use every volume of the data set except the held-out ones
     (validation and test); the supervised methods use the labelled volumes of
     `pretrain.source_data_dir`, a separate set (its entry built with `extract` when missing)."""
-    from lrc_ray.superpixels.cache import read_entry_table
+    entry, selection, num_classes = _pretraining_source(config, data, extract)
+    return PretrainingData(entry, selection, num_classes, _kept_slices(entry, selection))
 
+
+def _pretraining_source(config: RunConfig, data: RunData, extract: Extract | None):
+    """(cache entry, row selection, classes or None) of `pretraining_data`, without reading the slices."""
     settings = config.pretrain
     if not settings.uses_supervised:
-        entry, num_classes = data.entry, None
         selection = RowSelection(exclude_cases=data.split.validation + data.split.test, min_regions=settings.min_regions)
-    else:
-        if Path(settings.source_data_dir).resolve() == Path(config.data.data_dir).resolve():
-            raise UserInputError(
-                f"pretrain.source_data_dir: {settings.source_data_dir} is the fine-tuning data set; supervised "
-                "pre-training on it would use labels beyond the label fraction"
-            )
-        source = load_msd_dataset(settings.source_data_dir)
-        entry, _ = superpixel_entry(source, config.data.cache_root, extraction_params_for(config.data), extract=extract)
-        selection, num_classes = RowSelection(labelled_only=True, min_regions=settings.min_regions), max(entry_labels(entry)) + 1
-    kept = select_rows(read_entry_table(entry, columns=["n_regions", "label"]), selection).num_rows
-    return PretrainingData(entry, selection, num_classes, kept)
+        return data.entry, selection, None
+    if Path(settings.source_data_dir).resolve() == Path(config.data.data_dir).resolve():
+        raise UserInputError(
+            f"pretrain.source_data_dir: {settings.source_data_dir} is the fine-tuning data set; supervised "
+            "pre-training on it would use labels beyond the label fraction"
+        )
+    source = load_msd_dataset(settings.source_data_dir)
+    entry, _ = superpixel_entry(source, config.data.cache_root, extraction_params_for(config.data), extract=extract)
+    return entry, RowSelection(labelled_only=True, min_regions=settings.min_regions), max(entry_labels(entry)) + 1
+
+
+def _kept_slices(entry: CacheEntry, selection: RowSelection) -> int:
+    from lrc_ray.superpixels.cache import read_entry_table
+
+    return select_rows(read_entry_table(entry, columns=["n_regions", "label"]), selection).num_rows
 
 
 def check_batch_fits(config: RunConfig, data: PretrainingData, *, workers: int = 1) -> None:
@@ -267,14 +274,15 @@ def pretrain(config: RunConfig, data: RunData, *, root: Path, workers: int, pret
     """
     if not pretrains(config):
         return None
-    inputs = pretraining_data(config, data, extract=extract)
-    key = pretraining_key(config, inputs.entry.path.name, workers)
+    entry, selection, num_classes = _pretraining_source(config, data, extract)
+    key = pretraining_key(config, entry.path.name, workers)
     directory = Path(root) / PRETRAINED_DIR / key
     directory.mkdir(parents=True, exist_ok=True)
     checkpoint, history_file = directory / "checkpoint.pt", directory / HISTORY_FILE
     with entry_lock(directory.parent, key):
         if history_file.is_file():
             return Pretrained(key, checkpoint, json.loads(history_file.read_text()), reused=True)
+        inputs = PretrainingData(entry, selection, num_classes, _kept_slices(entry, selection))
         check_batch_fits(config, inputs, workers=workers)
         history = pretrain_fn(config, inputs, checkpoint)
         write_json_atomic(history_file, history)  # last: it marks the checkpoint complete
