@@ -303,7 +303,7 @@ def _print_results(written: dict, *, top: int) -> int:
 
     table, metric, by = written["table"], written["metric"], written["by"]
     with pd.option_context("display.width", 250, "display.max_columns", 30):
-        print(f"\ntrials, best {metric} first (validation volumes; one run each):")
+        print(f"\ntrials, best {metric} first:")
         print(table[summary_columns(table, metric)].head(top).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     files = ["results.parquet", "results.csv", "results.md"] + (["finalists.csv", "finalists.md"] if written["finalists"] is not None else [])
     plots = written["plots"] + written.get("finalist_plots", [])
