@@ -158,7 +158,7 @@ def base_config(args, workdir: Path) -> RunConfig:
     space = load_search_space(REPO / "search_spaces" / "full.yaml")
     return run_config_for(space, {"pretrain.method": "global+lrc"}).replace(
         data={"data_dir": str(workdir / "data"), "cache_root": str(workdir / "cache"), "size": args.size,
-              "validation_cases": 2},
+              "validation_cases": 2, "test_cases": 0},
         pretrain={"epochs": args.epochs},
     )
 
@@ -245,11 +245,12 @@ def scaling_on_paper(config: RunConfig, step_rate: float) -> list[str]:
 
 
 def sweep_space(args, workdir: Path, option) -> Path:
-    """full.yaml's space, 2 trials, one GPU worker each, a few epochs of each stage."""
+    """full.yaml's space, 2 trials, one GPU worker each, a few epochs of each stage, no finalists."""
     raw = yaml.safe_load((REPO / "search_spaces" / "full.yaml").read_text())
     raw["sweep"] |= {"num_samples": 2, "max_concurrent_trials": 1, "workers_per_trial": 1, "use_gpu": not args.cpu,
                      "grace_period": 1}
-    raw["base"]["data"] |= {"size": args.size, "validation_cases": 2}
+    raw["base"]["data"] |= {"size": args.size, "validation_cases": 2, "test_cases": 0}
+    raw.pop("finalists")  # the search's trials alone: their speed on the GPU is what is checked
     _, batch, _, channels_last, _ = option
     raw["base"]["pretrain"] |= {"epochs": args.sweep_epochs, "batch_size": batch, "channels_last": channels_last}
     raw["base"]["finetune"] |= {"epochs": 4, "head_epochs": 1, "steps_per_epoch": 20}

@@ -17,9 +17,10 @@ def base_config(space: SearchSpace, data_dir: Path, cache_root: Path):
     return run_config_for(space, {}).replace(data={"data_dir": str(data_dir), "cache_root": str(cache_root)})
 
 
-def timed_sweep(space: SearchSpace, *, base, storage: Path, name: str, search: str, num_samples=None) -> float:
+def timed_sweep(space: SearchSpace, *, base, storage: Path, name: str, search: str, num_samples=None, **options) -> float:
+    """Wall seconds of `run_sweep` (`options`: its other keywords, e.g. resume, parts)."""
     started = time.perf_counter()
-    run_sweep(space, base=base, storage=storage, name=name, search=search, num_samples=num_samples)
+    run_sweep(space, base=base, storage=storage, name=name, search=search, num_samples=num_samples, **options)
     return time.perf_counter() - started
 
 
@@ -42,11 +43,6 @@ def own_compute_seconds(lines: list[dict]) -> float:
     return sum(report.get("seconds", 0.0) + report.get("probe_seconds", 0.0) for report in lines if not report.get("replayed"))
 
 
-def best_metric(reports: dict[str, list[dict]], metric: str = "dice_mean") -> float:
-    values = [line[metric] for lines in reports.values() for line in lines if metric in line]
-    return max(values) if values else float("nan")
-
-
 def built_in_data(space: SearchSpace, workdir: Path) -> Path:
     spec = space.data
     return api.make_synthetic_data(out=workdir / "data", cases=spec.cases, unlabeled=spec.unlabeled,
@@ -56,12 +52,3 @@ def built_in_data(space: SearchSpace, workdir: Path) -> Path:
 def with_sweep_settings(space: SearchSpace, **changes) -> SearchSpace:
     """The space with some `sweep` settings changed (e.g. workers_per_trial, seed)."""
     return dataclasses.replace(space, sweep=dataclasses.replace(space.sweep, **changes))
-
-
-def best_trial_values(reports: dict[str, list[dict]], space: SearchSpace, metric: str = "dice_mean") -> dict:
-    """The searched values (fixed ones aside) of the trial with the best final `metric` (ties: the
-    earlier trial)."""
-    finished = [lines for lines in reports.values() if metric in lines[-1]]
-    best = max(finished, key=lambda lines: lines[-1][metric]) if space.sweep.mode == "max" else \
-        min(finished, key=lambda lines: lines[-1][metric])
-    return {key: value for key, value in best[0]["config"].items() if key in space.params}

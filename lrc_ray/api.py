@@ -5,31 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
+from lrc_ray import stages
 from lrc_ray.atomic import write_json_atomic
-from lrc_ray.data.msd import check_headers, load_msd_dataset
-from lrc_ray.data.slices import DEFAULT_WINDOW_HU, SliceParams
+from lrc_ray.data.msd import load_msd_dataset
+from lrc_ray.data.slices import DEFAULT_WINDOW_HU
 from lrc_ray.config import DataConfig, RunConfig, config_from_dict, save_config
-from lrc_ray.engine.splits import ProbeSource, label_fraction_subset, split_labelled_cases
 from lrc_ray.errors import TrainingError, UserInputError
-from lrc_ray.superpixels.cache import (
-    CACHE_MARKER,
-    CacheEntry,
-    ExtractionParams,
-    build_manifest,
-    commit_entry,
-    dataset_fingerprint,
-    entry_key,
-    entry_lock,
-    find_entry,
-    open_cache_root,
-    staging_dir,
-)
+from lrc_ray.stages import PretrainingData, check_batch_fits, pretrains
+from lrc_ray.superpixels.cache import CacheEntry
 from lrc_ray.superpixels.felzenszwalb import FelzenszwalbParams
-from lrc_ray.superpixels.selection import RowSelection, select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -65,40 +52,15 @@ def build_superpixels(
     A second call with the same data and parameters returns the existing entry at once;
     concurrent callers for one entry build it once (the others wait and hit).
     """
+    # Imported here so that the plain layers (and `lrc-ray data synth`) never load Ray.
+    from lrc_ray.distributed.superpixels import ray_data_extract
+
     if workers is not None and workers < 1:
         raise UserInputError(f"--workers: expected at least 1, got {workers}")
-    params = _extraction_params(scale=scale, sigma=sigma, min_size=min_size, window_hu=window_hu, size=size)
-    dataset = load_msd_dataset(data)
-    headers = check_headers(dataset)
-    root = open_cache_root(cache_root)
-    fingerprint = dataset_fingerprint(dataset, root)
-    key = entry_key(fingerprint, params)
-    with entry_lock(root, key):
-        existing = find_entry(root, key)
-        if existing is not None and not overwrite:
-            logger.info("cache hit: %s", existing.path)
-            return SuperpixelResult(entry=existing, cache_hit=True)
-        # Imported here so that the plain layers (and `lrc-ray data synth`) never load Ray.
-        from lrc_ray.distributed.runtime import cluster_cpus, ray_session
-        from lrc_ray.distributed.superpixels import extract_to_parquet
-
-        started = time.perf_counter()
-        with staging_dir(root, key) as staged, ray_session(address=address, num_cpus=workers):
-            extract_to_parquet(
-                dataset.cases,
-                dataset.labels,
-                params,
-                str(staged),
-                workers=workers or cluster_cpus(),
-                total_slices=headers.total_slices,
-                slice_pixels=size * size if size else headers.max_slice_pixels,
-            )
-            manifest = build_manifest(dataset, fingerprint, params, time.perf_counter() - started)
-            entry = commit_entry(
-                staged, root, key, manifest, expected_slices=headers.total_slices, overwrite=overwrite
-            )
-    logger.info("built %s (%d slices) in %.1f s", entry.path, entry.num_slices, entry.manifest["build_seconds"])
-    return SuperpixelResult(entry=entry, cache_hit=False)
+    params = stages.extraction_params(scale=scale, sigma=sigma, min_size=min_size, window_hu=window_hu, size=size)
+    entry, hit = stages.superpixel_entry(load_msd_dataset(data), cache_root, params,
+                                         extract=ray_data_extract(workers=workers, address=address), overwrite=overwrite)
+    return SuperpixelResult(entry=entry, cache_hit=hit)
 
 
 def find_superpixels(config: DataConfig) -> CacheEntry:
@@ -107,26 +69,7 @@ def find_superpixels(config: DataConfig) -> CacheEntry:
     Raises:
         UserInputError: when it was never built, naming the command that builds it.
     """
-    params = extraction_params_for(config)
-    dataset = load_msd_dataset(config.data_dir)
-    root = Path(config.cache_root)
-    entry = None
-    if (root / CACHE_MARKER).is_file():
-        entry = find_entry(root, entry_key(dataset_fingerprint(dataset, root), params))
-    if entry is None:
-        raise UserInputError(
-            f"{config.data_dir}: no super-pixel cache under {root} for scale={config.scale:g} sigma={config.sigma:g} "
-            f"min_size={config.min_size} size={config.size}; make it with `lrc-ray superpixels --data {config.data_dir} "
-            f"--out {root} --scale {config.scale:g} --sigma {config.sigma:g} --min-size {config.min_size} --size {config.size}`"
-        )
-    return entry
-
-
-def extraction_params_for(config: DataConfig) -> ExtractionParams:
-    """The super-pixel cache parameters of a run config's data section."""
-    return _extraction_params(
-        scale=config.scale, sigma=config.sigma, min_size=config.min_size, window_hu=config.window_hu, size=config.size
-    )
+    return stages.run_data(config).entry
 
 
 def superpixels_for(config: DataConfig, *, address: str | None = None) -> SuperpixelResult:
@@ -134,13 +77,6 @@ def superpixels_for(config: DataConfig, *, address: str | None = None) -> Superp
     return build_superpixels(
         data=config.data_dir, cache_root=config.cache_root, scale=config.scale, sigma=config.sigma,
         min_size=config.min_size, window_hu=config.window_hu, size=config.size, address=address,
-    )
-
-
-def _extraction_params(*, scale, sigma, min_size, window_hu, size) -> ExtractionParams:
-    return ExtractionParams(
-        felzenszwalb=FelzenszwalbParams(scale=scale, sigma=sigma, min_size=min_size),
-        slicing=SliceParams(window_hu=tuple(window_hu), size=size),
     )
 
 
@@ -177,7 +113,7 @@ def pretrain(
 
     `workers` 0 runs the plain loop in this process; N >= 1 runs Ray Train with N data-parallel
     workers (one GPU each with `use_gpu`), whose run `out_dir/name` resumes from its last epoch
-    when started again. Validation volumes are left out of pre-training. The checkpoint
+    when started again. Validation and test volumes are left out of pre-training. The checkpoint
     (`out_dir/checkpoint.pt`, written atomically after every epoch of the plain loop and at the
     end of a Ray Train run) carries the config and the loss history.
     """
@@ -208,62 +144,20 @@ def pretrain(
                            history=outcome.history)
 
 
-@dataclass(frozen=True)
-class PretrainingData:
-    """The cached slices pre-training reads, and the number of classes when labels are used."""
-
-    entry: CacheEntry
-    selection: RowSelection
-    num_classes: int | None
-    num_slices: int  # the slices the selection keeps
-
-
 def pretraining_data(config: RunConfig) -> PretrainingData:
-    """Self-supervised methods use every volume of the data set except the validation ones; the
-    supervised methods use the labelled volumes of `pretrain.source_data_dir`, a separate set."""
-
-    from lrc_ray.superpixels.cache import read_entry_table
-
-    settings = config.pretrain
-    if not settings.uses_supervised:
-        _, _, split = _training_table(config, columns=["label"])
-        entry, num_classes = find_superpixels(config.data), None
-        selection = RowSelection(exclude_cases=split.validation, min_regions=settings.min_regions)
-    else:
-        if Path(settings.source_data_dir).resolve() == Path(config.data.data_dir).resolve():
-            raise UserInputError(
-                f"pretrain.source_data_dir: {settings.source_data_dir} is the fine-tuning data set; supervised "
-                "pre-training on it would use labels beyond the label fraction"
-            )
-        entry = find_superpixels(replace(config.data, data_dir=settings.source_data_dir))
-        selection, num_classes = RowSelection(labelled_only=True, min_regions=settings.min_regions), max(_entry_labels(entry)) + 1
-    kept = select_rows(read_entry_table(entry, columns=["n_regions", "label"]), selection).num_rows
-    return PretrainingData(entry, selection, num_classes, kept)
+    """The cached slices `config` pre-trains on (`stages.pretraining_data`)."""
+    return stages.pretraining_data(config, stages.run_data(config.data))
 
 
-def pretrains(config: RunConfig) -> bool:
-    """False when there is nothing to optimise (`scratch`, or zero epochs)."""
-    settings = config.pretrain
-    return settings.epochs > 0 and (settings.uses_global or settings.uses_local or settings.uses_supervised)
+def in_process_pretrain_fn(*, progress: bool = False) -> stages.PretrainFn:
+    """The run stages' `PretrainFn` for pre-training in this process, without Ray."""
 
+    def pretrain_here(config: RunConfig, data: PretrainingData, checkpoint: Path) -> list[dict]:
+        from lrc_ray.engine.checkpoint import load_checkpoint
 
-def probe_source(config: RunConfig, entry: CacheEntry) -> ProbeSource:
-    """The per-epoch probe's data: one labelled training volume that every label fraction's
-    subset contains (the first of the nested order), and the validation volumes."""
+        return load_checkpoint(_pretrain_in_process(config, data, checkpoint, progress=progress))["history"]
 
-    _, labels, split = _training_table(config, columns=["label"])
-    smallest = 1 / (len(split.train_pool) + 1)  # rounds to a single volume
-    (train_case,) = label_fraction_subset(split.train_pool, smallest, seed=config.data.split_seed)
-    return ProbeSource(parquet_dir=str(entry.path), train_case=train_case, validation_cases=split.validation,
-                       num_classes=max(labels) + 1)
-
-
-def check_batch_fits(config: RunConfig, data: PretrainingData, *, workers: int = 1) -> None:
-    """Refuse a global batch larger than the slices to pre-train on (no step would run)."""
-    batch = config.pretrain.batch_size
-    if data.num_slices < batch * max(workers, 1):
-        across = f" x {workers} workers" if workers > 1 else ""
-        raise UserInputError(f"pretrain.batch_size: {batch}{across} is more than the {data.num_slices} slices to pre-train on")
+    return pretrain_here
 
 
 def _pretrain_in_process(config: RunConfig, data: PretrainingData, checkpoint: Path, *, progress: bool) -> Path:
@@ -292,67 +186,22 @@ def _pretrain_in_process(config: RunConfig, data: PretrainingData, checkpoint: P
 def finetune(
     *, config: RunConfig, checkpoint: str | Path | None = None, out_dir: str | Path | None = None, progress: bool = True
 ) -> dict:
-    """Fine-tune at `config.finetune.label_fraction` and return per-organ and mean 3D Dice.
+    """Fine-tune at `config.finetune.label_fraction` and return per-organ and mean 3D Dice on the
+    validation volumes.
 
     Without a checkpoint the network starts from random weights (the `scratch` baseline).
     """
-    from lrc_ray.engine.checkpoint import load_checkpoint
-    from lrc_ray.engine.finetune import build_segmentation_model, evaluate, finetune as run_finetune
+    from lrc_ray.superpixels.cache import read_entry_table
 
-    pretrained_state, source = None, "random initialisation"
-    if checkpoint is not None:
-        payload = load_checkpoint(checkpoint)
-        saved_network = payload["config"].get("network")
-        if saved_network != config.to_dict()["network"]:
-            raise UserInputError(
-                f"{checkpoint}: built with network {saved_network}, but the config asks for {config.to_dict()['network']}"
-            )
-        pretrained_state, source = payload["state_dict"], f"{checkpoint} ({payload['config']['pretrain']['method']})"
-    table, labels, split = _training_table(config)
-    train_cases = label_fraction_subset(split.train_pool, config.finetune.label_fraction, seed=config.data.split_seed)
-    import torch
-
-    torch.manual_seed(config.seed)  # the new head (and, for scratch, the backbone) starts the same in any process
-    model = build_segmentation_model(config.network, max(labels) + 1, pretrained_state)
-    logger.info("fine-tuning from %s on %d of %d volumes", source, len(train_cases), len(split.train_pool))
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # a Ray task given a GPU sees one
-    history = run_finetune(model, table, train_cases=train_cases, config=config.finetune, seed=config.seed,
-                           progress=progress, device=device)
-    results = evaluate(model, table, cases=split.validation, labels=labels) | {
-        "label_fraction": config.finetune.label_fraction,
-        "train_cases": list(train_cases),
-        "initialisation": source,
-        "history": history,
-    }
+    data = stages.run_data(config.data)
+    table = read_entry_table(data.entry)
+    model, summary = stages.finetune_model(config, data, table, checkpoint, progress=progress)
+    scores = stages.evaluate_model(model, table, data, "validation")
+    results = {key: value for key, value in scores.items() if key not in ("cases", "seconds")}
+    results |= {"validation_cases": scores["cases"]} | summary
     if out_dir is not None:
         write_json_atomic(Path(out_dir) / "results.json", results)
     return results
-
-
-def _cached_slices(data: DataConfig, columns: list[str] | None = None):
-    """The cached slices of a data set (all columns, or `columns`), and its label names (kept in
-    the entry's manifest)."""
-    from lrc_ray.superpixels.cache import read_entry_table
-
-    entry = find_superpixels(data)
-    return read_entry_table(entry, columns=columns), _entry_labels(entry)
-
-
-def _entry_labels(entry: CacheEntry) -> dict[int, str]:
-    """Label value -> name, as kept in the entry's manifest."""
-    return {int(value): name for value, name in entry.manifest["labels"].items()}
-
-
-def _training_table(config: RunConfig, columns: list[str] | None = None):
-    """The cached slices of the run's data, its label names, and the validation split of its labelled
-    volumes. Callers that need only the split read `columns=["label"]`, not the images."""
-    import pyarrow.compute as pc
-
-    table, labels = _cached_slices(config.data, columns)
-    labelled = table.filter(pc.is_valid(table.column("label")))
-    case_ids = [str(value) for value in pc.unique(labelled.column("case_id")).to_pylist()]
-    split = split_labelled_cases(case_ids, validation_cases=config.data.validation_cases, seed=config.data.split_seed)
-    return table, labels, split
 
 
 DEFAULT_STORAGE = Path(".lrc_ray/sweeps")
@@ -370,10 +219,11 @@ def tune(
     address: str | None = None,
     search: str = "tpe",
 ) -> Path:
-    """Run a sweep of `space` (a search-space YAML) on Ray; returns the experiment directory.
+    """Run a sweep of `space` (a search-space YAML) on Ray, then its finalists when the space has a
+    `finalists:` section; returns the experiment directory.
 
     Without `data`, the space's built-in synthetic data set is made (once) and used. With
-    `resume`, an interrupted sweep continues with its finished trials kept.
+    `resume`, an interrupted sweep continues with its finished trials kept, and so do its finalists.
     """
     import yaml
 
@@ -399,33 +249,98 @@ def tune(
     else:
         base = run_config_for(search_space, {})
         data_dir = Path(data) if data is not None else _built_in_data(search_space, base)
-        _check_metric(search_space.sweep.metric, load_msd_dataset(data_dir).labels, search_space.source)
+        dataset = load_msd_dataset(data_dir)
+        _check_metric(search_space.sweep.metric, dataset.labels, search_space.source)
+        _check_split(base.data, dataset, search_space.source)
         base = base.replace(data={"data_dir": str(data_dir.resolve()), "cache_root": str(Path(base.data.cache_root).resolve())})
     with ray_session(address=address, resources={TRIAL_SLOT: os.cpu_count() or 1}):
         result_grid = run_sweep(search_space, base=base, storage=storage, name=name, num_samples=num_samples,
                                 resume=resume, search=search)
         failure = summarise_failures(result_grid)
-    if failure:
-        raise TrainingError(f"sweep {experiment}: {failure}")
+        if failure:
+            raise TrainingError(f"sweep {experiment}: {failure}")
+        if search_space.finalists is not None and _search_finished(experiment):
+            _run_finalists(experiment, top=search_space.finalists.top, seeds=search_space.finalists.seeds)
+        elif search_space.finalists is not None:
+            logger.warning("sweep %s: its search was interrupted before every trial finished; no finalists yet "
+                           "(continue it with --resume)", experiment)
     return experiment
+
+
+def _search_finished(experiment: Path) -> bool:
+    from lrc_ray.distributed.tune import read_trials
+    from lrc_ray.finalists import search_finished
+
+    _, recorded = _sweep_info(experiment)
+    return search_finished(read_trials(experiment), expected=recorded.get("trials", 0))
+
+
+def finalists(*, experiment: str | Path, top: int | None = None, seeds: int | None = None,
+              address: str | None = None) -> Path:
+    """Run (or continue) the finalists of a sweep: per label fraction, its `top` distinct settings
+    and scratch, re-run at `seeds` seeds that no search trial used, scored on validation and test
+    volumes (defaults: the space's `finalists:` section, else 2 and 3). Returns the experiment
+    directory; `results` reads the finalists table."""
+    from lrc_ray.distributed.runtime import ray_session
+    from lrc_ray.distributed.tune import TRIAL_SLOT
+    from lrc_ray.search_space import FinalistSettings
+
+    for option, value in (("--top", top), ("--seeds", seeds)):
+        if value is not None and value < 1:
+            raise UserInputError(f"{option}: expected at least 1, got {value}")
+    experiment = Path(experiment).resolve()
+    space = _recorded_space(experiment)
+    defaults = (space.finalists if space is not None else None) or FinalistSettings()
+    with ray_session(address=address, resources={TRIAL_SLOT: os.cpu_count() or 1}):
+        _run_finalists(experiment, top=top or defaults.top, seeds=seeds or defaults.seeds)
+    return experiment
+
+
+def _run_finalists(experiment: Path, *, top: int, seeds: int) -> None:
+    """Plan the finalists from the search's trials and run them (in the connected Ray)."""
+    import hashlib
+    import json
+
+    from lrc_ray.distributed.tune import FINALISTS_FILE, read_trials, run_finalists, summarise_failures
+    from lrc_ray.finalists import plan_finalists
+    from lrc_ray.search_space import SweepSettings, label_fractions
+
+    records = read_trials(experiment)
+    info, recorded = _sweep_info(experiment)
+    base = config_from_dict(recorded["base"], source=str(experiment))
+    if base.data.test_cases < 1:
+        raise UserInputError(
+            f"{experiment}: its data.test_cases is 0; finalists are scored on test volumes that the search never "
+            "saw, so run a sweep with base.data.test_cases of at least 1"
+        )
+    space = _recorded_space(experiment)
+    plan = plan_finalists(records, info, top=top, seeds=seeds, fractions=label_fractions(space) if space else None)
+    if not plan.runs:
+        raise UserInputError(f"{experiment}: no trial has finished with {info.metric} at any label fraction; "
+                             "nothing to re-run (resume the sweep first)")
+    name = "finalists-" + hashlib.blake2b(json.dumps(plan.to_dict(), sort_keys=True).encode(), digest_size=6).hexdigest()
+    write_json_atomic(experiment / FINALISTS_FILE, plan.to_dict() | {"experiment": name, "metric": info.metric})
+    settings = space.sweep if space is not None else SweepSettings(metric=info.metric, mode=info.mode)
+    grid = run_finalists(settings, base=base, fixed=recorded["fixed"], runs=[run.values for run in plan.runs],
+                         experiment=experiment, name=name)
+    failure = summarise_failures(grid)
+    if failure:
+        raise TrainingError(f"finalists {experiment / name}: {failure}")
 
 
 def results(
     *, experiment: str | Path, metric: str | None = None, by: str = "label_fraction", out: str | Path | None = None
 ) -> dict:
-    """Read a sweep (finished, interrupted or resumed) and write its tables, chosen configs and plots."""
-    import yaml
-
-    from lrc_ray.distributed.tune import SWEEP_FILE, read_trials
-    from lrc_ray.results import SweepInfo, write_results
-    from lrc_ray.search_space import parse_search_space
+    """Read a sweep (finished, interrupted or resumed) and its finalists, if any; write its tables,
+    chosen configs (with the finalists' numbers beside them) and plots."""
+    from lrc_ray.distributed.tune import read_trials
+    from lrc_ray.results import write_results
 
     experiment = Path(experiment).resolve()
     if not experiment.is_dir():
         raise UserInputError(f"{experiment}: no such sweep directory")
     records = read_trials(experiment)
-    recorded = _read_json(experiment / SWEEP_FILE)
-    info = SweepInfo(metric=metric or recorded["metric"], mode=recorded["mode"], base=recorded["base"], fixed=recorded["fixed"])
+    info, _ = _sweep_info(experiment, metric)
     reported = sorted({key for record in records for key in record.metrics if key.startswith("dice")})
     if metric is not None and reported and metric not in reported:
         import difflib
@@ -433,12 +348,79 @@ def results(
         close = difflib.get_close_matches(metric, reported, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; the trials report {', '.join(reported)}"
         raise UserInputError(f"--metric {metric}: no trial reports it{hint}")
-    space = None
-    if recorded.get("space_yaml"):
-        space = parse_search_space(yaml.safe_load(recorded["space_yaml"]), source=recorded["source"])
     out_dir = Path(out) if out is not None else experiment / "results"
-    written = write_results(records, info, out_dir, by=by, space=space)
-    return written | {"out_dir": out_dir, "metric": info.metric, "mode": info.mode, "by": by}
+    finalists = _finalists_table(experiment, info)
+    found = chosen_values = None
+    if finalists is not None:
+        from lrc_ray.finalists import choices
+
+        found = choices(finalists[0])
+        if by == "label_fraction":  # the finalists' choice replaces the search's single-run best
+            chosen_values = {choice.label_fraction: choice.chosen["setting"] for choice in found}
+    written = write_results(records, info, out_dir, by=by, space=_recorded_space(experiment), chosen_values=chosen_values)
+    written |= {"out_dir": out_dir, "metric": info.metric, "mode": info.mode, "by": by, "finalists": None, "missing": ()}
+    if finalists is not None:
+        from lrc_ray.finalists import write_finalists
+
+        table, plan = finalists
+        written |= write_finalists(table, found, info, out_dir, written["chosen"] if chosen_values else {})
+        written["missing"] = plan.missing
+    return written
+
+
+def _finalists_table(experiment: Path, info):
+    """(the finalists table, their plan) of a sweep, or None when it has no finalists yet."""
+    from lrc_ray.distributed.tune import FINALISTS_FILE, read_tune_experiment
+    from lrc_ray.finalists import FinalistPlan, finalists_table
+
+    if not (experiment / FINALISTS_FILE).is_file():
+        return None
+    recorded = _read_json(experiment / FINALISTS_FILE)
+    plan = FinalistPlan.from_dict(recorded)
+    try:
+        records = read_tune_experiment(experiment / recorded["experiment"])
+    except UserInputError:  # planned, but killed before Tune recorded a trial
+        records = []
+    outcomes = {record.values["finalist"]: record.metrics for record in records if "finalist" in record.values}
+    return finalists_table(plan, outcomes, info), plan
+
+
+def _sweep_info(experiment: Path, metric: str | None = None):
+    """(SweepInfo, the recorded sweep file) of an experiment directory."""
+    from lrc_ray.distributed.tune import SWEEP_FILE
+    from lrc_ray.results import SweepInfo
+
+    if not (experiment / SWEEP_FILE).is_file():
+        raise UserInputError(f"{experiment}: not an lrc-ray sweep (no {SWEEP_FILE}); pass the directory that `lrc-ray tune` printed")
+    recorded = _read_json(experiment / SWEEP_FILE)
+    info = SweepInfo(metric=metric or recorded["metric"], mode=recorded["mode"], base=recorded["base"], fixed=recorded["fixed"])
+    return info, recorded
+
+
+def _recorded_space(experiment: Path):
+    """The search space a sweep started with (None for sweeps started from an in-memory space)."""
+    import yaml
+
+    from lrc_ray.distributed.tune import SWEEP_FILE
+    from lrc_ray.search_space import parse_search_space
+
+    if not (experiment / SWEEP_FILE).is_file():
+        raise UserInputError(f"{experiment}: not an lrc-ray sweep (no {SWEEP_FILE}); pass the directory that `lrc-ray tune` printed")
+    recorded = _read_json(experiment / SWEEP_FILE)
+    if not recorded.get("space_yaml"):
+        return None
+    return parse_search_space(yaml.safe_load(recorded["space_yaml"]), source=recorded["source"])
+
+
+def _check_split(data: DataConfig, dataset, source: str) -> None:
+    """Enough labelled volumes for training, validation and test, before any trial starts."""
+    from lrc_ray.engine.splits import split_labelled_cases
+
+    try:
+        split_labelled_cases([case.case_id for case in dataset.labelled_cases], validation_cases=data.validation_cases,
+                             test_cases=data.test_cases, seed=data.split_seed)
+    except UserInputError as exc:
+        raise UserInputError(f"{source}: {dataset.root}: {exc}") from None
 
 
 def _check_metric(metric: str, labels: dict[int, str], source: str) -> None:

@@ -166,12 +166,16 @@ class DataConfig:
     scale: float = 100.0
     sigma: float = 0.8
     min_size: int = 20
-    validation_cases: int = 2  # labelled volumes held out for evaluation
-    split_seed: int = 0  # fixes the validation volumes and label-fraction subsets across methods and seeds
+    validation_cases: int = 2  # labelled volumes held out for the probe, the search and the choice
+    # Labelled volumes held out from everything but the finalists' report (their test Dice): the
+    # number a chosen setting is reported with is then not the one it was chosen by.
+    test_cases: int = 0
+    split_seed: int = 0  # fixes the held-out volumes and label-fraction subsets across methods and seeds
 
     def __post_init__(self) -> None:
         require(self.size % 16 == 0 and self.size >= 32, "data.size", "a multiple of 16, at least 32", self.size)
         require(self.validation_cases >= 1, "data.validation_cases", "at least 1", self.validation_cases)
+        require(self.test_cases >= 0, "data.test_cases", "at least 0", self.test_cases)
         for name in ("scale", "sigma", "min_size"):
             require(getattr(self, name) > 0, f"data.{name}", "a positive number", getattr(self, name))
 

@@ -73,7 +73,7 @@ def results_table(records: list[TrialRecord], info: SweepInfo) -> pd.DataFrame:
     rows = []
     for record in records:
         config = trial_config(info, record.values)
-        flat = _flatten(config.to_dict())
+        flat = flatten(config.to_dict())
         finished = info.metric in record.metrics
         row = {"trial_id": record.trial_id, "status": record.status}
         row |= {column: flat[path] for column, path in PARAMETER_COLUMNS.items()}
@@ -118,9 +118,14 @@ def best_per_group(table: pd.DataFrame, metric: str, mode: str, by: str) -> pd.D
 
 
 def write_results(
-    records: list[TrialRecord], info: SweepInfo, out_dir: Path, *, by: str = "label_fraction", space=None
+    records: list[TrialRecord], info: SweepInfo, out_dir: Path, *, by: str = "label_fraction", space=None,
+    chosen_values: dict[Any, dict] | None = None,
 ) -> dict[str, Any]:
-    """Write results.parquet/.csv/.md, one chosen config per group, and the plots; returns what was written."""
+    """Write results.parquet/.csv/.md, one chosen config per group, and the plots; returns what was written.
+
+    The chosen config of a group is its best setting's (`best_per_group`), or, with
+    `chosen_values` (group -> trial values, e.g. the finalists' choice), those values'.
+    """
     table = results_table(records, info)
     best = best_per_group(table, info.metric, info.mode, by)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,12 +135,14 @@ def write_results(
         table.to_csv(tmp, index=False)
     with atomic_write_path(out_dir / "results.md") as tmp:
         tmp.write_text(markdown_table(table) + "\n")
+    if chosen_values is None:
+        chosen_values = {row[by]: next(r for r in records if r.trial_id == row["trial_id"]).values
+                         for _, row in best.iterrows()}
     chosen = {}
-    for _, row in best.iterrows():
-        record = next(r for r in records if r.trial_id == row["trial_id"])
-        path = out_dir / f"best_config_{by}_{_slug(row[by])}.yaml"
-        save_config(trial_config(info, record.values), path)
-        chosen[row[by]] = path
+    for group, values in chosen_values.items():
+        path = out_dir / f"best_config_{by}_{slug(group)}.yaml"
+        save_config(trial_config(info, values), path)
+        chosen[group] = path
     plots = []
     if _plot_dice_vs_label_fraction(table, info.metric, info.mode, out_dir / "dice_vs_label_fraction.png"):
         plots.append(out_dir / "dice_vs_label_fraction.png")
@@ -168,15 +175,15 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "/")
 
 
-def _slug(value: Any) -> str:
+def slug(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value).replace("+", "_").replace("/", "_")
 
 
-def _flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in nested.items():
         if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
+            flat |= flatten(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -197,16 +204,23 @@ def _plot_dice_vs_label_fraction(table: pd.DataFrame, metric: str, mode: str, pa
     figure, axes = plt.subplots(figsize=(6, 4))
     for method, rows in best.groupby("method"):
         axes.plot(rows["label_fraction"], rows[metric], marker="o", label=method)
+    save_label_fraction_plot(figure, axes, ylabel=f"best {metric}", title="Validation Dice vs label fraction", path=path)
+    return True
+
+
+def save_label_fraction_plot(figure, axes, *, ylabel: str, title: str, path: Path) -> None:
+    """Label a plot over label fractions (one line per method) and write it as PNG (atomically)."""
+    import matplotlib.pyplot as plt
+
     axes.set_xlabel("label fraction")
-    axes.set_ylabel(f"best {metric}")
-    axes.set_title("Validation Dice vs label fraction")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
     with atomic_write_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
     plt.close(figure)
-    return True
 
 
 def parameter_importance(records: list[TrialRecord], info: SweepInfo, space) -> dict[str, float]:

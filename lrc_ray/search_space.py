@@ -1,9 +1,11 @@
 """The YAML schema of a hyper-parameter sweep (`search_spaces/*.yaml`), validated at load time.
 
-A file has five top-level keys: `description`, `sweep` (searcher and scheduler settings),
+A file has six top-level keys: `description`, `sweep` (searcher and scheduler settings),
 `data` (the built-in synthetic data to make when the sweep's data dir has none), `base`
-(fixed run-config values, nested like a run-config YAML) and `space` (dotted run-config
-path -> a distribution such as `{loguniform: [0.05, 0.5]}`, or a fixed value).
+(fixed run-config values, nested like a run-config YAML), `space` (dotted run-config
+path -> a distribution such as `{loguniform: [0.05, 0.5]}`, or a fixed value) and `finalists`
+(`{top: K, seeds: N}`: after the search, the top K settings per label fraction and scratch are
+re-run at N fresh seeds and scored on test volumes; see `lrc_ray.finalists`).
 
 Every value a distribution can produce is checked against the run config here, so a bad
 space fails at load time with one line, never as a failed trial hours into a sweep. This
@@ -186,6 +188,19 @@ class SyntheticDataSpec:
 
 
 @dataclass(frozen=True)
+class FinalistSettings:
+    """After the search: the `top` distinct settings per label fraction, and scratch, re-run at
+    `seeds` seeds the search did not use, scored on validation and test volumes."""
+
+    top: int = 2
+    seeds: int = 3
+
+    def __post_init__(self) -> None:
+        require(self.top >= 1, "finalists.top", "at least 1", self.top)
+        require(self.seeds >= 1, "finalists.seeds", "at least 1", self.seeds)
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     description: str
     sweep: SweepSettings
@@ -193,9 +208,11 @@ class SearchSpace:
     base: dict  # nested run-config values, as in a run-config YAML
     params: dict[str, Distribution | Fixed]  # dotted run-config path -> what trials get, in file order
     source: str  # the file it came from, for messages
+    finalists: FinalistSettings | None = None  # None: no `finalists:` section (the search alone)
 
 
-TOP_LEVEL_KEYS = ("description", "sweep", "data", "base", "space")
+TOP_LEVEL_KEYS = ("description", "sweep", "data", "base", "space", "finalists")
+LABEL_FRACTION_KEY = "finetune.label_fraction"
 
 
 def load_search_space(path: str | Path) -> SearchSpace:
@@ -224,12 +241,15 @@ def parse_search_space(raw: Any, source: str) -> SearchSpace:
     try:
         sweep = build_dataclass(SweepSettings, raw.get("sweep") or {}, prefix="sweep.")
         data = None if "data" not in raw else build_dataclass(SyntheticDataSpec, raw["data"] or {}, prefix="data.")
+        finalists = None if "finalists" not in raw else build_dataclass(FinalistSettings, raw["finalists"] or {},
+                                                                          prefix="finalists.")
     except UserInputError as exc:
         raise UserInputError(f"{source}: {exc}") from None
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise UserInputError(f"{source}: base: expected run-config sections (data, pretrain, ...), got {base!r}")
-    config_from_dict(base, source=f"{source}: base")
+    base_config = config_from_dict(base, source=f"{source}: base")
+    _check_held_out(base_config, data, finalists, source)
     if not raw.get("space"):
         raise UserInputError(
             f"{source}: space: missing or empty; expected dotted run-config keys, "
@@ -239,7 +259,38 @@ def parse_search_space(raw: Any, source: str) -> SearchSpace:
         raise UserInputError(f"{source}: space: expected a mapping of dotted run-config keys, got {raw['space']!r}")
     params = {str(key): _parse_param(str(key), value, base, source) for key, value in raw["space"].items()}
     _check_values(params, base, source)
-    return SearchSpace(description.strip(), sweep, data, base, params, source)
+    fraction = params.get(LABEL_FRACTION_KEY)
+    if fraction is not None and not isinstance(fraction, (Choice, Fixed)):
+        raise UserInputError(
+            f"{source}: space.{LABEL_FRACTION_KEY}: a label budget is a condition to compare settings at, not a value "
+            "to optimise; give a choice of fractions, e.g. {choice: [0.25, 1.0]}, each searched on its own"
+        )
+    return SearchSpace(description.strip(), sweep, data, base, params, source, finalists)
+
+
+def label_fractions(space: SearchSpace) -> tuple | None:
+    """The label fractions a space searches, each its own search (None when it searches one or none)."""
+    spec = space.params.get(LABEL_FRACTION_KEY)
+    if isinstance(spec, Choice) and len(set(spec.values)) > 1:
+        return tuple(dict.fromkeys(spec.values))
+    return None
+
+
+def _check_held_out(base: RunConfig, data: SyntheticDataSpec | None, finalists: FinalistSettings | None,
+                    source: str) -> None:
+    """Finalists report test Dice, so they need test volumes; built-in data needs a training
+    volume beside the held-out ones."""
+    held = base.data
+    if finalists is not None and held.test_cases < 1:
+        raise UserInputError(
+            f"{source}: finalists: their numbers are scored on test volumes that the search never sees; "
+            "set base.data.test_cases to at least 1"
+        )
+    if data is not None and data.cases <= held.validation_cases + held.test_cases:
+        raise UserInputError(
+            f"{source}: data.cases: {data.cases} labelled volumes leave none for fine-tuning beside "
+            f"base.data.validation_cases {held.validation_cases} + base.data.test_cases {held.test_cases}"
+        )
 
 
 def sample_config(space: SearchSpace, rng: np.random.Generator) -> RunConfig:

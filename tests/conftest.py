@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +75,24 @@ def tiny_sweep_space():
         }
 
     return make
+
+
+@pytest.fixture
+def sigkill_when():
+    """Run a command in its own session until `ready()` holds, then SIGKILL it and all it started
+    (its local Ray included, nothing else): an interrupted run, for the resume tests."""
+
+    def run(command: list[str], *, cwd: Path, ready, within: float) -> None:
+        process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        try:
+            deadline = time.monotonic() + within
+            while not ready() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(1)
+            assert process.poll() is None, "the run ended before it could be interrupted"
+            assert ready(), f"not ready to interrupt within {within} s"
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    return run

@@ -323,7 +323,7 @@ def test_the_chosen_configuration_line_gives_the_mean_over_seeds(tmp_path, capsy
                _run("b0", "global+lrc", 0, 0.64), _run("b1", "global+lrc", 1, 0.65)]
     info = _info()
     written = write_results(records, info, tmp_path) | {"out_dir": tmp_path, "metric": info.metric, "mode": info.mode,
-                                                        "by": "label_fraction"}
+                                                        "by": "label_fraction", "finalists": None, "missing": ()}
     _print_results(written, top=5)
     out = capsys.readouterr().out
     assert "chosen configuration (dice_mean 0.645 +- 0.007 over 2 seeds, label_fraction 1.0)" in out

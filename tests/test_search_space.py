@@ -8,6 +8,7 @@ import pytest
 from lrc_ray.config import RunConfig, config_from_dict
 from lrc_ray.errors import UserInputError
 from lrc_ray.search_space import (
+    FinalistSettings,
     Choice,
     Fixed,
     LogUniform,
@@ -16,6 +17,7 @@ from lrc_ray.search_space import (
     SyntheticDataSpec,
     Uniform,
     grid_points,
+    label_fractions,
     load_search_space,
     parse_search_space,
     run_config_for,
@@ -72,8 +74,12 @@ def test_quickstart_is_all_discrete_and_its_grid_is_the_cartesian_product():
     assert set(space.params["pretrain.method"].values) == {"scratch", "global", "lrc", "global+lrc"}
     for point in points:
         run_config_for(space, point)  # every grid point is a valid run config
-    # TPE's trials fit the compute target (0.35 of the grid's) even if each cost a grid point's
-    assert space.sweep.num_samples <= 0.35 * len(points) and not space.sweep.use_gpu
+    assert not space.sweep.use_gpu
+    # finalists scored on test volumes, and a volume left to fine-tune on beside the held-out ones
+    base = run_config_for(space, {})
+    assert space.finalists is not None and base.data.test_cases >= 1
+    assert space.data.cases > base.data.validation_cases + base.data.test_cases
+    assert label_fractions(space) == (0.25, 1.0)
 
 
 def test_ablation_samples_its_whole_grid():
@@ -93,6 +99,20 @@ def test_full_space_fits_its_gpu_nodes_and_needs_real_data():
 
 def _space(**space):
     return {"base": {"pretrain": {"epochs": 1}}, "space": space}
+
+
+def _finalists(finalists, test_cases=1):
+    return {"base": {"data": {"test_cases": test_cases}}, "finalists": finalists, "space": {"seed": 1}}
+
+
+def test_finalists_and_label_fractions_of_a_space():
+    plain = parse_search_space(_space(**{"finetune.label_fraction": {"choice": [0.25, 1.0, 0.25]}}), source="s.yaml")
+    assert plain.finalists is None and label_fractions(plain) == (0.25, 1.0)
+    with_finalists = parse_search_space(_finalists({"top": 3}), source="s.yaml")
+    assert with_finalists.finalists == FinalistSettings(top=3, seeds=3)
+    assert parse_search_space(_finalists(None), source="s.yaml").finalists == FinalistSettings()
+    assert label_fractions(with_finalists) is None
+    assert label_fractions(parse_search_space(_space(**{"finetune.label_fraction": 0.5}), source="s.yaml")) is None
 
 
 def test_defaults_and_types_of_a_minimal_file():
@@ -198,7 +218,17 @@ def test_run_config_for_merges_base_and_trial_values():
         ({"base": {"data": {"size": 50}}, "space": {"seed": 1}}, r"s.yaml: base: data.size: expected a multiple of 16"),
         ({"base": [1], "space": {"seed": 1}}, r"s.yaml: base: expected run-config sections"),
         ({"description": ["a", "list"], "space": {"seed": 1}}, r"s.yaml: description: expected one line of text"),
-        (["not", "a", "mapping"], r"s.yaml: expected a mapping with keys description, sweep, data, base, space"),
+        (["not", "a", "mapping"], r"s.yaml: expected a mapping with keys description, sweep, data, base, space, finalists"),
+        (_finalists({"top": 0}), r"s.yaml: finalists.top: expected at least 1, got 0"),
+        (_finalists({"seeds": 0}), r"s.yaml: finalists.seeds: expected at least 1, got 0"),
+        (_finalists({"seed": 3}), r"s.yaml: unknown key 'finalists.seed'; did you mean 'finalists.seeds'\?"),
+        (_finalists({"top": 2}, test_cases=0),
+         r"s.yaml: finalists: their numbers are scored on test volumes that the search never sees; set base.data.test_cases"),
+        ({"data": {"cases": 4}, "base": {"data": {"validation_cases": 2, "test_cases": 2}}, "space": {"seed": 1}},
+         r"s.yaml: data.cases: 4 labelled volumes leave none for fine-tuning beside base.data.validation_cases 2 \+ "
+         r"base.data.test_cases 2"),
+        (_space(**{"finetune.label_fraction": {"uniform": [0.1, 1.0]}}),
+         r"s.yaml: space.finetune.label_fraction: a label budget is a condition to compare settings at"),
     ],
 )
 def test_bad_input_gives_one_line_naming_file_and_key(raw, message):

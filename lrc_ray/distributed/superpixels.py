@@ -18,8 +18,9 @@ import pyarrow as pa
 import ray
 from ray.data import DataContext, TaskPoolStrategy
 
-from lrc_ray.data.msd import CaseEntry, read_case
+from lrc_ray.data.msd import CaseEntry, HeaderSummary, MsdDataset, read_case
 from lrc_ray.data.slices import prepare_slices
+from lrc_ray.distributed.runtime import cluster_cpus, ray_session
 from lrc_ray.errors import UserInputError
 from lrc_ray.superpixels.cache import ExtractionParams
 from lrc_ray.superpixels.table import add_superpixels, slices_table
@@ -64,6 +65,23 @@ def extract_to_parquet(
         if user_error is None:
             raise
         raise user_error from None
+
+
+def ray_data_extract(*, workers: int | None = None, address: str | None = None):
+    """The super-pixel stage's `Extract` (`stages.Extract`): this pipeline on the Ray cluster at
+    `address` (or the one this process is connected to, or a local one of `workers` CPUs), with
+    `workers` parallel tasks (default: every CPU of the cluster)."""
+    return partial(_extract_in_session, workers=workers, address=address)
+
+
+def _extract_in_session(dataset: MsdDataset, params: ExtractionParams, out_dir, headers: HeaderSummary, *,
+                        workers: int | None, address: str | None) -> None:
+    size = params.slicing.size
+    with ray_session(address=address, num_cpus=workers):
+        extract_to_parquet(
+            dataset.cases, dataset.labels, params, str(out_dir), workers=workers or cluster_cpus(),
+            total_slices=headers.total_slices, slice_pixels=size * size if size else headers.max_slice_pixels,
+        )
 
 
 def batch_size_for(total_slices: int, slice_pixels: int, workers: int) -> int:

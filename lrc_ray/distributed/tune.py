@@ -1,22 +1,19 @@
-"""Ray Tune sweeps: Optuna TPE proposes settings, ASHA stops poor pre-trainings early.
+"""Ray Tune: the sweep's Tuner (Optuna TPE + ASHA), the finalists' Tuner, and the thin trial.
 
 One trial, run by a Tune function. With `workers_per_trial` N >= 1 it is a driver that holds one
 `trial_slot` (a custom resource, so it takes no CPU that its Train workers and Ray Data tasks
 need); with 0 it holds one CPU (or GPU) and trains in its own process, which Tune reuses.
-1. get or build the super-pixel cache entry of its Felzenszwalb settings (trials share
-   entries; concurrent builders of one entry build it once);
-2. pre-train (a TorchTrainer of N workers, or the same loop in the trial's process), reporting
-   a frozen-feature probe Dice every epoch (the number ASHA compares). Trials whose
-   pre-training settings are equal share one pre-trained checkpoint: the first trains it, the
-   others replay its reports and only fine-tune;
-3. fine-tune at the trial's label fraction (in a Ray task of one CPU or GPU, or in the trial's
-   process) and report the per-organ and mean 3D Dice (the number Optuna optimises by
-   default). A fine-tuning that repeats an earlier trial's exactly is not run again.
+A trial runs the run stages (`lrc_ray.stages`), whose outputs are keyed and shared by the
+trials of a sweep and its finalists:
+1. super-pixels: the cache entry of its Felzenszwalb settings (built with Ray Data when missing);
+2. pre-training (a TorchTrainer of N workers, or the same loop in the trial's process),
+   reporting a frozen-feature probe Dice every epoch (the number ASHA compares). A pre-training
+   an earlier trial made is not run again: its reports are replayed;
+3. fine-tuning at the trial's label fraction and evaluation (in a Ray task of one CPU or GPU, or
+   in the trial's process), reporting the per-organ and mean 3D Dice on the validation volumes
+   (the number Optuna optimises by default) and, for finalists, on the test volumes.
 `scratch` has nothing to pre-train, so ASHA never sees a probe value for it: it always
-reaches fine-tuning.
-The searcher proposes each distinct run once: TPE on a space of a few choices proposes points it
-has already run (a quarter of the quick-start's trials, replayed), and each repeat would spend one
-of the sweep's trials on a result it already has.
+reaches fine-tuning. The searchers are in `distributed.search`.
 """
 
 from __future__ import annotations
@@ -28,22 +25,25 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import optuna
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from lrc_ray import stages
 from lrc_ray.atomic import write_json_atomic
-from lrc_ray.config import RunConfig, config_from_dict
+from lrc_ray.config import RunConfig
 from lrc_ray.distributed.cluster import TRIAL_SLOT
 from lrc_ray.distributed.runtime import ray_error_message, user_error_line
+from lrc_ray.distributed.search import make_searcher
+from lrc_ray.distributed.superpixels import ray_data_extract
+from lrc_ray.engine.splits import SPLIT_PARTS
 from lrc_ray.errors import UserInputError
+from lrc_ray.finalists import TEST_PREFIX
 from lrc_ray.search_space import (
-    Choice, Fixed, LogUniform, QUniform, RandInt, SearchSpace, Uniform, config_with_values, grid_points,
+    Choice, Fixed, LogUniform, QUniform, RandInt, SearchSpace, SweepSettings, Uniform, config_with_values, grid_points,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,9 +51,7 @@ logger = logging.getLogger(__name__)
 PROBE_METRIC = "probe_dice"
 EPOCH = "epoch"  # pre-training epochs finished (ASHA's time attribute)
 SWEEP_FILE = "lrc_ray_sweep.json"  # what `results` needs beyond Tune's own files
-PRETRAINED_DIR = "pretrained"
-FINETUNED_DIR = "finetuned"  # fine-tuning results by finetuning_key, shared by the trials of a sweep
-HISTORY_FILE = "history.json"  # a shared pre-training's epoch reports, written after its checkpoint
+FINALISTS_FILE = "lrc_ray_finalists.json"  # the finalists' plan and the name of their Tune experiment
 
 
 @dataclass(frozen=True)
@@ -62,9 +60,12 @@ class SweepContext:
 
     base: dict  # the run config before the trial's values, with absolute paths
     space_params: dict  # dotted key -> fixed value, merged under the trial's values
-    pretrained_root: str
+    root: str  # the stage outputs' root (`stages`): the sweep's experiment directory
     workers: int
     use_gpu: bool
+    parts: tuple[str, ...] = ("validation",)  # the held-out parts a trial scores
+    probe: bool = True  # report the probe Dice every pre-training epoch (for ASHA)
+    runs: tuple[dict, ...] = ()  # finalists: trial {"finalist": i} runs the values runs[i]
 
 
 def tune_param_space(space: SearchSpace) -> dict[str, Any]:
@@ -130,128 +131,14 @@ def driver_resources(resources: dict[str, float], *, workers: int, use_gpu: bool
     return slot or {"CPU": 1}
 
 
-def pretraining_key(config: RunConfig, superpixel_key: str, workers: int) -> str:
-    """Equal for trials whose pre-training would be identical: they differ only in fine-tuning, or
-    in settings their method does not use (e.g. the LRC temperature of a `global` trial)."""
-    pretrain = config.to_dict()["pretrain"]
-    unused = {
-        "local": ("temperature", "regions_per_image", "pixels_per_region", "negatives", "w_local"),
-        "global": ("moco_momentum", "moco_temperature", "queue_size", "w_global"),
-        "supervised": ("w_supervised", "source_data_dir"),
-    }
-    uses = {"local": config.pretrain.uses_local, "global": config.pretrain.uses_global,
-            "supervised": config.pretrain.uses_supervised}
-    for part, names in unused.items():
-        if not uses[part]:
-            for name in names:
-                pretrain.pop(name)
-    relevant = {
-        "superpixels": superpixel_key,
-        "split": [config.data.validation_cases, config.data.split_seed],
-        "augment": config.to_dict()["augment"],
-        "network": config.to_dict()["network"],
-        "pretrain": pretrain,
-        "seed": config.seed,
-        "workers": workers,  # the global batch
-    }
-    return f"{config.pretrain.method.replace('+', '_')}-{_digest(relevant)}"
-
-
-def finetuning_key(config: RunConfig, pretrained: str | None) -> str:
-    """Equal for trials whose fine-tuning would be identical: the same pre-trained checkpoint (or
-    none: `scratch`), data, split, network, fine-tuning settings and seed. Felzenszwalb settings
-    matter only through the checkpoint: fine-tuning reads images and labels, not super-pixels."""
-    data = config.to_dict()["data"]
-    relevant = {
-        "pretrained": pretrained,
-        "data": {name: data[name] for name in ("data_dir", "size", "window_hu", "validation_cases", "split_seed")},
-        "network": config.to_dict()["network"],
-        "finetune": config.to_dict()["finetune"],
-        "seed": config.seed,
-    }
-    return _digest(relevant)
-
-
-def _digest(relevant: dict) -> str:
-    return hashlib.blake2b(json.dumps(relevant, sort_keys=True).encode(), digest_size=10).hexdigest()
-
-
-def run_keys(config: RunConfig, workers: int) -> tuple[str | None, str]:
-    """(pre-training key or None, fine-tuning key) from a trial's config alone, as a searcher sees
-    it before the trial runs: the super-pixels stand for themselves by their cache parameters."""
-    from lrc_ray import api
-
-    superpixels = json.dumps(api.extraction_params_for(config.data).as_dict(), sort_keys=True)
-    pretrained = pretraining_key(config, superpixels, workers) if api.pretrains(config) else None
-    return pretrained, finetuning_key(config, pretrained)
-
-
-def _trial_run_key(context: SweepContext, trial_values: dict) -> str:
+def trial_run_key(context: SweepContext, trial_values: dict) -> str:
+    """The run a trial's values make (`stages.run_keys`'s fine-tuning key), for the searcher;
+    values the config refuses get a key of their own (the trial runs and reports the error)."""
     try:
-        return run_keys(trial_config(context, trial_values), context.workers)[1]
-    except UserInputError:  # values the config refuses: the trial runs and fails with that error
-        return "invalid-" + _digest(trial_values)
-
-
-class SweepOptunaSearch(OptunaSearch):
-    """OptunaSearch as a sweep needs it: each distinct run proposed once, final results only.
-
-    - A proposal whose run (`run_key` of the trial's values: equal when the fine-tuning and its
-      pre-training would be) was proposed before is told to Optuna with that run's outcome (its
-      metric; pruned when it was stopped or failed; failed, i.e. ignored, while it still runs)
-      and drawn again, up to `max_redraws` times; after that the repeat runs (its results are
-      reused, so it costs little). Without this, TPE repeats about a quarter of the quick-start
-      sweep's trials (`bench/search_simulation.py`).
-    - The per-epoch probe reports, which lack the searched metric, are not passed on: Optuna's
-      intermediate values feed only pruners, and OptunaSearch runs a no-op pruner (ASHA stops).
-    """
-
-    def __init__(self, *, run_key: Callable[[dict], str], max_redraws: int = 20, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._run_key = run_key
-        self._max_redraws = max_redraws
-        self._key_of_trial: dict[str, str] = {}
-        self._outcome: dict[str, float | None] = {}  # run key -> its metric (None: not known yet)
-        self._finished_keys: set[str] = set()
-
-    def suggest(self, trial_id: str) -> dict | None:
-        for redraw in range(self._max_redraws + 1):
-            values = super().suggest(trial_id)
-            key = self._run_key(values)
-            if key not in self._outcome or redraw == self._max_redraws:
-                break
-            value = self._outcome[key]
-            if value is not None:
-                state = optuna.trial.TrialState.COMPLETE
-            else:
-                state = optuna.trial.TrialState.PRUNED if key in self._finished_keys else optuna.trial.TrialState.FAIL
-            self._ot_study.tell(self._ot_trials.pop(trial_id), value, state=state)
-        self._key_of_trial[trial_id] = key
-        self._outcome.setdefault(key, None)
-        return values
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.metric in result:
-            super().on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        key = self._key_of_trial.get(trial_id)
-        if key is not None and key not in self._finished_keys:
-            self._finished_keys.add(key)
-            self._outcome[key] = (result or {}).get(self.metric)
-        super().on_trial_complete(trial_id, result=result, error=error)
-
-
-def make_searcher(space: SearchSpace, context: SweepContext, trials: int, *, sampler: str = "tpe") -> SweepOptunaSearch:
-    """The sweep's searcher: TPE (seeded from the space) or, for comparison, random sampling."""
-    settings = space.sweep
-    if sampler == "tpe":
-        optuna_sampler = optuna.samplers.TPESampler(seed=settings.seed,
-                                                    n_startup_trials=settings.tpe_startup_trials(trials))
-    else:
-        optuna_sampler = optuna.samplers.RandomSampler(seed=settings.seed)
-    return SweepOptunaSearch(metric=settings.metric, mode=settings.mode, sampler=optuna_sampler,
-                             run_key=partial(_trial_run_key, context))
+        return stages.run_keys(trial_config(context, trial_values), context.workers)[1]
+    except UserInputError:
+        return "invalid-" + hashlib.blake2b(json.dumps(trial_values, sort_keys=True, default=str).encode(),
+                                            digest_size=10).hexdigest()
 
 
 def run_sweep(
@@ -263,29 +150,24 @@ def run_sweep(
     num_samples: int | None = None,
     resume: bool = False,
     search: str = "tpe",
+    parts: tuple[str, ...] = ("validation",),
 ):
     """Run (or, with `resume`, continue) a sweep in the connected Ray cluster; returns the ResultGrid.
 
-    `search` "tpe": Optuna TPE proposes `num_samples` settings and ASHA stops weak pre-trainings
-    early. "grid": every point of a space of choices, each run to the end (no early stopping).
+    `search` "tpe": Optuna TPE proposes `num_samples` settings (shared among the label fractions,
+    each its own search) and ASHA stops weak pre-trainings early. "grid": every point of a space
+    of choices, each run to the end (no early stopping). Trials score the validation volumes;
+    `parts` SPLIT_PARTS also scores the test volumes (for benchmarks that measure the truth a
+    search is judged by: a search never reads them).
     """
     experiment = storage / name
     settings = space.sweep
     # Per-epoch probe reports lack the searched metric by design (only fine-tuning reports it);
     # Tune's check would refuse them. The metric name is checked against the data's organs instead.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    resources = ray.cluster_resources()
-    concurrency = trial_concurrency(
-        resources, workers=settings.workers_per_trial, use_gpu=settings.use_gpu, cap=settings.max_concurrent_trials
-    )
-    context = SweepContext(
-        base=base.to_dict(), space_params=fixed_values(space), pretrained_root=str(experiment / PRETRAINED_DIR),
-        workers=settings.workers_per_trial, use_gpu=settings.use_gpu,
-    )
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, context=context),
-        driver_resources(resources, workers=settings.workers_per_trial, use_gpu=settings.use_gpu),
-    )
+    context = SweepContext(base=base.to_dict(), space_params=fixed_values(space), root=str(experiment),
+                           workers=settings.workers_per_trial, use_gpu=settings.use_gpu, parts=parts)
+    trainable, concurrency = _trainable(run_trial, context, settings)
     if resume:
         if not tune.Tuner.can_restore(str(experiment)):
             raise UserInputError(f"--resume: no sweep to resume at {experiment}")
@@ -294,39 +176,78 @@ def run_sweep(
         return tuner.fit()
     if experiment.exists() and any(experiment.iterdir()):
         raise UserInputError(f"--name {name}: {experiment} already holds a sweep; pass --resume to continue it or pick another name")
-    (experiment / PRETRAINED_DIR).mkdir(parents=True, exist_ok=True)
+    if search == "grid":
+        trials = len(grid_points(space))  # also refuses continuous parameters, by name
+        param_space = {key: tune.grid_search(list(spec.values)) for key, spec in space.params.items() if isinstance(spec, Choice)}
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency,
+                                      reuse_actors=_reuse_actors(settings))
+    else:
+        trials = num_samples or settings.num_samples
+        scheduler = early_stopping(settings, _largest_epochs(space, base))
+        searcher = make_searcher(space, partial(trial_run_key, context), trials)
+        param_space = tune_param_space(space)
+        tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
+                                      max_concurrent_trials=concurrency, reuse_actors=_reuse_actors(settings))
+    experiment.mkdir(parents=True, exist_ok=True)
     write_json_atomic(experiment / SWEEP_FILE, {
         "source": space.source, "description": space.description, "metric": settings.metric, "mode": settings.mode,
         "base": base.to_dict(), "fixed": fixed_values(space), "searched": sorted(tune_param_space(space)),
         "space_yaml": Path(space.source).read_text() if Path(space.source).is_file() else None,
+        "trials": trials,  # the search is finished when this many are
     })
-    # A trial that trains in its own process (workers 0) waits inside `tune.report` whenever Tune
-    # looks at its results, so a trial ASHA stops ends there and its process can take the next
-    # trial, with torch and MONAI already imported. A driver of Train workers waits in `fit()`
-    # instead: reused, a stopped trial's Train run would go on holding its CPUs (seen with Tune
-    # 2.60), so those trials get a fresh process each.
-    reuse = settings.workers_per_trial == 0
-    if search == "grid":
-        trials = len(grid_points(space))  # also refuses continuous parameters, by name
-        param_space = {key: tune.grid_search(list(spec.values)) for key, spec in space.params.items() if isinstance(spec, Choice)}
-        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, reuse_actors=reuse)
-    else:
-        trials = num_samples or settings.num_samples
-        scheduler = early_stopping(settings, _largest_epochs(space, base))
-        searcher = make_searcher(space, context, trials)
-        param_space = tune_param_space(space)
-        tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
-                                      max_concurrent_trials=concurrency, reuse_actors=reuse)
     logger.info("sweep %s (%s): %d trial(s), up to %d at a time", experiment, search, trials, concurrency)
+    tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=_run_config(settings, storage, name))
+    return tuner.fit()
+
+
+def run_finalists(settings: SweepSettings, *, base: RunConfig, fixed: dict, runs: list[dict], experiment: Path, name: str):
+    """Run (or continue, when `experiment/name` holds them) the finalist trials: trial i runs
+    `runs[i]` (trial values) to the end and scores the validation and the test volumes. They share
+    the sweep's stage outputs (`experiment`), so equal inputs are not computed again. Returns
+    the ResultGrid."""
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    context = SweepContext(base=base.to_dict(), space_params=fixed, root=str(experiment), workers=settings.workers_per_trial,
+                           use_gpu=settings.use_gpu, parts=SPLIT_PARTS, probe=False, runs=tuple(runs))
+    trainable, concurrency = _trainable(run_finalist, context, settings)
+    path = experiment / name
+    if tune.Tuner.can_restore(str(path)):
+        logger.info("continuing the finalists %s with up to %d trial(s) at a time", path, concurrency)
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True).fit()
+    logger.info("finalists %s: %d trial(s), up to %d at a time", path, len(runs), concurrency)
     tuner = tune.Tuner(
         trainable,
-        param_space=param_space,
-        tune_config=tune_config,
-        run_config=tune.RunConfig(
-            name=name, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-        ),
+        param_space={"finalist": tune.grid_search(list(range(len(runs))))},
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, reuse_actors=_reuse_actors(settings)),
+        run_config=_run_config(settings, experiment, name),
     )
     return tuner.fit()
+
+
+def _trainable(function, context: SweepContext, settings: SweepSettings):
+    """A trial function with its context and resources, and how many trials fit at once."""
+    resources = ray.cluster_resources()
+    concurrency = trial_concurrency(
+        resources, workers=settings.workers_per_trial, use_gpu=settings.use_gpu, cap=settings.max_concurrent_trials
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(function, context=context),
+        driver_resources(resources, workers=settings.workers_per_trial, use_gpu=settings.use_gpu),
+    )
+    return trainable, concurrency
+
+
+def _reuse_actors(settings: SweepSettings) -> bool:
+    """A trial that trains in its own process (workers 0) waits inside `tune.report` whenever Tune
+    looks at its results, so a trial ASHA stops ends there and its process can take the next
+    trial, with torch and MONAI already imported. A driver of Train workers waits in `fit()`
+    instead: reused, a stopped trial's Train run would go on holding its CPUs (seen with Tune
+    2.60), so those trials get a fresh process each."""
+    return settings.workers_per_trial == 0
+
+
+def _run_config(settings: SweepSettings, storage: Path, name: str) -> tune.RunConfig:
+    return tune.RunConfig(name=name, storage_path=str(storage),
+                          failure_config=tune.FailureConfig(max_failures=settings.max_failures))
 
 
 def early_stopping(settings, max_epochs: int) -> ASHAScheduler | None:
@@ -355,113 +276,94 @@ def _largest_epochs(space: SearchSpace, base: RunConfig) -> int:
 
 
 def run_trial(trial_values: dict, context: SweepContext) -> None:
-    """One Tune trial: steps 1-3 of the module's description."""
-    from lrc_ray import api
-    from lrc_ray.superpixels.cache import entry_lock
-
+    """One Tune trial: the run stages of the module's description, reported to Tune."""
     config = trial_config(context, trial_values)
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the progress shown
     # Lines per epoch that Tune's table already says: checkpoint written, data stream started and finished.
     for chatty in ("ray.train._internal.storage", "ray.data._internal.execution.streaming_executor"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    entry = api.superpixels_for(config.data).entry
-    checkpoint, key, epochs_run, reused, history, pretrain_seconds = None, None, 0, False, [], 0.0
-    if api.pretrains(config):
-        data = api.pretraining_data(config)
-        api.check_batch_fits(config, data, workers=context.workers)
-        key = pretraining_key(config, data.entry.path.name, context.workers)
-        root = Path(context.pretrained_root)
-        final, history_file = root / key / "checkpoint.pt", root / key / HISTORY_FILE
-        with entry_lock(root, key):
-            if history_file.is_file():  # another trial pre-trained these settings: replay its epochs for ASHA
-                history, reused = json.loads(history_file.read_text()), True
-                for metrics in history:
-                    tune.report(metrics | {"replayed": True})
-            else:
-                history = _pretrain(config, data, entry, final, context)
-                pretrain_seconds = sum(metrics["seconds"] + metrics.get("probe_seconds", 0.0) for metrics in history)
-                write_json_atomic(history_file, history)  # last: it marks the shared checkpoint complete
-        checkpoint, epochs_run = str(final), len(history)
-    # Fine-tuning is seeded: a trial whose fine-tuning would repeat an earlier one's exactly (TPE
-    # proposes a point again; `scratch` at another scale) reports that trial's Dice.
-    finetuned_root = Path(context.pretrained_root).parent / FINETUNED_DIR
-    finetuned_key = finetuning_key(config, key)
-    results_file = finetuned_root / f"{finetuned_key}.json"
-    finetuned_root.mkdir(parents=True, exist_ok=True)
-    with entry_lock(finetuned_root, finetuned_key):
-        finetune_reused = results_file.is_file()
-        if finetune_reused:
-            results = json.loads(results_file.read_text())
-        else:
-            results = _finetune(config, checkpoint, context)
-            write_json_atomic(results_file, results)
-    final_metrics = {
-        "dice_mean": results["dice_mean"],
-        **{f"dice/{organ}": value for organ, value in results["dice_per_organ"].items() if value is not None},
+    extract = ray_data_extract()
+    data = stages.run_data(config.data, extract=extract)
+    probe = stages.probe_source(config, data) if context.probe else None
+    pretrained = stages.pretrain(config, data, root=Path(context.root), workers=context.workers, extract=extract,
+                                 pretrain_fn=partial(_pretrain_with_ray, context=context, probe=probe))
+    history, pretrain_seconds = (pretrained.history if pretrained else []), 0.0
+    if pretrained is not None and pretrained.reused:  # another trial pre-trained these settings: replay for ASHA
+        for metrics in history:
+            tune.report(metrics | {"replayed": True})
+    elif pretrained is not None:
+        pretrain_seconds = sum(metrics["seconds"] + metrics.get("probe_seconds", 0.0) for metrics in history)
+    finetuned = _finetune(config, data, pretrained, context)
+    final_metrics = {}
+    for part, scores in finetuned.scores.items():
+        prefix = TEST_PREFIX if part == "test" else ""
+        final_metrics[f"{prefix}dice_mean"] = scores["dice_mean"]
+        final_metrics |= {f"{prefix}dice/{organ}": value for organ, value in scores["dice_per_organ"].items() if value is not None}
+        final_metrics[f"evaluate_seconds/{part}"] = scores["seconds"]
+    final_metrics |= {
         "label_fraction": config.finetune.label_fraction,
-        EPOCH: epochs_run,
-        **({PROBE_METRIC: history[-1][PROBE_METRIC]} if epochs_run and PROBE_METRIC in history[-1] else {}),
-        "pretrained_reused": reused,
-        "finetune_reused": finetune_reused,
-        "finetune_seconds": results["seconds"],
-        # This trial's own training compute (replayed work costs nothing): what search budgets compare.
-        "compute_seconds": pretrain_seconds + (0.0 if finetune_reused else results["seconds"]),
+        EPOCH: len(history),
+        **({PROBE_METRIC: history[-1][PROBE_METRIC]} if history and PROBE_METRIC in history[-1] else {}),
+        "pretrained_reused": bool(pretrained and pretrained.reused),
+        "finetune_reused": finetuned.reused,
+        "finetune_seconds": finetuned.summary["seconds"],
+        # This trial's own compute (replayed work costs nothing): what search budgets compare.
+        "compute_seconds": pretrain_seconds + finetuned.seconds,
     }
     tune.report(final_metrics)
 
 
-def _finetune(config: RunConfig, checkpoint: str | None, context: SweepContext) -> dict:
-    if context.workers == 0:  # the trial holds its device: fine-tune here too
-        # On CPU, with every CPU set aside for the trial: the one kept for its pre-training's Ray Data
-        # reads is idle now (2 threads on 2 cores: ~1.4x faster, measured).
-        threads = None if context.use_gpu else trial_cpus(0)
-        return _finetune_task(config.to_dict(), checkpoint, torch_threads=threads)
-    # a task outside the trial's placement group, which holds only its trial slot
-    task = ray.remote(_finetune_task).options(
-        num_cpus=0 if context.use_gpu else 1, num_gpus=1 if context.use_gpu else 0,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
-    )
-    return ray.get(task.remote(config.to_dict(), checkpoint))
+def run_finalist(trial_values: dict, context: SweepContext) -> None:
+    """One finalist trial: the run its index names (`SweepContext.runs`)."""
+    run_trial(context.runs[trial_values["finalist"]], context)
 
 
 def trial_config(context: SweepContext, trial_values: dict) -> RunConfig:
     return config_with_values(context.base, {**context.space_params, **trial_values}, source="trial config")
 
 
-def _pretrain(config, data, entry, final: Path, context: SweepContext) -> list[dict]:
-    """Pre-train with Ray Train, save the online network's weights at `final`; returns the epoch reports.
+def _pretrain_with_ray(config: RunConfig, data: stages.PretrainingData, checkpoint: Path, *, context: SweepContext,
+                       probe) -> list[dict]:
+    """The stages' `PretrainFn` in a trial: a Ray Train run of the trial's workers (or the same loop
+    in the trial's process), reporting each epoch to Tune; saves the online network at `checkpoint`.
     (Torch is imported here only: trials that replay or fine-tune from scratch start without it.)"""
-    from lrc_ray import api
     from lrc_ray.distributed.train import pretrain_with_ray_train
     from lrc_ray.engine.checkpoint import save_checkpoint
 
     outcome = pretrain_with_ray_train(
         config, parquet_dir=str(data.entry.path), selection=data.selection, num_slices=data.num_slices,
-        storage_path=str(final.parent.parent),
-        name=final.parent.name, workers=context.workers, use_gpu=context.use_gpu, num_classes=data.num_classes,
-        probe=api.probe_source(config, entry), report_to_tune=True,
+        storage_path=str(checkpoint.parent.parent), name=checkpoint.parent.name, workers=context.workers,
+        use_gpu=context.use_gpu, num_classes=data.num_classes, probe=probe, report_to_tune=True,
     )
-    save_checkpoint(final, state_dict=outcome.state_dict, config=config.to_dict(), epoch=outcome.epoch,
+    save_checkpoint(checkpoint, state_dict=outcome.state_dict, config=config.to_dict(), epoch=outcome.epoch,
                     history=outcome.history)
     return outcome.history
 
 
-def _finetune_task(config: dict, checkpoint: str | None, torch_threads: int | None = None) -> dict:
-    """Fine-tune and evaluate; with `torch_threads`, torch computes on that many threads meanwhile."""
-    import importlib
-    import time
+def _finetune(config: RunConfig, data: stages.RunData, pretrained: stages.Pretrained | None,
+              context: SweepContext) -> stages.Finetuned:
+    if context.workers == 0:  # the trial holds its device: fine-tune here too
+        # On CPU, with every CPU set aside for the trial: the one kept for its pre-training's Ray Data
+        # reads is idle now (2 threads on 2 cores: ~1.4x faster, measured).
+        threads = None if context.use_gpu else trial_cpus(0)
+        return _finetune_task(config, data, pretrained, context.root, context.parts, torch_threads=threads)
+    # a task outside the trial's placement group, which holds only its trial slot
+    task = ray.remote(_finetune_task).options(
+        num_cpus=0 if context.use_gpu else 1, num_gpus=1 if context.use_gpu else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )
+    return ray.get(task.remote(config, data, pretrained, context.root, context.parts))
 
+
+def _finetune_task(config: RunConfig, data: stages.RunData, pretrained: stages.Pretrained | None, root: str,
+                   parts: tuple[str, ...], torch_threads: int | None = None) -> stages.Finetuned:
+    """Stages 3 and 4; with `torch_threads`, torch computes on that many threads meanwhile."""
     import torch
 
-    from lrc_ray import api
-
-    importlib.import_module("lrc_ray.engine.finetune")  # torch and MONAI load before the clock: start-up, not compute
     threads_before = torch.get_num_threads()
     torch.set_num_threads(torch_threads or threads_before)
     try:
-        started = time.perf_counter()
-        results = api.finetune(config=config_from_dict(config), checkpoint=checkpoint, progress=False)
-        return results | {"seconds": time.perf_counter() - started}
+        return stages.finetune_and_evaluate(config, data, pretrained, root=Path(root), parts=parts)
     finally:  # the process may run the next trial's pre-training, which leaves a CPU to Ray Data
         torch.set_num_threads(threads_before)
 
@@ -485,16 +387,21 @@ def _first_line(error: BaseException) -> str:
 def read_trials(experiment: Path) -> list:
     """Every trial of a sweep (finished, stopped, failed or interrupted), read with Tune's own
     `ExperimentAnalysis`, as plain `TrialRecord`s."""
+    if not (experiment / SWEEP_FILE).is_file():
+        raise UserInputError(f"{experiment}: not an lrc-ray sweep (no {SWEEP_FILE}); pass the directory that `lrc-ray tune` printed")
+    return read_tune_experiment(experiment)
+
+
+def read_tune_experiment(path: Path) -> list:
+    """Every trial of a Tune experiment directory, as plain `TrialRecord`s."""
     from ray.tune import ExperimentAnalysis
 
     from lrc_ray.results import TrialRecord
 
-    if not (experiment / SWEEP_FILE).is_file():
-        raise UserInputError(f"{experiment}: not an lrc-ray sweep (no {SWEEP_FILE}); pass the directory that `lrc-ray tune` printed")
     try:
-        analysis = ExperimentAnalysis(str(experiment))
+        analysis = ExperimentAnalysis(str(path))
     except Exception as exc:  # Tune raises several types for a missing or empty experiment state
-        raise UserInputError(f"{experiment}: no trials recorded yet ({ray_error_message(exc)})") from None
+        raise UserInputError(f"{path}: no trials recorded yet ({ray_error_message(exc)})") from None
     records = []
     for trial in analysis.trials:
         error = None
@@ -506,5 +413,5 @@ def read_trials(experiment: Path) -> list:
             error=error,
         ))
     if not records:
-        raise UserInputError(f"{experiment}: the sweep has no trials")
+        raise UserInputError(f"{path}: the sweep has no trials")
     return records

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -46,22 +44,11 @@ def _finished_trials(experiment: Path) -> dict[str, float]:
     return finished
 
 
-def test_sweep_survives_sigkill_and_resumes_keeping_finished_trials(tmp_path, tiny_sweep_space):
+def test_sweep_survives_sigkill_and_resumes_keeping_finished_trials(tmp_path, tiny_sweep_space, sigkill_when):
     space = _write_space(tmp_path / "tiny.yaml", tiny_sweep_space(space=SPACE, **SWEEP))
     experiment = tmp_path / "store" / "tiny"
     command = [sys.executable, "-m", "lrc_ray.cli", "tune", str(space), "--storage", str(tmp_path / "store")]
-    # Own session: the kill reaches the sweep and the local Ray it started, nothing else.
-    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    try:
-        deadline = time.monotonic() + 420
-        while not _finished_trials(experiment) and sweep.poll() is None and time.monotonic() < deadline:
-            time.sleep(1)
-        assert sweep.poll() is None, "the sweep ended before it could be interrupted"
-        assert _finished_trials(experiment), "no trial finished in time"
-    finally:
-        os.killpg(sweep.pid, signal.SIGKILL)
-        sweep.wait()
+    sigkill_when(command, cwd=tmp_path, ready=lambda: bool(_finished_trials(experiment)), within=420)
     before = _finished_trials(experiment)
 
     # The interrupted sweep can be read.

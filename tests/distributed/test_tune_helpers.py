@@ -1,16 +1,11 @@
 """The pure helpers of the Tune layer: no Ray cluster is started here."""
 
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
 import ray
-from ray import tune
 from ray.tune.search import sample
-from ray.tune.search.optuna import OptunaSearch
 
 from lrc_ray.config import RunConfig
 from lrc_ray.distributed.runtime import user_error_line
@@ -18,14 +13,11 @@ from lrc_ray.distributed.tune import (
     TRIAL_SLOT,
     SweepContext,
     _finetune,
-    SweepOptunaSearch,
     driver_resources,
     early_stopping,
-    finetuning_key,
     fixed_values,
-    pretraining_key,
-    run_keys,
     trial_config,
+    trial_run_key,
     summarise_failures,
     trial_concurrency,
     tune_param_space,
@@ -184,204 +176,25 @@ def test_in_trial_fine_tuning_computes_on_the_trials_spare_cpu(monkeypatch, use_
     thread count back for the next trial."""
     import torch
 
-    from lrc_ray import api
+    from lrc_ray import stages
 
     seen = []
-    monkeypatch.setattr(api, "finetune", lambda **kwargs: seen.append(torch.get_num_threads()) or {"dice_mean": 0.5})
+    monkeypatch.setattr(stages, "finetune_and_evaluate",
+                        lambda *args, **kwargs: seen.append((torch.get_num_threads(), kwargs["parts"])) or "finetuned")
     before = torch.get_num_threads()
-    context = SweepContext(base={}, space_params={}, pretrained_root="unused", workers=0, use_gpu=use_gpu)
-    results = _finetune(RunConfig(), None, context)
-    assert seen == [threads or before] and results["dice_mean"] == 0.5 and "seconds" in results
+    context = SweepContext(base={}, space_params={}, root="unused", workers=0, use_gpu=use_gpu, parts=("validation", "test"))
+    assert _finetune(RunConfig(), None, None, context) == "finetuned"
+    assert seen == [(threads or before, ("validation", "test"))]
     assert torch.get_num_threads() == before
-
-
-# --- pretraining_key ------------------------------------------------------------------------
-
-
-def test_pretraining_key_ignores_the_finetune_section():
-    quarter = RunConfig().replace(finetune={"label_fraction": 0.25})
-    full = RunConfig().replace(finetune={"label_fraction": 1.0, "epochs": 3, "lr": 0.01})
-    assert pretraining_key(quarter, "sp", 1) == pretraining_key(full, "sp", 1)
-
-
-def test_pretraining_key_is_the_same_for_an_equal_config_in_another_process():
-    """A restored sweep finds its checkpoints: the key depends on the settings only, not on the
-    config object or on the process (Python's string hashing changes with PYTHONHASHSEED)."""
-    config = RunConfig().replace(pretrain={"method": "lrc", "temperature": 0.3}, seed=4)
-    script = (
-        "from lrc_ray.config import RunConfig; from lrc_ray.distributed.tune import pretraining_key; "
-        "print(pretraining_key(RunConfig().replace(pretrain={'method': 'lrc', 'temperature': 0.3}, seed=4), 'sp', 2))"
-    )
-    keys = {
-        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": str(hash_seed)}).stdout.strip()
-        for hash_seed in (1, 2)
-    }
-    assert keys == {pretraining_key(config, "sp", 2)}
-
-
-def test_pretraining_key_names_the_method():
-    assert pretraining_key(RunConfig(), "sp", 1).startswith("global_lrc-")
-    assert pretraining_key(RunConfig().replace(pretrain={"method": "lrc"}), "sp", 1).startswith("lrc-")
-    assert "+" not in pretraining_key(RunConfig(), "sp", 1)
-
-
-@pytest.mark.parametrize(
-    ("changed", "superpixels", "workers"),
-    [
-        (RunConfig().replace(pretrain={"temperature": 0.2}), "sp", 1),
-        (RunConfig().replace(pretrain={"method": "lrc"}), "sp", 1),
-        (RunConfig().replace(seed=1), "sp", 1),
-        (RunConfig().replace(data={"split_seed": 1}), "sp", 1),
-        (RunConfig().replace(data={"validation_cases": 3}), "sp", 1),
-        (RunConfig().replace(network={"local_dim": 32}), "sp", 1),
-        (RunConfig(), "other", 1),
-        (RunConfig(), "sp", 2),
-    ],
-)
-def test_pretraining_key_changes_with_pretraining_settings(changed, superpixels, workers):
-    assert pretraining_key(changed, superpixels, workers) != pretraining_key(RunConfig(), "sp", 1)
-
-
-# --- finetuning_key -------------------------------------------------------------------------
-
-
-def test_finetuning_key_is_shared_by_scratch_trials_at_any_felzenszwalb_setting():
-    scratch = RunConfig().replace(pretrain={"method": "scratch"})
-    other_scale = scratch.replace(data={"scale": 300.0, "sigma": 0.5}, pretrain={"temperature": 0.5})
-    assert finetuning_key(scratch, None) == finetuning_key(other_scale, None)
-
-
-@pytest.mark.parametrize(
-    "changed",
-    [
-        {"finetune": {"label_fraction": 0.25}},
-        {"finetune": {"epochs": 3}},
-        {"data": {"size": 64}},
-        {"data": {"validation_cases": 3}},
-        {"network": {"local_dim": 64}},
-        {"seed": 1},
-    ],
-)
-def test_finetuning_key_changes_with_what_fine_tuning_reads(changed):
-    assert finetuning_key(RunConfig().replace(**changed), "key") != finetuning_key(RunConfig(), "key")
-
-
-def test_finetuning_key_changes_with_the_pretrained_checkpoint():
-    assert finetuning_key(RunConfig(), "lrc-a") != finetuning_key(RunConfig(), "lrc-b")
-    assert finetuning_key(RunConfig(), "lrc-a") != finetuning_key(RunConfig(), None)
-
-
-# --- SweepOptunaSearch ----------------------------------------------------------------------
-
-
-def _searcher(choices=(1, 2), run_key=lambda values: str(values["x"]), **kwargs):
-    searcher = SweepOptunaSearch(metric="dice_mean", mode="max", run_key=run_key, **kwargs)
-    assert searcher.set_search_properties(None, None, {"x": tune.choice(list(choices))})
-    return searcher
-
-
-def test_optuna_search_ignores_reports_without_the_metric():
-    searcher = _searcher(seed=0)
-    suggested = searcher.suggest("t1")
-    assert suggested["x"] in (1, 2)
-    searcher.on_trial_result("t1", {"probe_dice": 0.1, "training_iteration": 1})
-    searcher.on_trial_complete("t1", {"dice_mean": 0.5, "probe_dice": 0.1, "training_iteration": 2})
-    trials = searcher._ot_study.trials
-    assert len(trials) == 1
-    assert trials[0].state.name == "COMPLETE"
-    assert trials[0].value == 0.5
-    assert trials[0].params == suggested
-    assert trials[0].intermediate_values == {}
-
-
-def test_optuna_search_still_records_reports_with_the_metric():
-    searcher = _searcher()
-    searcher.suggest("t1")
-    searcher.on_trial_result("t1", {"dice_mean": 0.3, "training_iteration": 1})
-    searcher.on_trial_complete("t1", {"dice_mean": 0.4})
-    (trial,) = searcher._ot_study.trials
-    assert trial.intermediate_values == {1: 0.3}
-    assert trial.value == 0.4
-
-
-def test_plain_optuna_search_would_fail_on_probe_reports():
-    """Why the subclass exists: the base class indexes the metric in every result."""
-    searcher = OptunaSearch(metric="dice_mean", mode="max", seed=0)
-    searcher.set_search_properties(None, None, {"x": tune.choice([1, 2])})
-    searcher.suggest("t1")
-    with pytest.raises(KeyError):
-        searcher.on_trial_result("t1", {"probe_dice": 0.1, "training_iteration": 1})
-
-
-def test_optuna_search_marks_a_trial_stopped_before_the_metric_as_pruned():
-    searcher = _searcher()
-    searcher.suggest("t1")
-    searcher.on_trial_result("t1", {"probe_dice": 0.1, "training_iteration": 1})
-    searcher.on_trial_complete("t1", {"probe_dice": 0.1, "training_iteration": 1})
-    (trial,) = searcher._ot_study.trials
-    assert trial.state.name == "PRUNED"
-
-
-def _each_choice_twice_sampler():
-    """Proposes each choice twice in a row (Optuna trial numbers 0, 1 -> first choice; 2, 3 ->
-    second; ...): the repeats TPE makes, on cue."""
-    import optuna
-
-    class EachChoiceTwice(optuna.samplers.RandomSampler):
-        def sample_independent(self, study, trial, name, distribution):
-            return distribution.choices[min(trial.number // 2, len(distribution.choices) - 1)]
-
-    return EachChoiceTwice(seed=0)
-
-
-def test_a_repeated_run_is_told_its_known_outcome_and_drawn_again():
-    searcher = _searcher(choices=(1, 2, 3), sampler=_each_choice_twice_sampler())
-    assert searcher.suggest("t1") == {"x": 1}
-    searcher.on_trial_complete("t1", {"dice_mean": 0.5})
-    second = searcher.suggest("t2")
-    assert second != {"x": 1}, "the repeat of x=1 was drawn again"
-    states = [(trial.params["x"], trial.state.name, trial.value) for trial in searcher._ot_study.trials]
-    assert states[:2] == [(1, "COMPLETE", 0.5), (1, "COMPLETE", 0.5)], "the repeat got the first run's Dice"
-    searcher.on_trial_complete("t2", {"probe_dice": 0.1})  # stopped by ASHA
-    assert searcher.suggest("t3") == {"x": 3}
-    assert [trial.state.name for trial in searcher._ot_study.trials if trial.params["x"] == 2] == ["PRUNED", "PRUNED"]
-
-
-def test_a_repeat_of_a_running_trial_is_ignored_by_optuna_and_drawn_again():
-    searcher = _searcher(choices=(1, 2), sampler=_each_choice_twice_sampler())
-    searcher.suggest("t1")  # still running
-    assert searcher.suggest("t2") == {"x": 2}
-    assert [trial.state.name for trial in searcher._ot_study.trials if trial.params["x"] == 1] == ["RUNNING", "FAIL"]
-
-
-def test_runs_repeat_once_every_distinct_one_has_run():
-    searcher = _searcher(choices=(1, 2), seed=0, max_redraws=5)
-    seen = []
-    for number in range(4):
-        seen.append(searcher.suggest(f"t{number}")["x"])
-        searcher.on_trial_complete(f"t{number}", {"dice_mean": 0.1 * seen[-1]})
-    assert sorted(seen[:2]) == [1, 2] and set(seen[2:]) <= {1, 2}
 
 
 def test_values_the_config_refuses_leave_the_error_to_the_trial():
     """The searcher must not fail where the trial would report a clear error of its own."""
-    from lrc_ray.distributed.tune import _trial_run_key
-
-    context = SweepContext(base=RunConfig().to_dict(), space_params={}, pretrained_root="", workers=0, use_gpu=False)
+    context = SweepContext(base=RunConfig().to_dict(), space_params={}, root="", workers=0, use_gpu=False)
     with pytest.raises(UserInputError, match="data.size"):
         trial_config(context, {"data.size": 100})
-    assert _trial_run_key(context, {"data.size": 100}) != _trial_run_key(context, {"data.size": 90})
-
-
-def test_the_run_key_equates_what_a_trial_would_not_run_differently():
-    """`scratch` pre-trains nothing, so its temperature and scale change no run; a label fraction does."""
-    scratch = RunConfig().replace(pretrain={"method": "scratch"})
-    assert run_keys(scratch, 0) == run_keys(scratch.replace(pretrain={"temperature": 0.5}, data={"scale": 50.0}), 0)
-    assert run_keys(scratch, 0)[1] != run_keys(scratch.replace(finetune={"label_fraction": 0.25}), 0)[1]
-    lrc = RunConfig().replace(pretrain={"method": "lrc"})
-    assert run_keys(lrc, 0)[1] != run_keys(lrc.replace(pretrain={"temperature": 0.5}), 0)[1]
-    assert run_keys(lrc, 0)[1] != run_keys(lrc.replace(data={"scale": 50.0}), 0)[1]
+    assert trial_run_key(context, {"data.size": 100}) != trial_run_key(context, {"data.size": 90})
+    assert trial_run_key(context, {"pretrain.method": "lrc"}) != trial_run_key(context, {"pretrain.method": "global"})
 
 
 # --- summarise_failures / _last_error_line --------------------------------------------------

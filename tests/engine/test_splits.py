@@ -22,7 +22,7 @@ def test_label_fraction_subsets_are_nested_and_keep_one_volume():
 
 
 def test_too_many_validation_volumes():
-    with pytest.raises(UserInputError, match=r"data.validation_cases: 3 held-out volumes leave none of the 3"):
+    with pytest.raises(UserInputError, match=r"data.validation_cases 3 \+ data.test_cases 0: 3 held-out volumes leave none of the 3"):
         split_labelled_cases(CASES[:3], validation_cases=3, seed=0)
 
 
@@ -30,3 +30,23 @@ def test_too_many_validation_volumes():
 def test_fraction_out_of_range(fraction):
     with pytest.raises(UserInputError, match="label fraction"):
         label_fraction_subset(tuple(CASES), fraction, seed=0)
+
+
+def test_test_volumes_are_held_out_from_training_and_validation():
+    split = split_labelled_cases(CASES, validation_cases=2, test_cases=3, seed=0)
+    assert len(split.validation) == 2 and len(split.test) == 3 and len(split.train_pool) == 5
+    assert not set(split.test) & (set(split.validation) | set(split.train_pool))
+    assert split.part("test") == split.test and split.part("validation") == split.validation
+
+
+def test_adding_test_volumes_keeps_the_validation_split():
+    before = split_labelled_cases(CASES, validation_cases=2, seed=4)
+    after = split_labelled_cases(CASES, validation_cases=2, test_cases=3, seed=4)
+    assert after.validation == before.validation and before.test == ()
+    assert set(after.train_pool) | set(after.test) == set(before.train_pool)
+
+
+def test_test_and_validation_volumes_leaving_no_training_volume_name_both_counts():
+    with pytest.raises(UserInputError, match=r"data.validation_cases 2 \+ data.test_cases 2: 4 held-out volumes "
+                                             r"leave none of the 4 labelled volumes"):
+        split_labelled_cases(CASES[:4], validation_cases=2, test_cases=2, seed=0)

@@ -1,0 +1,150 @@
+"""The sweep's searchers: Optuna TPE that proposes each distinct run once, one per label fraction.
+
+- A label fraction is a condition a user compares settings at, not a value to maximise: one TPE
+  over it as one more dimension crowds toward 1.0 and leaves the low-label cells thin. So a
+  space whose `finetune.label_fraction` is a choice gets one TPE per fraction
+  (`StratifiedSearch`), and trials are dealt to the fractions in turn: each gets its share
+  of the sweep and learns only from its own trials.
+- TPE on a space of a few choices proposes points it has already run (a quarter of the
+  quick-start's trials, replayed), and each repeat would spend one of the sweep's trials on a
+  result it already has (`SweepOptunaSearch`).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from lrc_ray.errors import UserInputError
+from lrc_ray.search_space import LABEL_FRACTION_KEY as CONDITION_KEY, SearchSpace, label_fractions
+
+
+
+class SweepOptunaSearch(OptunaSearch):
+    """OptunaSearch as a sweep needs it: each distinct run proposed once, final results only.
+
+    - A proposal whose run (`run_key` of the trial's values: equal when the fine-tuning and its
+      pre-training would be) was proposed before is told to Optuna with that run's outcome (its
+      metric; pruned when it was stopped or failed; failed, i.e. ignored, while it still runs)
+      and drawn again, up to `max_redraws` times; after that the repeat runs (its results are
+      reused, so it costs little). Without this, TPE repeats about a quarter of the quick-start
+      sweep's trials (`bench/search_simulation.py`).
+    - The per-epoch probe reports, which lack the searched metric, are not passed on: Optuna's
+      intermediate values feed only pruners, and OptunaSearch runs a no-op pruner (ASHA stops).
+    """
+
+    def __init__(self, *, run_key: Callable[[dict], str], max_redraws: int = 20, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._run_key = run_key
+        self._max_redraws = max_redraws
+        self._key_of_trial: dict[str, str] = {}
+        self._outcome: dict[str, float | None] = {}  # run key -> its metric (None: not known yet)
+        self._finished_keys: set[str] = set()
+
+    def suggest(self, trial_id: str) -> dict | None:
+        for redraw in range(self._max_redraws + 1):
+            values = super().suggest(trial_id)
+            key = self._run_key(values)
+            if key not in self._outcome or redraw == self._max_redraws:
+                break
+            value = self._outcome[key]
+            if value is not None:
+                state = optuna.trial.TrialState.COMPLETE
+            else:
+                state = optuna.trial.TrialState.PRUNED if key in self._finished_keys else optuna.trial.TrialState.FAIL
+            self._ot_study.tell(self._ot_trials.pop(trial_id), value, state=state)
+        self._key_of_trial[trial_id] = key
+        self._outcome.setdefault(key, None)
+        return values
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        key = self._key_of_trial.get(trial_id)
+        if key is not None and key not in self._finished_keys:
+            self._finished_keys.add(key)
+            self._outcome[key] = (result or {}).get(self.metric)
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class StratifiedSearch(Searcher):
+    """One searcher per value of a condition key (the label fraction); trial n goes to value
+    n mod V, so each value gets its share of the trials, and each searcher sees only the space
+    without the key and only its own trials' results."""
+
+    def __init__(self, searchers: dict[Any, Searcher], *, key: str, metric: str, mode: str) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self._searchers = searchers
+        self._key = key
+        self._dealt = 0
+        self._value_of_trial: dict[str, Any] = {}
+
+    def set_search_properties(self, metric, mode, config: dict, **spec) -> bool:
+        rest = {name: domain for name, domain in config.items() if name != self._key}
+        return all(searcher.set_search_properties(metric, mode, rest, **spec) for searcher in self._searchers.values())
+
+    def suggest(self, trial_id: str) -> dict | None:
+        value = list(self._searchers)[self._dealt % len(self._searchers)]
+        suggested = self._searchers[value].suggest(trial_id)
+        if suggested is None or suggested == Searcher.FINISHED:
+            return suggested
+        self._dealt += 1
+        self._value_of_trial[trial_id] = value
+        return {**suggested, self._key: value}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._searchers[self._value_of_trial[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        value = self._value_of_trial.get(trial_id)
+        if value is not None:
+            self._searchers[value].on_trial_complete(trial_id, result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__dict__.copy(), handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            self.__dict__.update(pickle.load(handle))
+
+
+def make_searcher(space: SearchSpace, run_key: Callable[[dict], str], trials: int, *, sampler: str = "tpe") -> Searcher:
+    """The sweep's searcher: TPE (seeded from the space) or, for comparison, random sampling; one
+    per label fraction when the space searches several (`StratifiedSearch`, `trials` shared among
+    them). `run_key` maps a trial's values to its run (equal for runs that would compute the same)."""
+    if sampler not in ("tpe", "random"):
+        raise UserInputError(f"--sampler {sampler}: expected tpe or random")
+    settings = space.sweep
+    values = label_fractions(space)
+    if values is None:
+        return _optuna_search(space, run_key, trials, sampler=sampler, seed=settings.seed)
+    share = math.ceil(trials / len(values))
+    searchers = {}
+    for index, value in enumerate(values):
+        seed = int(np.random.SeedSequence([settings.seed, index]).generate_state(1)[0])
+        searchers[value] = _optuna_search(space, partial(_with_condition, run_key, value), share, sampler=sampler,
+                                          seed=seed)
+    return StratifiedSearch(searchers, key=CONDITION_KEY, metric=settings.metric, mode=settings.mode)
+
+
+def _with_condition(run_key: Callable[[dict], str], value: Any, trial_values: dict) -> str:
+    return run_key({**trial_values, CONDITION_KEY: value})
+
+
+def _optuna_search(space: SearchSpace, run_key, trials: int, *, sampler: str, seed: int) -> SweepOptunaSearch:
+    settings = space.sweep
+    if sampler == "tpe":
+        optuna_sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.tpe_startup_trials(trials))
+    else:
+        optuna_sampler = optuna.samplers.RandomSampler(seed=seed)
+    return SweepOptunaSearch(metric=settings.metric, mode=settings.mode, sampler=optuna_sampler, run_key=run_key)

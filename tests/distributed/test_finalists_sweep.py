@@ -1,0 +1,128 @@
+"""Finalists end to end on a local 2-CPU Ray, through the command line: a tiny sweep with finalists,
+SIGKILLed during the finalists, continued, its finalists table read; a label fraction without a
+finished trial; the finalists' bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from lrc_ray.config import load_config
+
+pytestmark = pytest.mark.ray
+
+
+def _lrc_ray(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lrc_ray.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _space_file(path: Path, tiny_sweep_space, *, space: dict, finalists: dict, **sweep) -> Path:
+    # One pre-training epoch: no early stopping, so every search trial finishes.
+    raw = tiny_sweep_space(space=space, workers_per_trial=0, pretrain_epochs=1, **sweep)
+    raw["base"]["data"]["test_cases"] = 1
+    raw["finalists"] = finalists
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _finished_finalists(experiment: Path) -> dict[int, tuple[float, float]]:
+    """finalist index -> (validation, test) Dice of every finalist trial that reported them."""
+    finished = {}
+    for result_file in experiment.glob("finalists-*/run_finalist_*/result.json"):
+        for line in result_file.read_text().splitlines():
+            result = json.loads(line)
+            if "test_dice_mean" in result:
+                finished[result["config"]["finalist"]] = (result["dice_mean"], result["test_dice_mean"])
+    return finished
+
+
+def test_a_sweep_killed_during_its_finalists_continues_them_and_reports_the_choice(tmp_path, tiny_sweep_space,
+                                                                                  sigkill_when):
+    space = _space_file(tmp_path / "tiny.yaml", tiny_sweep_space, finalists={"top": 2, "seeds": 2}, num_samples=4,
+                        space={"pretrain.method": {"choice": ["scratch", "lrc"]},
+                               "finetune.label_fraction": {"choice": [0.5, 1.0]}})
+    experiment = tmp_path / "store" / "tiny"
+    command = [sys.executable, "-m", "lrc_ray.cli", "tune", str(space), "--storage", str(tmp_path / "store")]
+    sigkill_when(command, cwd=tmp_path, ready=lambda: bool(_finished_finalists(experiment)), within=480)
+    before = _finished_finalists(experiment)
+    plan = json.loads((experiment / "lrc_ray_finalists.json").read_text())
+    assert plan["seeds"] == [1, 2], "seeds the search (seed 0) did not use"
+    assert len(before) < len(plan["runs"]), "killed during the finalists"
+
+    # The interrupted finalists can be read.
+    interrupted = _lrc_ray("results", str(experiment), "--out", str(tmp_path / "interrupted"), cwd=tmp_path)
+    assert interrupted.returncode == 0, interrupted.stderr[-2000:]
+    partial = pd.read_csv(tmp_path / "interrupted" / "finalists.csv")
+    assert partial["runs"].sum() == len(before) and (partial["runs"] <= partial["planned"]).all()
+
+    resumed = _lrc_ray("finalists", str(experiment), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (tmp_path / "finalists_stdout.txt").write_text(resumed.stdout)
+    after = _finished_finalists(experiment)
+    assert {index: after[index] for index in before} == before, "finished finalists kept"
+    assert len(after) == len(plan["runs"])
+    assert "finalists: dice_mean, mean [95% t-interval] over fresh seeds" in resumed.stdout
+    assert "runner-up" in resumed.stdout and "chosen configuration" in resumed.stdout
+
+    table = pd.read_csv(experiment / "results" / "finalists.csv")
+    assert (table["runs"] == table["planned"]).all() and (table["planned"] == 2).all()
+    assert set(table["label_fraction"]) == {0.5, 1.0} and "scratch" in set(table["role"])
+    assert table["test_mean"].between(0, 1).all() and table["validation_low"].notna().all()
+    assert table.groupby("label_fraction")["chosen"].sum().tolist() == [1, 1]
+    assert (experiment / "results" / "finalists.md").read_text().startswith("Finalists: dice_mean")
+    assert (experiment / "results" / "test_dice_vs_label_fraction.png").read_bytes()[:4] == b"\x89PNG"
+    for fraction in ("0.5", "1"):
+        config = load_config(experiment / "results" / f"best_config_label_fraction_{fraction}.yaml")
+        numbers = json.loads((experiment / "results" / f"best_config_label_fraction_{fraction}.json").read_text())
+        assert config.finetune.label_fraction == numbers["label_fraction"] and numbers["seeds"] == [1, 2]
+        assert numbers["test"]["mean"] is not None and len(numbers["test"]["per_seed"]) == 2
+
+    # The finished sweep resumed again: nothing to do, the same table.
+    again = _lrc_ray("tune", str(space), "--storage", str(tmp_path / "store"), "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _finished_finalists(experiment) == after
+    assert pd.read_csv(experiment / "results" / "finalists.csv")[["validation_mean", "test_mean"]].equals(
+        table[["validation_mean", "test_mean"]])
+
+
+def test_a_label_fraction_without_a_finished_trial_is_named_and_the_others_get_finalists(tmp_path, tiny_sweep_space):
+    """One trial for two fractions: the second fraction has none; the first still gets its finalists."""
+    space = _space_file(tmp_path / "one.yaml", tiny_sweep_space, finalists={"top": 1, "seeds": 1}, num_samples=1,
+                        space={"pretrain.method": {"choice": ["scratch"]},
+                               "finetune.label_fraction": {"choice": [0.5, 1.0]}})
+    completed = _lrc_ray("tune", str(space), "--storage", str(tmp_path / "store"), cwd=tmp_path)
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert completed.stderr.strip().splitlines()[-1] == (
+        "lrc-ray: error: finalists: no trial finished with dice_mean at label fraction 1; no finalists there "
+        "(resume the sweep, or give it more trials)")
+    assert "label fraction 0.5: chose scratch (scratch)" in completed.stdout
+    table = pd.read_csv(tmp_path / "store" / "one" / "results" / "finalists.csv")
+    assert list(table["label_fraction"]) == [0.5] and list(table["runs"]) == [1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["finalists", "{tmp}"], "not an lrc-ray sweep"),
+        (["finalists", "{tmp}", "--top", "0"], "--top: expected at least 1, got 0"),
+        (["finalists", "{tmp}", "--seeds", "0"], "--seeds: expected at least 1, got 0"),
+        (["tune", "{space}", "--storage", "{tmp}/store", "--data", "{data}"],
+         "data.validation_cases 1 + data.test_cases 1: 2 held-out volumes leave none of the 2 labelled volumes"),
+    ],
+)
+def test_finalists_bad_input_is_one_line_and_exit_2(tmp_path, tiny_sweep_space, tiny_dataset, args, message):
+    space = _space_file(tmp_path / "tiny.yaml", tiny_sweep_space, finalists={"top": 1}, num_samples=1,
+                        space={"pretrain.method": {"choice": ["scratch", "lrc"]}})
+    completed = _lrc_ray(*[a.format(space=space, tmp=tmp_path, data=tiny_dataset) for a in args], cwd=tmp_path,
+                         timeout=120)
+    assert completed.returncode == 2
+    assert completed.stderr.count("\n") == 1 and message in completed.stderr, completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not (tmp_path / "store" / "tiny").exists(), "nothing half-written"

@@ -1,0 +1,194 @@
+"""The sweep's searchers: each distinct run proposed once, one TPE per label fraction. No Ray cluster."""
+
+import pickle
+
+import pytest
+
+import ray
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from lrc_ray.distributed.search import StratifiedSearch, SweepOptunaSearch, make_searcher
+from lrc_ray.search_space import parse_search_space
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_cluster():
+    yield
+    assert not ray.is_initialized(), "these helpers must not start Ray"
+
+
+# --- SweepOptunaSearch ----------------------------------------------------------------------
+
+
+def _searcher(choices=(1, 2), run_key=lambda values: str(values["x"]), **kwargs):
+    searcher = SweepOptunaSearch(metric="dice_mean", mode="max", run_key=run_key, **kwargs)
+    assert searcher.set_search_properties(None, None, {"x": tune.choice(list(choices))})
+    return searcher
+
+
+def test_optuna_search_ignores_reports_without_the_metric():
+    searcher = _searcher(seed=0)
+    suggested = searcher.suggest("t1")
+    assert suggested["x"] in (1, 2)
+    searcher.on_trial_result("t1", {"probe_dice": 0.1, "training_iteration": 1})
+    searcher.on_trial_complete("t1", {"dice_mean": 0.5, "probe_dice": 0.1, "training_iteration": 2})
+    trials = searcher._ot_study.trials
+    assert len(trials) == 1
+    assert trials[0].state.name == "COMPLETE"
+    assert trials[0].value == 0.5
+    assert trials[0].params == suggested
+    assert trials[0].intermediate_values == {}
+
+
+def test_optuna_search_still_records_reports_with_the_metric():
+    searcher = _searcher()
+    searcher.suggest("t1")
+    searcher.on_trial_result("t1", {"dice_mean": 0.3, "training_iteration": 1})
+    searcher.on_trial_complete("t1", {"dice_mean": 0.4})
+    (trial,) = searcher._ot_study.trials
+    assert trial.intermediate_values == {1: 0.3}
+    assert trial.value == 0.4
+
+
+def test_plain_optuna_search_would_fail_on_probe_reports():
+    """Why the subclass exists: the base class indexes the metric in every result."""
+    searcher = OptunaSearch(metric="dice_mean", mode="max", seed=0)
+    searcher.set_search_properties(None, None, {"x": tune.choice([1, 2])})
+    searcher.suggest("t1")
+    with pytest.raises(KeyError):
+        searcher.on_trial_result("t1", {"probe_dice": 0.1, "training_iteration": 1})
+
+
+def test_optuna_search_marks_a_trial_stopped_before_the_metric_as_pruned():
+    searcher = _searcher()
+    searcher.suggest("t1")
+    searcher.on_trial_result("t1", {"probe_dice": 0.1, "training_iteration": 1})
+    searcher.on_trial_complete("t1", {"probe_dice": 0.1, "training_iteration": 1})
+    (trial,) = searcher._ot_study.trials
+    assert trial.state.name == "PRUNED"
+
+
+def _each_choice_twice_sampler():
+    """Proposes each choice twice in a row (Optuna trial numbers 0, 1 -> first choice; 2, 3 ->
+    second; ...): the repeats TPE makes, on cue."""
+    import optuna
+
+    class EachChoiceTwice(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, name, distribution):
+            return distribution.choices[min(trial.number // 2, len(distribution.choices) - 1)]
+
+    return EachChoiceTwice(seed=0)
+
+
+def test_a_repeated_run_is_told_its_known_outcome_and_drawn_again():
+    searcher = _searcher(choices=(1, 2, 3), sampler=_each_choice_twice_sampler())
+    assert searcher.suggest("t1") == {"x": 1}
+    searcher.on_trial_complete("t1", {"dice_mean": 0.5})
+    second = searcher.suggest("t2")
+    assert second != {"x": 1}, "the repeat of x=1 was drawn again"
+    states = [(trial.params["x"], trial.state.name, trial.value) for trial in searcher._ot_study.trials]
+    assert states[:2] == [(1, "COMPLETE", 0.5), (1, "COMPLETE", 0.5)], "the repeat got the first run's Dice"
+    searcher.on_trial_complete("t2", {"probe_dice": 0.1})  # stopped by ASHA
+    assert searcher.suggest("t3") == {"x": 3}
+    assert [trial.state.name for trial in searcher._ot_study.trials if trial.params["x"] == 2] == ["PRUNED", "PRUNED"]
+
+
+def test_a_repeat_of_a_running_trial_is_ignored_by_optuna_and_drawn_again():
+    searcher = _searcher(choices=(1, 2), sampler=_each_choice_twice_sampler())
+    searcher.suggest("t1")  # still running
+    assert searcher.suggest("t2") == {"x": 2}
+    assert [trial.state.name for trial in searcher._ot_study.trials if trial.params["x"] == 1] == ["RUNNING", "FAIL"]
+
+
+def test_runs_repeat_once_every_distinct_one_has_run():
+    searcher = _searcher(choices=(1, 2), seed=0, max_redraws=5)
+    seen = []
+    for number in range(4):
+        seen.append(searcher.suggest(f"t{number}")["x"])
+        searcher.on_trial_complete(f"t{number}", {"dice_mean": 0.1 * seen[-1]})
+    assert sorted(seen[:2]) == [1, 2] and set(seen[2:]) <= {1, 2}
+
+
+
+
+# --- StratifiedSearch: one search per label fraction -----------------------------------------
+
+
+def _fraction_space(fractions=(0.25, 1.0), **sweep):
+    return parse_search_space({
+        "sweep": {"seed": 3, **sweep},
+        "space": {"pretrain.method": {"choice": ["scratch", "lrc", "global"]}, "data.scale": {"choice": [50, 200]},
+                  "finetune.label_fraction": {"choice": list(fractions)}},
+    }, source="fractions")
+
+
+def _run_key(values):
+    return f"{values['pretrain.method']}-{values['data.scale']}-{values['finetune.label_fraction']}"
+
+
+def _stratified(space, trials=6, **kwargs):
+    from lrc_ray.distributed.tune import tune_param_space
+
+    searcher = make_searcher(space, _run_key, trials, **kwargs)
+    assert searcher.set_search_properties(None, None, tune_param_space(space))
+    return searcher
+
+
+def test_a_space_of_several_label_fractions_gets_one_search_per_fraction_dealt_in_turn():
+    searcher = _stratified(_fraction_space((0.25, 0.5, 1.0)), trials=9)
+    assert isinstance(searcher, StratifiedSearch)
+    fractions = []
+    for number in range(9):
+        values = searcher.suggest(f"t{number}")
+        fractions.append(values["finetune.label_fraction"])
+        searcher.on_trial_complete(f"t{number}", {"dice_mean": 0.5})
+    assert fractions == [0.25, 0.5, 1.0] * 3, "every fraction gets its share"
+    inner = searcher._searchers
+    assert [len(inner[fraction]._key_of_trial) for fraction in (0.25, 0.5, 1.0)] == [3, 3, 3]
+    assert all("finetune.label_fraction" not in trial.params for s in inner.values() for trial in s._ot_study.trials), \
+        "the fraction is a condition, not a dimension of each search"
+
+
+def test_each_fraction_learns_only_from_its_own_trials():
+    searcher = _stratified(_fraction_space(), trials=4)
+    low = searcher.suggest("a")
+    high = searcher.suggest("b")
+    searcher.on_trial_complete("b", {"dice_mean": 0.9})
+    searcher.on_trial_complete("a", {"dice_mean": 0.2})
+    inner = searcher._searchers
+    assert [trial.value for trial in inner[0.25]._ot_study.trials] == [0.2]
+    assert [trial.value for trial in inner[1.0]._ot_study.trials] == [0.9]
+    assert low["finetune.label_fraction"] == 0.25 and high["finetune.label_fraction"] == 1.0
+
+
+def test_repeats_are_judged_within_a_fraction():
+    """The same setting at another fraction is another run: each fraction's search may propose it."""
+    searcher = _stratified(_fraction_space(), trials=12)
+    proposed = []
+    for number in range(12):
+        proposed.append(_run_key(searcher.suggest(f"t{number}")))
+        searcher.on_trial_complete(f"t{number}", {"dice_mean": 0.1})
+    assert len(set(proposed)) == 12, "6 distinct runs per fraction, each proposed once"
+
+
+def test_the_stratified_search_saves_and_restores_its_state(tmp_path):
+    searcher = _stratified(_fraction_space(), trials=4)
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", {"dice_mean": 0.4})
+    searcher.save(str(tmp_path / "state"))
+    restored = _stratified(_fraction_space(), trials=4)
+    restored.restore(str(tmp_path / "state"))
+    assert restored.suggest("b")["finetune.label_fraction"] == 1.0, "dealing continues where it stopped"
+    assert [t.value for t in restored._searchers[0.25]._ot_study.trials] == [0.4]
+    pickle.dumps(restored)  # Tune pickles the searcher with the Tuner
+
+
+def test_one_fraction_is_one_search_and_random_sampling_is_stratified_too():
+    one = parse_search_space({"space": {"pretrain.method": {"choice": ["lrc", "global"]},
+                                        "finetune.label_fraction": 0.5}}, source="one")
+    assert isinstance(make_searcher(one, _run_key, 4), SweepOptunaSearch)
+    assert isinstance(_stratified(_fraction_space(), sampler="random"), StratifiedSearch)
+    with pytest.raises(Exception, match="tpe or random"):
+        make_searcher(one, _run_key, 4, sampler="grid")
+
