@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lrc_ray.atomic import write_json_atomic
-from lrc_ray.data.msd import check_headers, load_msd_dataset
+from lrc_ray.data.msd import check_headers, load_dataset
 from lrc_ray.data.slices import DEFAULT_WINDOW_HU, SliceParams
 from lrc_ray.config import DataConfig, RunConfig, config_from_dict, save_config
 from lrc_ray.engine.splits import ProbeSource, label_fraction_subset, split_labelled_cases
@@ -49,26 +49,33 @@ def make_synthetic_data(*, out: str | Path, cases: int, unlabeled: int, size: in
 
 def build_superpixels(
     *,
-    data: str | Path,
+    data: str | Path | None,
     cache_root: str | Path,
     scale: float = FelzenszwalbParams.scale,
     sigma: float = FelzenszwalbParams.sigma,
     min_size: int = FelzenszwalbParams.min_size,
     window_hu: tuple[float, float] = DEFAULT_WINDOW_HU,
     size: int | None = None,
+    spacing_mm: float | None = None,
     workers: int | None = None,
     overwrite: bool = False,
     address: str | None = None,
+    datalist: str | Path | None = None,
+    key: str = "training",
 ) -> SuperpixelResult:
     """Get the super-pixel cache entry for a data set and parameters, building it if needed.
 
-    A second call with the same data and parameters returns the existing entry at once;
-    concurrent callers for one entry build it once (the others wait and hit).
+    The data set is `data` (a directory in MSD or nnU-Net v2 layout) or the `key` entries of a
+    MONAI `datalist`. A second call with the same data and parameters returns the existing entry
+    at once; concurrent callers for one entry build it once (the others wait and hit).
     """
+    if (data is None) == (datalist is None):
+        raise UserInputError("--data or --datalist: expected exactly one data set")
     if workers is not None and workers < 1:
         raise UserInputError(f"--workers: expected at least 1, got {workers}")
-    params = _extraction_params(scale=scale, sigma=sigma, min_size=min_size, window_hu=window_hu, size=size)
-    dataset = load_msd_dataset(data)
+    params = _extraction_params(scale=scale, sigma=sigma, min_size=min_size, window_hu=window_hu, size=size,
+                                spacing_mm=spacing_mm)
+    dataset = load_dataset(data, datalist=datalist, key=key)
     headers = check_headers(dataset)
     root = open_cache_root(cache_root)
     fingerprint = dataset_fingerprint(dataset, root)
@@ -82,6 +89,10 @@ def build_superpixels(
         from lrc_ray.distributed.runtime import cluster_cpus, ray_session
         from lrc_ray.distributed.superpixels import extract_to_parquet
 
+        spacing = params.slicing.working_spacing_mm
+        if spacing is not None:
+            fitted = f", cropped or padded to {size} x {size} px (a {size * spacing:.0f} mm field)" if size else ""
+            logger.info("slices resampled to %.4g mm%s", spacing, fitted)
         started = time.perf_counter()
         with staging_dir(root, key) as staged, ray_session(address=address, num_cpus=workers):
             extract_to_parquet(
@@ -108,39 +119,49 @@ def find_superpixels(config: DataConfig) -> CacheEntry:
         UserInputError: when it was never built, naming the command that builds it.
     """
     params = extraction_params_for(config)
-    dataset = load_msd_dataset(config.data_dir)
+    dataset = dataset_for(config)
     root = Path(config.cache_root)
     entry = None
     if (root / CACHE_MARKER).is_file():
         entry = find_entry(root, entry_key(dataset_fingerprint(dataset, root), params))
     if entry is None:
+        source = f"--datalist {config.datalist} --key {config.datalist_key}" if config.datalist else f"--data {config.data_dir}"
+        spacing = f" --spacing {config.spacing_mm:g}" if config.spacing_mm is not None else ""
         raise UserInputError(
-            f"{config.data_dir}: no super-pixel cache under {root} for scale={config.scale:g} sigma={config.sigma:g} "
-            f"min_size={config.min_size} size={config.size}; make it with `lrc-ray superpixels --data {config.data_dir} "
-            f"--out {root} --scale {config.scale:g} --sigma {config.sigma:g} --min-size {config.min_size} --size {config.size}`"
+            f"{config.datalist or config.data_dir}: no super-pixel cache under {root} for scale={config.scale:g} "
+            f"sigma={config.sigma:g} min_size={config.min_size} size={config.size} spacing_mm={config.spacing_mm}; "
+            f"make it with `lrc-ray superpixels {source} --out {root} --scale {config.scale:g} --sigma {config.sigma:g} "
+            f"--min-size {config.min_size} --size {config.size}{spacing}`"
         )
     return entry
+
+
+def dataset_for(config: DataConfig):
+    """The volumes a run config's data section names (its datalist, else its data directory)."""
+    return load_dataset(config.data_dir, datalist=config.datalist, key=config.datalist_key)
 
 
 def extraction_params_for(config: DataConfig) -> ExtractionParams:
     """The super-pixel cache parameters of a run config's data section."""
     return _extraction_params(
-        scale=config.scale, sigma=config.sigma, min_size=config.min_size, window_hu=config.window_hu, size=config.size
+        scale=config.scale, sigma=config.sigma, min_size=config.min_size, window_hu=config.window_hu, size=config.size,
+        spacing_mm=config.spacing_mm,
     )
 
 
 def superpixels_for(config: DataConfig, *, address: str | None = None) -> SuperpixelResult:
     """Get or build the super-pixel cache entry a run config asks for."""
     return build_superpixels(
-        data=config.data_dir, cache_root=config.cache_root, scale=config.scale, sigma=config.sigma,
-        min_size=config.min_size, window_hu=config.window_hu, size=config.size, address=address,
+        data=None if config.datalist else config.data_dir, cache_root=config.cache_root, scale=config.scale, sigma=config.sigma,
+        min_size=config.min_size, window_hu=config.window_hu, size=config.size, spacing_mm=config.spacing_mm,
+        address=address, datalist=config.datalist, key=config.datalist_key,
     )
 
 
-def _extraction_params(*, scale, sigma, min_size, window_hu, size) -> ExtractionParams:
+def _extraction_params(*, scale, sigma, min_size, window_hu, size, spacing_mm=None) -> ExtractionParams:
     return ExtractionParams(
         felzenszwalb=FelzenszwalbParams(scale=scale, sigma=sigma, min_size=min_size),
-        slicing=SliceParams(window_hu=tuple(window_hu), size=size),
+        slicing=SliceParams(window_hu=tuple(window_hu), size=size, spacing_mm=spacing_mm),
     )
 
 
@@ -235,7 +256,7 @@ def pretraining_data(config: RunConfig) -> PretrainingData:
                 f"pretrain.source_data_dir: {settings.source_data_dir} is the fine-tuning data set; supervised "
                 "pre-training on it would use labels beyond the label fraction"
             )
-        entry = find_superpixels(replace(config.data, data_dir=settings.source_data_dir))
+        entry = find_superpixels(replace(config.data, data_dir=settings.source_data_dir, datalist=None))
         selection, num_classes = RowSelection(labelled_only=True, min_regions=settings.min_regions), max(_entry_labels(entry)) + 1
     kept = select_rows(read_entry_table(entry, columns=["n_regions", "label"]), selection).num_rows
     return PretrainingData(entry, selection, num_classes, kept)
@@ -369,11 +390,14 @@ def tune(
     resume: bool = False,
     address: str | None = None,
     search: str = "tpe",
+    datalist: str | Path | None = None,
+    key: str = "training",
 ) -> Path:
     """Run a sweep of `space` (a search-space YAML) on Ray; returns the experiment directory.
 
-    Without `data`, the space's built-in synthetic data set is made (once) and used. With
-    `resume`, an interrupted sweep continues with its finished trials kept.
+    The data are `data` (a directory), or the `key` entries of a MONAI `datalist`; without
+    either, the space's built-in synthetic data set is made (once) and used. With `resume`, an
+    interrupted sweep continues with its finished trials kept.
     """
     import yaml
 
@@ -398,9 +422,15 @@ def tune(
             search_space = parse_search_space(yaml.safe_load(recorded["space_yaml"]), source=recorded["source"])
     else:
         base = run_config_for(search_space, {})
-        data_dir = Path(data) if data is not None else _built_in_data(search_space, base)
-        _check_metric(search_space.sweep.metric, load_msd_dataset(data_dir).labels, search_space.source)
-        base = base.replace(data={"data_dir": str(data_dir.resolve()), "cache_root": str(Path(base.data.cache_root).resolve())})
+        if data is not None and datalist is not None:
+            raise UserInputError("--data or --datalist: expected at most one data set")
+        if datalist is not None:
+            base = base.replace(data={"datalist": str(Path(datalist).resolve()), "datalist_key": key})
+        else:
+            data_dir = Path(data) if data is not None else _built_in_data(search_space, base)
+            base = base.replace(data={"data_dir": str(data_dir.resolve())})
+        _check_metric(search_space.sweep.metric, dataset_for(base.data).labels, search_space.source)
+        base = base.replace(data={"cache_root": str(Path(base.data.cache_root).resolve())})
     with ray_session(address=address, resources={TRIAL_SLOT: os.cpu_count() or 1}):
         result_grid = run_sweep(search_space, base=base, storage=storage, name=name, num_samples=num_samples,
                                 resume=resume, search=search)
