@@ -164,7 +164,8 @@ def finetuning_key(config: RunConfig, pretrained: str | None) -> str:
     data = config.to_dict()["data"]
     relevant = {
         "pretrained": pretrained,
-        "data": {name: data[name] for name in ("data_dir", "size", "window_hu", "validation_cases", "split_seed")},
+        "data": {name: data[name] for name in ("data_dir", "datalist", "datalist_key", "size", "spacing_mm", "window_hu",
+                                               "validation_cases", "split_seed")},
         "network": config.to_dict()["network"],
         "finetune": config.to_dict()["finetune"],
         "seed": config.seed,
