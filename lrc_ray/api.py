@@ -40,11 +40,16 @@ class SuperpixelResult:
     cache_hit: bool
 
 
-def make_synthetic_data(*, out: str | Path, cases: int, unlabeled: int, size: int, slices: int, seed: int) -> Path:
-    """Write the built-in synthetic abdominal CT data set (MSD layout) to `out`."""
+def make_synthetic_data(
+    *, out: str | Path, cases: int, unlabeled: int, size: int, slices: int, seed: int,
+    field_of_view_mm: float | None = None,
+) -> Path:
+    """Write the built-in synthetic abdominal CT data set (MSD layout) to `out`; `field_of_view_mm`
+    fixes the scanner's field (default: fitted to each patient)."""
     from lrc_ray.data.phantom import write_synthetic_dataset
 
-    return write_synthetic_dataset(out, cases=cases, unlabeled=unlabeled, size=size, slices=slices, seed=seed)
+    return write_synthetic_dataset(out, cases=cases, unlabeled=unlabeled, size=size, slices=slices, seed=seed,
+                                   field_of_view_mm=field_of_view_mm)
 
 
 def build_superpixels(

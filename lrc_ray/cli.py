@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=96, help="in-plane pixels (default 96; 256-512 looks like real CT)")
     synth.add_argument("--slices", type=int, default=24, help="axial slices per volume (default 24)")
     synth.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give equal data")
+    synth.add_argument("--field-of-view", type=float, default=None, metavar="MM",
+                       help="the scanner's field in mm, so the spacing is MM / SIZE (default: fitted to each patient, "
+                            "358-512 mm; equal seeds give the same patients at any field)")
     synth.set_defaults(handler=_run_synth)
 
     superpixels = commands.add_parser(
@@ -190,7 +193,8 @@ def _add_superpixel_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    out = api.make_synthetic_data(out=args.out, cases=args.cases, unlabeled=args.unlabeled, size=args.size, slices=args.slices, seed=args.seed)
+    out = api.make_synthetic_data(out=args.out, cases=args.cases, unlabeled=args.unlabeled, size=args.size,
+                                  slices=args.slices, seed=args.seed, field_of_view_mm=args.field_of_view)
     print(f"wrote {args.cases} labelled + {args.unlabeled} unlabelled volumes to {out}")
     return 0
 
