@@ -355,6 +355,14 @@ def finetune(
     return results
 
 
+def export(*, checkpoint: str | Path, out: str | Path) -> dict[str, Path]:
+    """Write a pre-training checkpoint's encoder-decoder as a plain MONAI BasicUNet state_dict and a
+    YAML of its constructor arguments and preprocessing (see `lrc_ray.engine.export`)."""
+    from lrc_ray.engine.export import export_basic_unet
+
+    return export_basic_unet(checkpoint, out)
+
+
 def _cached_slices(data: DataConfig, columns: list[str] | None = None):
     """The cached slices of a data set (all columns, or `columns`), and its label names (kept in
     the entry's manifest)."""

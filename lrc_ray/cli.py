@@ -102,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--out", type=Path, default=DEFAULT_WORKDIR / "finetune", help="where results.json goes")
     finetune.set_defaults(handler=_run_finetune)
 
+    export = commands.add_parser(
+        "export",
+        help="write a pre-trained encoder-decoder as a plain MONAI BasicUNet (state_dict + YAML)",
+        description="Write the encoder-decoder of a `lrc-ray pretrain` checkpoint as DIR/basic_unet.pt, a state_dict "
+        "that monai.networks.nets.BasicUNet(**constructor) loads with strict=True, and DIR/basic_unet.yaml with the "
+        "constructor arguments and the preprocessing (orientation, spacing, size, HU window). final_conv is the "
+        "identity, so the network outputs the pre-trained decoder features; replace it for a task.",
+    )
+    export.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt written by `lrc-ray pretrain`")
+    export.add_argument("--out", required=True, type=Path, help="directory to write basic_unet.pt and basic_unet.yaml")
+    export.set_defaults(handler=_run_export)
+
     sweep = commands.add_parser(
         "tune",
         help="search hyper-parameters with Ray Tune (Optuna TPE + ASHA) from a search-space YAML",
@@ -234,6 +246,12 @@ def _run_finetune(args: argparse.Namespace) -> int:
     summary = {key: results[key] for key in ("label_fraction", "dice_mean", "dice_per_organ", "train_cases", "validation_cases")}
     print(json.dumps(summary, indent=2))
     print(f"results: {args.out / 'results.json'}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    written = api.export(checkpoint=args.checkpoint, out=args.out)
+    print(f"weights: {written['weights']}\nconstructor and preprocessing: {written['spec']}")
     return 0
 
 
