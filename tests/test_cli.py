@@ -115,3 +115,15 @@ def test_scan_whose_orientation_cannot_be_determined(capsys, dataset_copy, tmp_p
     code, _, err = _run(capsys, "superpixels", "--data", str(dataset_copy), "--out", str(tmp_path / "c"))
     _assert_one_line_error(code, err, r"case_001.nii.gz: orientation cannot be determined \(qform_code and sform_code are both 0\)")
     assert not (tmp_path / "c").exists()
+
+
+def test_finetune_on_a_datalist_names_the_command_that_builds_its_cache(capsys, tiny_dataset, tmp_path, as_datalist):
+    datalist = as_datalist(tiny_dataset, tmp_path / "btcv")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {{cache_root: {tmp_path / 'cache'}, size: 32, spacing_mm: 10.0}}\n")
+    code, _, err = _run(capsys, "finetune", "--config", str(config), "--datalist", str(datalist), "--key", "training",
+                        "--label-fraction", "1")
+    _assert_one_line_error(code, err, rf"no super-pixel cache .* make it with `lrc-ray superpixels --datalist {datalist} "
+                                      r"--key training --out .* --size 32 --spacing 10`")
+    code, _, err = _run(capsys, "finetune", "--data", str(tiny_dataset), "--datalist", str(datalist), "--label-fraction", "1")
+    _assert_one_line_error(code, err, r"--data or --datalist: expected one data set, got both")
