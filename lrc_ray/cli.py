@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give equal data")
     synth.add_argument("--field-of-view", type=float, default=None, metavar="MM",
                        help="the scanner's field in mm, so the spacing is MM / SIZE (default: fitted to each patient, "
-                            "358-512 mm; equal seeds give the same patients at any field)")
+                            "358-512 mm); anatomy is drawn in mm, so organs keep their size in mm at any field")
     synth.set_defaults(handler=_run_synth)
 
     superpixels = commands.add_parser(
