@@ -36,7 +36,8 @@ def make_slices(size: int, count: int) -> tuple[list[tuple[np.ndarray, np.ndarra
     tables, pairs = [], []
     while len(pairs) < count:
         case = generate_case(rng, size=size, slices=32)
-        prepared = prepare_slices(case.hu.astype(np.float32), case.labels, SliceParams())
+        prepared = prepare_slices(case.hu.astype(np.float32), case.labels, SliceParams(),
+                                  native_spacing_mm=case.spacing_mm[1:])
         tables.append(slices_table(f"case_{len(tables)}", prepared))
         pairs += [(dequantise(image), mask) for image, mask in zip(prepared.image_u8, prepared.body_mask)]
     return pairs[:count], pa.concat_tables(tables).slice(0, count)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lrc_ray import stages
 from lrc_ray.atomic import write_json_atomic
-from lrc_ray.data.msd import load_msd_dataset
+from lrc_ray.data.msd import load_dataset
 from lrc_ray.data.slices import DEFAULT_WINDOW_HU
 from lrc_ray.config import DataConfig, RunConfig, config_from_dict, save_config
 from lrc_ray.errors import TrainingError, UserInputError
@@ -27,38 +27,50 @@ class SuperpixelResult:
     cache_hit: bool
 
 
-def make_synthetic_data(*, out: str | Path, cases: int, unlabeled: int, size: int, slices: int, seed: int) -> Path:
-    """Write the built-in synthetic abdominal CT data set (MSD layout) to `out`."""
+def make_synthetic_data(
+    *, out: str | Path, cases: int, unlabeled: int, size: int, slices: int, seed: int,
+    field_of_view_mm: float | None = None,
+) -> Path:
+    """Write the built-in synthetic abdominal CT data set (MSD layout) to `out`; `field_of_view_mm`
+    fixes the scanner's field (default: fitted to each patient)."""
     from lrc_ray.data.phantom import write_synthetic_dataset
 
-    return write_synthetic_dataset(out, cases=cases, unlabeled=unlabeled, size=size, slices=slices, seed=seed)
+    return write_synthetic_dataset(out, cases=cases, unlabeled=unlabeled, size=size, slices=slices, seed=seed,
+                                   field_of_view_mm=field_of_view_mm)
 
 
 def build_superpixels(
     *,
-    data: str | Path,
+    data: str | Path | None,
     cache_root: str | Path,
     scale: float = FelzenszwalbParams.scale,
     sigma: float = FelzenszwalbParams.sigma,
     min_size: int = FelzenszwalbParams.min_size,
     window_hu: tuple[float, float] = DEFAULT_WINDOW_HU,
     size: int | None = None,
+    spacing_mm: float | None = None,
     workers: int | None = None,
     overwrite: bool = False,
     address: str | None = None,
+    datalist: str | Path | None = None,
+    key: str = "training",
 ) -> SuperpixelResult:
     """Get the super-pixel cache entry for a data set and parameters, building it if needed.
 
-    A second call with the same data and parameters returns the existing entry at once;
-    concurrent callers for one entry build it once (the others wait and hit).
+    The data set is `data` (a directory in MSD or nnU-Net v2 layout) or the `key` entries of a
+    MONAI `datalist`. A second call with the same data and parameters returns the existing entry
+    at once; concurrent callers for one entry build it once (the others wait and hit).
     """
     # Imported here so that the plain layers (and `lrc-ray data synth`) never load Ray.
     from lrc_ray.distributed.superpixels import ray_data_extract
 
+    if (data is None) == (datalist is None):
+        raise UserInputError("--data or --datalist: expected exactly one data set")
     if workers is not None and workers < 1:
         raise UserInputError(f"--workers: expected at least 1, got {workers}")
-    params = stages.extraction_params(scale=scale, sigma=sigma, min_size=min_size, window_hu=window_hu, size=size)
-    entry, hit = stages.superpixel_entry(load_msd_dataset(data), cache_root, params,
+    params = stages.extraction_params(scale=scale, sigma=sigma, min_size=min_size, window_hu=window_hu, size=size,
+                                      spacing_mm=spacing_mm)
+    entry, hit = stages.superpixel_entry(load_dataset(data, datalist=datalist, key=key), cache_root, params,
                                          extract=ray_data_extract(workers=workers, address=address), overwrite=overwrite)
     return SuperpixelResult(entry=entry, cache_hit=hit)
 
@@ -75,8 +87,9 @@ def find_superpixels(config: DataConfig) -> CacheEntry:
 def superpixels_for(config: DataConfig, *, address: str | None = None) -> SuperpixelResult:
     """Get or build the super-pixel cache entry a run config asks for."""
     return build_superpixels(
-        data=config.data_dir, cache_root=config.cache_root, scale=config.scale, sigma=config.sigma,
-        min_size=config.min_size, window_hu=config.window_hu, size=config.size, address=address,
+        data=None if config.datalist else config.data_dir, cache_root=config.cache_root, scale=config.scale,
+        sigma=config.sigma, min_size=config.min_size, window_hu=config.window_hu, size=config.size,
+        spacing_mm=config.spacing_mm, address=address, datalist=config.datalist, key=config.datalist_key,
     )
 
 
@@ -204,6 +217,14 @@ def finetune(
     return results
 
 
+def export(*, checkpoint: str | Path, out: str | Path) -> dict[str, Path]:
+    """Write a pre-training checkpoint's encoder-decoder as a plain MONAI BasicUNet state_dict and a
+    YAML of its constructor arguments and preprocessing (see `lrc_ray.engine.export`)."""
+    from lrc_ray.engine.export import export_basic_unet
+
+    return export_basic_unet(checkpoint, out)
+
+
 DEFAULT_STORAGE = Path(".lrc_ray/sweeps")
 BUILT_IN_DATA_ROOT = Path(".lrc_ray/data")
 
@@ -218,12 +239,15 @@ def tune(
     resume: bool = False,
     address: str | None = None,
     search: str = "tpe",
+    datalist: str | Path | None = None,
+    key: str = "training",
 ) -> Path:
     """Run a sweep of `space` (a search-space YAML) on Ray, then its finalists when the space has a
     `finalists:` section; returns the experiment directory.
 
-    Without `data`, the space's built-in synthetic data set is made (once) and used. With
-    `resume`, an interrupted sweep continues with its finished trials kept, and so do its finalists.
+    The data are `data` (a directory), or the `key` entries of a MONAI `datalist`; without
+    either, the space's built-in synthetic data set is made (once) and used. With `resume`, an
+    interrupted sweep continues with its finished trials kept, and so do its finalists.
     """
     import yaml
 
@@ -248,11 +272,17 @@ def tune(
             search_space = parse_search_space(yaml.safe_load(recorded["space_yaml"]), source=recorded["source"])
     else:
         base = run_config_for(search_space, {})
-        data_dir = Path(data) if data is not None else _built_in_data(search_space, base)
-        dataset = load_msd_dataset(data_dir)
+        if data is not None and datalist is not None:
+            raise UserInputError("--data or --datalist: expected at most one data set")
+        if datalist is not None:
+            base = base.replace(data={"datalist": str(Path(datalist).resolve()), "datalist_key": key})
+        else:
+            data_dir = Path(data) if data is not None else _built_in_data(search_space, base)
+            base = base.replace(data={"data_dir": str(data_dir.resolve())})
+        dataset = stages.dataset_for(base.data)
         _check_metric(search_space.sweep.metric, dataset.labels, search_space.source)
         _check_split(base.data, dataset, search_space.source)
-        base = base.replace(data={"data_dir": str(data_dir.resolve()), "cache_root": str(Path(base.data.cache_root).resolve())})
+        base = base.replace(data={"cache_root": str(Path(base.data.cache_root).resolve())})
     with ray_session(address=address, resources={TRIAL_SLOT: os.cpu_count() or 1}):
         result_grid = run_sweep(search_space, base=base, storage=storage, name=name, num_samples=num_samples,
                                 resume=resume, search=search)

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=96, help="in-plane pixels (default 96; 256-512 looks like real CT)")
     synth.add_argument("--slices", type=int, default=24, help="axial slices per volume (default 24)")
     synth.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give equal data")
+    synth.add_argument("--field-of-view", type=float, default=None, metavar="MM",
+                       help="the scanner's field in mm, so the spacing is MM / SIZE (default: fitted to each patient, "
+                            "358-512 mm); anatomy is drawn in mm, so organs keep their size in mm at any field")
     synth.set_defaults(handler=_run_synth)
 
     superpixels = commands.add_parser(
@@ -61,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Extract super-pixels of every axial slice with Ray Data and cache them as Parquet under "
         "a key of the data's content and the parameters; an equal second call is a cache hit.",
     )
-    superpixels.add_argument("--data", required=True, type=Path, help="data set directory with dataset.json")
+    superpixels.add_argument("--data", type=Path, default=None,
+                             help="data set directory with dataset.json (MSD or nnU-Net v2 layout); or give --datalist")
+    _add_datalist_options(superpixels)
     superpixels.add_argument("--out", required=True, type=Path, help="cache root directory (created if new)")
     _add_superpixel_options(superpixels)
     superpixels.add_argument("--workers", type=int, default=None, help="parallel tasks (default: all CPUs of the Ray cluster)")
@@ -97,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--out", type=Path, default=DEFAULT_WORKDIR / "finetune", help="where results.json goes")
     finetune.set_defaults(handler=_run_finetune)
 
+    export = commands.add_parser(
+        "export",
+        help="write a pre-trained encoder-decoder as a plain MONAI BasicUNet (state_dict + YAML)",
+        description="Write the encoder-decoder of a `lrc-ray pretrain` checkpoint as DIR/basic_unet.pt, a state_dict "
+        "that monai.networks.nets.BasicUNet(**constructor) loads with strict=True, and DIR/basic_unet.yaml with the "
+        "constructor arguments and the preprocessing (orientation, spacing, size, HU window). final_conv is the "
+        "identity, so the network outputs the pre-trained decoder features; replace it for a task.",
+    )
+    export.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt written by `lrc-ray pretrain`")
+    export.add_argument("--out", required=True, type=Path, help="directory to write basic_unet.pt and basic_unet.yaml")
+    export.set_defaults(handler=_run_export)
+
     sweep = commands.add_parser(
         "tune",
         help="search hyper-parameters with Ray Tune (Optuna TPE + ASHA) from a search-space YAML",
@@ -107,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the results table, the finalists table and the chosen configuration.",
     )
     sweep.add_argument("space", type=Path, help="search space YAML (see search_spaces/)")
-    sweep.add_argument("--data", type=Path, default=None, help="MSD-layout data set (default: the space's built-in synthetic data)")
+    sweep.add_argument("--data", type=Path, default=None,
+                       help="MSD or nnU-Net v2 layout data set (default: the space's built-in synthetic data)")
+    _add_datalist_options(sweep)
     sweep.add_argument("--storage", type=Path, default=None, help=f"where sweeps are kept (default {DEFAULT_WORKDIR / 'sweeps'}; shared storage on a cluster)")
     sweep.add_argument("--name", default=None, help="sweep name (default: the space file's name)")
     sweep.add_argument("--samples", type=int, default=None, help="number of trials (default: the space's sweep.num_samples)")
@@ -185,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="run config YAML (default: built-in defaults)")
     parser.add_argument("--data", type=Path, default=None, help="data set directory (overrides data.data_dir)")
+    _add_datalist_options(parser)
+
+
+def _add_datalist_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datalist", type=Path, default=None,
+                        help="a MONAI datalist JSON (e.g. BTCV's dataset_0.json) instead of --data; relative paths "
+                             "in it are relative to its own directory")
+    parser.add_argument("--key", default="training", help="the datalist's list of volumes to use (default training)")
 
 
 def _add_superpixel_options(parser: argparse.ArgumentParser) -> None:
@@ -193,11 +220,16 @@ def _add_superpixel_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma", type=float, default=defaults.sigma, help=f"Gaussian pre-smoothing in pixels (default {defaults.sigma:g}; useful 0.3-2)")
     parser.add_argument("--min-size", type=int, default=defaults.min_size, help=f"smallest region in pixels (default {defaults.min_size}; useful 5-200)")
     parser.add_argument("--window", type=float, nargs=2, default=DEFAULT_WINDOW_HU, metavar=("LOW", "HIGH"), help="HU window (default -175 250, abdomen)")
-    parser.add_argument("--size", type=int, default=None, help="resize slices to SIZE x SIZE (default: keep the volume's size)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="crop or pad the resampled slices to SIZE x SIZE (default: keep the resampled size)")
+    parser.add_argument("--spacing", type=float, default=None, metavar="MM",
+                        help="resample slices to MM per pixel first (default with --size: 400 mm / SIZE, an abdomen's "
+                             "field; without: each scan's own grid)")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    out = api.make_synthetic_data(out=args.out, cases=args.cases, unlabeled=args.unlabeled, size=args.size, slices=args.slices, seed=args.seed)
+    out = api.make_synthetic_data(out=args.out, cases=args.cases, unlabeled=args.unlabeled, size=args.size,
+                                  slices=args.slices, seed=args.seed, field_of_view_mm=args.field_of_view)
     print(f"wrote {args.cases} labelled + {args.unlabeled} unlabelled volumes to {out}")
     return 0
 
@@ -205,7 +237,8 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _run_superpixels(args: argparse.Namespace) -> int:
     result = api.build_superpixels(
         data=args.data, cache_root=args.out, scale=args.scale, sigma=args.sigma, min_size=args.min_size,
-        window_hu=tuple(args.window), size=args.size, workers=args.workers, overwrite=args.overwrite, address=args.address,
+        window_hu=tuple(args.window), size=args.size, spacing_mm=args.spacing, workers=args.workers,
+        overwrite=args.overwrite, address=args.address, datalist=args.datalist, key=args.key,
     )
     _print_entry(result)
     return 0
@@ -213,8 +246,12 @@ def _run_superpixels(args: argparse.Namespace) -> int:
 
 def _load_run_config(args: argparse.Namespace, **overrides: dict) -> RunConfig:
     config = load_config(args.config) if args.config is not None else RunConfig()
+    if args.data is not None and args.datalist is not None:
+        raise UserInputError("--data or --datalist: expected one data set, got both")
     if args.data is not None:
         overrides.setdefault("data", {})["data_dir"] = str(args.data)
+    if args.datalist is not None:
+        overrides.setdefault("data", {}).update(datalist=str(args.datalist), datalist_key=args.key)
     return config.replace(**overrides) if overrides else config
 
 
@@ -235,9 +272,16 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    written = api.export(checkpoint=args.checkpoint, out=args.out)
+    print(f"weights: {written['weights']}\nconstructor and preprocessing: {written['spec']}")
+    return 0
+
+
 def _run_tune(args: argparse.Namespace) -> int:
     experiment = api.tune(space=args.space, data=args.data, storage=args.storage, name=args.name,
-                          num_samples=args.samples, resume=args.resume, address=args.address, search=args.search)
+                          num_samples=args.samples, resume=args.resume, address=args.address, search=args.search,
+                          datalist=args.datalist, key=args.key)
     print(f"sweep: {experiment}")
     return _print_results(api.results(experiment=experiment), top=20)
 

@@ -162,6 +162,11 @@ class DataConfig:
     data_dir: str = ".lrc_ray/data/synthetic_abdomen"
     cache_root: str = ".lrc_ray/superpixels"
     size: int = 96  # working slice size (pixels); must be divisible by 16 for the network
+    # In-plane spacing (mm) every slice is resampled to before it is cropped or padded to `size`,
+    # so an organ spans the same pixels on every scanner. None: 400 mm / size, a field that holds
+    # an adult abdomen (1.5625 mm at size 256, 6.25 mm at the quick start's 64; see
+    # lrc_ray.data.geometry). Set it when the data's spacing and the field to keep are known.
+    spacing_mm: float | None = None
     window_hu: tuple[float, float] = (-175.0, 250.0)
     scale: float = 100.0
     sigma: float = 0.8
@@ -171,9 +176,16 @@ class DataConfig:
     # number a chosen setting is reported with is then not the one it was chosen by.
     test_cases: int = 0
     split_seed: int = 0  # fixes the held-out volumes and label-fraction subsets across methods and seeds
+    # A MONAI datalist (e.g. BTCV's dataset_0.json) to read the volumes from instead of data_dir's
+    # dataset.json: the entries under `datalist_key`, paths relative to the datalist's directory.
+    datalist: str | None = None
+    datalist_key: str = "training"
 
     def __post_init__(self) -> None:
         require(self.size % 16 == 0 and self.size >= 32, "data.size", "a multiple of 16, at least 32", self.size)
+        require(self.spacing_mm is None or self.spacing_mm > 0, "data.spacing_mm",
+                "a positive number of mm, or null for 400 mm / data.size", self.spacing_mm)
+        require(bool(self.datalist_key), "data.datalist_key", "a key of the datalist, e.g. training", self.datalist_key)
         require(self.validation_cases >= 1, "data.validation_cases", "at least 1", self.validation_cases)
         require(self.test_cases >= 0, "data.test_cases", "at least 0", self.test_cases)
         for name in ("scale", "sigma", "min_size"):

@@ -35,7 +35,7 @@ from typing import Callable
 
 from lrc_ray.atomic import write_json_atomic
 from lrc_ray.config import DataConfig, RunConfig
-from lrc_ray.data.msd import HeaderSummary, MsdDataset, check_headers, load_msd_dataset
+from lrc_ray.data.msd import HeaderSummary, MsdDataset, check_headers, load_dataset, load_msd_dataset
 from lrc_ray.data.slices import SliceParams
 from lrc_ray.engine.splits import CaseSplit, ProbeSource, label_fraction_subset, split_labelled_cases
 from lrc_ray.errors import UserInputError
@@ -91,18 +91,24 @@ class RunData:
 
 
 def extraction_params(
-    *, scale: float, sigma: float, min_size: int, window_hu: tuple[float, float], size: int | None
+    *, scale: float, sigma: float, min_size: int, window_hu: tuple[float, float], size: int | None,
+    spacing_mm: float | None = None,
 ) -> ExtractionParams:
     return ExtractionParams(
         felzenszwalb=FelzenszwalbParams(scale=scale, sigma=sigma, min_size=min_size),
-        slicing=SliceParams(window_hu=tuple(window_hu), size=size),
+        slicing=SliceParams(window_hu=tuple(window_hu), size=size, spacing_mm=spacing_mm),
     )
 
 
 def extraction_params_for(data: DataConfig) -> ExtractionParams:
     """The super-pixel cache parameters of a run config's data section."""
     return extraction_params(scale=data.scale, sigma=data.sigma, min_size=data.min_size, window_hu=data.window_hu,
-                             size=data.size)
+                             size=data.size, spacing_mm=data.spacing_mm)
+
+
+def dataset_for(data: DataConfig) -> MsdDataset:
+    """The volumes a run config's data section names (its datalist, else its data directory)."""
+    return load_dataset(data.data_dir, datalist=data.datalist, key=data.datalist_key)
 
 
 def superpixel_entry(
@@ -121,7 +127,7 @@ def superpixel_entry(
         if (root / CACHE_MARKER).is_file():
             existing = find_entry(root, entry_key(dataset_fingerprint(dataset, root), params))
         if existing is None:
-            raise UserInputError(_missing_entry_message(dataset.root, root, params))
+            raise UserInputError(_missing_entry_message(dataset, root, params))
         return existing, True
     root = open_cache_root(cache_root)
     fingerprint = dataset_fingerprint(dataset, root)
@@ -132,6 +138,11 @@ def superpixel_entry(
             logger.info("cache hit: %s", existing.path)
             return existing, True
         headers = check_headers(dataset)
+        spacing = params.slicing.working_spacing_mm
+        if spacing is not None:
+            size = params.slicing.size
+            fitted = f", cropped or padded to {size} x {size} px (a {size * spacing:.0f} mm field)" if size else ""
+            logger.info("slices resampled to %.4g mm%s", spacing, fitted)
         started = time.perf_counter()
         with staging_dir(root, key) as staged:
             extract(dataset, params, staged, headers)
@@ -141,13 +152,16 @@ def superpixel_entry(
     return entry, False
 
 
-def _missing_entry_message(data_dir: Path, root: Path, params: ExtractionParams) -> str:
-    spec = params.felzenszwalb
-    size = params.slicing.size
+def _missing_entry_message(dataset: MsdDataset, root: Path, params: ExtractionParams) -> str:
+    spec, slicing = params.felzenszwalb, params.slicing
+    datalist = dataset.index_file if dataset.datalist_key is not None else None
+    source = f"--datalist {datalist} --key {dataset.datalist_key}" if datalist else f"--data {dataset.root}"
+    spacing = f" --spacing {slicing.spacing_mm:g}" if slicing.spacing_mm is not None else ""
     return (
-        f"{data_dir}: no super-pixel cache under {root} for scale={spec.scale:g} sigma={spec.sigma:g} "
-        f"min_size={spec.min_size} size={size}; make it with `lrc-ray superpixels --data {data_dir} "
-        f"--out {root} --scale {spec.scale:g} --sigma {spec.sigma:g} --min-size {spec.min_size} --size {size}`"
+        f"{datalist or dataset.root}: no super-pixel cache under {root} for scale={spec.scale:g} sigma={spec.sigma:g} "
+        f"min_size={spec.min_size} size={slicing.size} spacing_mm={slicing.spacing_mm}; make it with "
+        f"`lrc-ray superpixels {source} --out {root} --scale {spec.scale:g} --sigma {spec.sigma:g} "
+        f"--min-size {spec.min_size} --size {slicing.size}{spacing}`"
     )
 
 
@@ -158,7 +172,7 @@ def run_data(data: DataConfig, *, extract: Extract | None = None) -> RunData:
     Raises:
         UserInputError: no entry and no `extract`; too few labelled volumes for the split.
     """
-    dataset = load_msd_dataset(data.data_dir)
+    dataset = dataset_for(data)
     entry, hit = superpixel_entry(dataset, data.cache_root, extraction_params_for(data), extract=extract)
     split = split_labelled_cases([case.case_id for case in dataset.labelled_cases], validation_cases=data.validation_cases,
                                  test_cases=data.test_cases, seed=data.split_seed)
@@ -299,8 +313,8 @@ def finetuning_key(config: RunConfig, pretrained: str | None) -> str:
     data = config.to_dict()["data"]
     relevant = {
         "pretrained": pretrained,
-        "data": {name: data[name] for name in ("data_dir", "size", "window_hu", "validation_cases", "test_cases",
-                                               "split_seed")},
+        "data": {name: data[name] for name in ("data_dir", "datalist", "datalist_key", "size", "spacing_mm", "window_hu",
+                                               "validation_cases", "test_cases", "split_seed")},
         "network": config.to_dict()["network"],
         "finetune": config.to_dict()["finetune"],
         "seed": config.seed,

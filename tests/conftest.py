@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -11,9 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
-from lrc_ray.data.phantom import write_synthetic_dataset
+from lrc_ray.data.msd import load_msd_dataset
+from lrc_ray.data.phantom import ORGAN_LABELS, write_synthetic_dataset
 
 TINY = dict(cases=2, unlabeled=1, size=48, slices=6, seed=3)
 
@@ -28,6 +32,62 @@ def tiny_dataset(tmp_path_factory) -> Path:
 def dataset_copy(tiny_dataset, tmp_path) -> Path:
     """A private copy of the tiny data set, for tests that damage it."""
     return Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+
+
+def _resave(source: Path, target: Path, dtype) -> None:
+    """Copy a NIfTI file with its affine, stored as `dtype`."""
+    image = nib.load(str(source))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    copy = nib.Nifti1Image(np.asarray(image.dataobj).astype(dtype), image.affine)
+    copy.set_qform(image.affine, code=1)
+    copy.set_sform(image.affine, code=1)
+    nib.save(copy, str(target))
+
+
+def _as_nnunet(msd_root: Path, out: Path, *, image_dtype=np.int32, label_dtype=np.float32) -> Path:
+    """The labelled cases of an MSD data set in nnU-Net v2 layout (int32 images, float labels by default)."""
+    msd = load_msd_dataset(msd_root)
+    for case in msd.labelled_cases:
+        _resave(case.image_path, out / "imagesTr" / f"{case.case_id}_0000.nii.gz", image_dtype)
+        _resave(case.label_path, out / "labelsTr" / f"{case.case_id}.nii.gz", label_dtype)
+    spec = {"channel_names": {"0": "CT"}, "labels": {name: value for value, name in ORGAN_LABELS.items()}, "numTraining": len(msd.labelled_cases),
+            "file_ending": ".nii.gz", "name": "Dataset001_Tiny"}
+    (out / "dataset.json").write_text(json.dumps(spec))
+    return out
+
+
+def _as_datalist(msd_root: Path, out: Path) -> Path:
+    """A BTCV-like dataset_0.json (float64 images) beside imagesTr/ and labelsTr/ folders: the first
+    labelled case under "training", the second under "validation", the unlabelled one as a path."""
+    msd = load_msd_dataset(msd_root)
+    first, second = msd.labelled_cases
+    unlabelled = next(case for case in msd.cases if case.label_path is None)
+    (out / "labelsTr").mkdir(parents=True)
+    for case in (first, second, unlabelled):
+        _resave(case.image_path, out / "imagesTr" / case.image_path.name, np.float64)
+        if case.label_path is not None:
+            shutil.copy(case.label_path, out / "labelsTr")
+
+    def entry(case):
+        return {"image": f"imagesTr/{case.image_path.name}", "label": f"labelsTr/{case.label_path.name}"}
+
+    spec = {"labels": {str(value): name for value, name in ORGAN_LABELS.items()},
+            "training": [entry(first), f"imagesTr/{unlabelled.image_path.name}"], "validation": [entry(second)]}
+    path = out / "dataset_0.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.fixture(scope="session")
+def as_nnunet():
+    """Write an MSD data set's labelled cases in nnU-Net v2 layout: as_nnunet(msd_root, out)."""
+    return _as_nnunet
+
+
+@pytest.fixture(scope="session")
+def as_datalist():
+    """Write a BTCV-like MONAI datalist of an MSD data set: as_datalist(msd_root, out) -> its path."""
+    return _as_datalist
 
 
 @pytest.fixture(scope="module")

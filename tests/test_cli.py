@@ -91,3 +91,39 @@ def test_non_3d_image(capsys, dataset_copy, tmp_path):
 def test_workers_must_be_positive(capsys, tiny_dataset, tmp_path):
     code, _, err = _run(capsys, "superpixels", "--data", str(tiny_dataset), "--out", str(tmp_path / "c"), "--workers", "0")
     _assert_one_line_error(code, err, r"--workers: expected at least 1, got 0")
+
+
+def test_datalist_key_that_is_missing(capsys, tiny_dataset, tmp_path, as_datalist):
+    datalist = as_datalist(tiny_dataset, tmp_path / "btcv")
+    code, _, err = _run(capsys, "superpixels", "--datalist", str(datalist), "--key", "test", "--out", str(tmp_path / "c"))
+    _assert_one_line_error(code, err, r"dataset_0.json: no key 'test' \(--key\); expected one of its lists: training, validation")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("both", [True, False])
+def test_data_or_datalist_exactly_one(capsys, tiny_dataset, tmp_path, as_datalist, both):
+    sources = ["--data", str(tiny_dataset), "--datalist", str(as_datalist(tiny_dataset, tmp_path / "btcv"))] if both else []
+    code, _, err = _run(capsys, "superpixels", *sources, "--out", str(tmp_path / "c"))
+    _assert_one_line_error(code, err, r"--data or --datalist: expected exactly one data set")
+
+
+def test_scan_whose_orientation_cannot_be_determined(capsys, dataset_copy, tmp_path):
+    path = dataset_copy / "imagesTr" / "case_001.nii.gz"
+    image = nib.load(str(path))
+    unoriented = nib.Nifti1Image(np.asarray(image.dataobj), None)  # no qform, no sform
+    nib.save(unoriented, str(path))
+    code, _, err = _run(capsys, "superpixels", "--data", str(dataset_copy), "--out", str(tmp_path / "c"))
+    _assert_one_line_error(code, err, r"case_001.nii.gz: orientation cannot be determined \(qform_code and sform_code are both 0\)")
+    assert not (tmp_path / "c").exists()
+
+
+def test_finetune_on_a_datalist_names_the_command_that_builds_its_cache(capsys, tiny_dataset, tmp_path, as_datalist):
+    datalist = as_datalist(tiny_dataset, tmp_path / "btcv")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {{cache_root: {tmp_path / 'cache'}, size: 32, spacing_mm: 10.0}}\n")
+    code, _, err = _run(capsys, "finetune", "--config", str(config), "--datalist", str(datalist), "--key", "training",
+                        "--label-fraction", "1")
+    _assert_one_line_error(code, err, rf"no super-pixel cache .* make it with `lrc-ray superpixels --datalist {datalist} "
+                                      r"--key training --out .* --size 32 --spacing 10`")
+    code, _, err = _run(capsys, "finetune", "--data", str(tiny_dataset), "--datalist", str(datalist), "--label-fraction", "1")
+    _assert_one_line_error(code, err, r"--data or --datalist: expected one data set, got both")

@@ -76,6 +76,8 @@ def test_finetuning_key_is_shared_by_scratch_trials_at_any_felzenszwalb_setting(
         {"finetune": {"label_fraction": 0.25}},
         {"finetune": {"epochs": 3}},
         {"data": {"size": 64}},
+        {"data": {"spacing_mm": 2.0}},
+        {"data": {"datalist": "dataset_0.json"}},
         {"data": {"validation_cases": 3}},
         {"data": {"test_cases": 1}},
         {"network": {"local_dim": 64}},

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -72,10 +73,35 @@ def test_other_scale_makes_a_new_entry_with_fewer_regions(built, tiny_dataset):
     assert mean_regions(coarse.entry) < mean_regions(built.entry)
 
 
-def test_working_size_resizes_slices(local_ray, tiny_dataset, tmp_path):
+def test_working_size_resamples_then_crops_or_pads(local_ray, tiny_dataset, tmp_path):
     result = api.build_superpixels(data=tiny_dataset, cache_root=tmp_path / "cache", size=32)
-    record = decode_row(read_entry_table(result.entry), 0)
+    table = read_entry_table(result.entry)
+    record = decode_row(table, 0)
     assert record.image.shape == record.superpixels.shape == record.label.shape == (32, 32)
+    assert set(table.column("spacing_mm").to_pylist()) == {400 / 32}, "32 px over a 400 mm field"
+    assert result.entry.manifest["params"]["spacing_mm"] == 12.5
+    # The same spacing given explicitly is the same entry; another spacing is another one.
+    assert api.build_superpixels(data=tiny_dataset, cache_root=tmp_path / "cache", size=32, spacing_mm=12.5).cache_hit
+    finer = api.build_superpixels(data=tiny_dataset, cache_root=tmp_path / "cache", size=32, spacing_mm=10.0)
+    assert not finer.cache_hit
+
+
+def test_nnunet_layout_and_datalist_give_the_same_slices(local_ray, built, tiny_dataset, tmp_path, as_nnunet,
+                                                         as_datalist):
+    """int32 images (nnU-Net v2 layout) and float64 images (a MONAI datalist) read as the MSD original."""
+    reference = read_entry_table(built.entry)
+    params = dict(cache_root=tmp_path / "cache", scale=100, sigma=0.5, min_size=10)
+    nnunet = api.build_superpixels(data=as_nnunet(tiny_dataset, tmp_path / "nn"), **params)
+    datalist = api.build_superpixels(data=None, datalist=as_datalist(tiny_dataset, tmp_path / "btcv"), key="validation",
+                                     **params)
+    for result, cases in ((nnunet, ["case_000", "case_001"]), (datalist, ["case_001"])):
+        table = read_entry_table(result.entry)
+        assert sorted(set(table.column("case_id").to_pylist())) == cases
+        for case in cases:
+            ours = table.filter(pc.equal(table.column("case_id"), case))
+            theirs = reference.filter(pc.equal(reference.column("case_id"), case))
+            for name in ("image", "label", "superpixels"):
+                assert ours.column(name).equals(theirs.column(name)), (case, name)
 
 
 def _assert_no_entry(cache_root: Path) -> None:

@@ -73,6 +73,7 @@ def read_header(path: str | Path) -> tuple[tuple[int, ...], int]:
     shape = tuple(int(n) for n in image.shape)
     if len(shape) < 3:
         return shape, 0
+    check_orientation(image, path)
     axis_codes = nib.aff2axcodes(image.affine)
     axial_axis = next((axis for axis, code in enumerate(axis_codes) if code in "SI"), 2)
     return shape, shape[axial_axis]
@@ -91,6 +92,7 @@ def read_volume(path: str | Path, *, dtype: type = np.float32) -> Volume:
         image = image.slicer[..., 0]
     elif len(shape) != 3:
         raise DataValidationError(f"{path}: expected a 3D volume, got shape {shape}")
+    check_orientation(image, path)
     canonical = nib.as_closest_canonical(image)
     try:
         array = np.asarray(canonical.dataobj, dtype=dtype)
@@ -102,6 +104,28 @@ def read_volume(path: str | Path, *, dtype: type = np.float32) -> Volume:
     zooms = canonical.header.get_zooms()[:3]
     spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
     return Volume(array=ras_to_display(array), spacing_mm=spacing)
+
+
+def check_orientation(image: nib.Nifti1Image, path: str | Path) -> None:
+    """Refuse a file whose axes' directions are unknown, instead of guessing them.
+
+    With qform_code and sform_code both 0, nibabel falls back to an ANALYZE-style affine that
+    may mirror left and right; a singular affine has no orientation at all.
+    Raises DataValidationError naming the file.
+    """
+    header = image.header
+    if "qform_code" in header and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        raise DataValidationError(
+            f"{path}: orientation cannot be determined (qform_code and sform_code are both 0); "
+            "expected a NIfTI file with a scanner or aligned affine"
+        )
+    rotation = np.asarray(image.affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(rotation, axis=0)
+    if not np.isfinite(rotation).all() or norms.min() == 0 or abs(np.linalg.det(rotation)) < 1e-3 * norms.prod():
+        raise DataValidationError(
+            f"{path}: orientation cannot be determined (the affine's axes are degenerate: "
+            f"{np.round(rotation, 4).tolist()}); expected three independent axis directions"
+        )
 
 
 def _one_line(exc: BaseException) -> str:

@@ -115,15 +115,22 @@ class _Shape(NamedTuple):
     profile: np.ndarray  # (Z, 1, 1) cross-section scale along z, 0 where the organ is absent
 
 
-def generate_case(rng: np.random.Generator, *, size: int = 96, slices: int = 24) -> SyntheticCase:
+def generate_case(
+    rng: np.random.Generator, *, size: int = 96, slices: int = 24, field_of_view_mm: float | None = None
+) -> SyntheticCase:
     """Draw one synthetic abdominal CT series of `slices` axial slices of `size` x `size` pixels.
 
-    Raises UserInputError when size < 32 or slices < 4.
+    The field of view is fitted to the patient (358-512 mm, as scanners do) unless
+    `field_of_view_mm` fixes it; the in-plane spacing is the field over `size`. Anatomy is drawn
+    in mm, so organs keep their physical size at any spacing (the texture fields draw a number of
+    random values that depends on the grid, so one seed gives other patients at other spacings).
+    Raises UserInputError when size < 32, slices < 4 or the field is outside [150, 1000] mm.
     """
     _check_int("--size", size, 32)
     _check_int("--slices", slices, 4)
+    _check_field_of_view(field_of_view_mm)
     tissue_hu = {name: rng.uniform(low, high) for name, (low, high) in _TISSUE_HU.items()}
-    grid, spacing_mm, body = _draw_grid_and_body(rng, size, slices)
+    grid, spacing_mm, body = _draw_grid_and_body(rng, size, slices, field_of_view_mm)
     hu, cavity = _paint_body_wall_and_skeleton(rng, grid, body, tissue_hu)
     shape = hu.shape
     loops = _smooth_noise(rng, shape, _cells(grid, spacing_mm, in_plane_mm=18, height=0.12))
@@ -143,6 +150,7 @@ def write_synthetic_dataset(
     size: int = 96,
     slices: int = 24,
     seed: int = 0,
+    field_of_view_mm: float | None = None,
 ) -> Path:
     """Write a synthetic data set in Medical Segmentation Decathlon layout and return `out_dir`.
 
@@ -159,6 +167,7 @@ def write_synthetic_dataset(
         ("--seed", seed, 0),
     ):
         _check_int(option, value, minimum)
+    _check_field_of_view(field_of_view_mm)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserInputError(f"{out_dir} exists and is not empty; choose a new directory")
@@ -168,21 +177,24 @@ def write_synthetic_dataset(
 
     training = []
     for index, case_seed in enumerate(labelled_seeds.spawn(cases)):
-        case = generate_case(np.random.default_rng(case_seed), size=size, slices=slices)
+        case = generate_case(np.random.default_rng(case_seed), size=size, slices=slices,
+                             field_of_view_mm=field_of_view_mm)
         name = f"case_{index:03d}.nii.gz"
         write_volume(out_dir / "imagesTr" / name, case.hu, case.spacing_mm)
         write_volume(out_dir / "labelsTr" / name, case.labels, case.spacing_mm)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     pretraining = []
     for index, case_seed in enumerate(unlabeled_seeds.spawn(unlabeled)):
-        case = generate_case(np.random.default_rng(case_seed), size=size, slices=slices)
+        case = generate_case(np.random.default_rng(case_seed), size=size, slices=slices,
+                             field_of_view_mm=field_of_view_mm)
         name = f"unlabeled_{index:03d}.nii.gz"
         write_volume(out_dir / "imagesUnlabeled" / name, case.hu, case.spacing_mm)
         pretraining.append({"image": f"./imagesUnlabeled/{name}"})
 
     manifest = {
         "name": "lrc_ray synthetic abdomen",
-        "description": f"Synthetic abdominal CT made by lrc_ray (seed {seed}, {size}x{size}x{slices} voxels)",
+        "description": f"Synthetic abdominal CT made by lrc_ray (seed {seed}, {size}x{size}x{slices} voxels, "
+        + (f"{field_of_view_mm:g} mm field)" if field_of_view_mm else "field fitted to each patient)"),
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
         "labels": {str(label): name for label, name in ORGAN_LABELS.items()},
@@ -201,13 +213,23 @@ def _check_int(option: str, value: object, minimum: int) -> None:
         raise UserInputError(f"{option}: expected an integer >= {minimum}, got {value!r}")
 
 
-def _draw_grid_and_body(rng: np.random.Generator, size: int, slices: int):
+def _check_field_of_view(field_of_view_mm: float | None) -> None:
+    if field_of_view_mm is None:
+        return
+    if isinstance(field_of_view_mm, bool) or not isinstance(field_of_view_mm, numbers.Real) \
+            or not 150 <= field_of_view_mm <= 1000:
+        raise UserInputError(f"--field-of-view: expected a field of view in mm in [150, 1000], got {field_of_view_mm!r}")
+
+
+def _draw_grid_and_body(rng: np.random.Generator, size: int, slices: int, field_of_view_mm: float | None):
     """Per-case geometry: the voxel grid in reference-abdomen mm, the spacing, and the body mask."""
     stretch = rng.uniform(0.9, 1.1, 2)  # abdomen width and depth relative to the reference
     fat_lateral, fat_anterior, fat_posterior = rng.uniform(8, 45), rng.uniform(8, 35), rng.uniform(5, 15)
     # Scanners fit the field of view to the patient: ~0.7-1.0 mm per pixel at 512, whatever `size` is.
     body_half_width = stretch[0] * (_WALL_OUTER[0] + 1.15 * fat_lateral)
     pixel_mm = np.clip(body_half_width / (256 * rng.uniform(0.66, 0.82)), 0.7, 1.0) * 512 / size
+    if field_of_view_mm is not None:  # drawn above all the same, so the rest of the case is unchanged
+        pixel_mm = field_of_view_mm / size
     spacing_mm = (round(rng.uniform(2.5, 5.0), 3), round(float(pixel_mm), 3), round(float(pixel_mm), 3))
 
     t = np.linspace(rng.uniform(0.0, 0.04), rng.uniform(0.96, 1.0), slices, dtype=np.float32)[:, None, None]

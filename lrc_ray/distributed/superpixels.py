@@ -129,7 +129,8 @@ def _read_cases(batch: pa.Table, *, cases, labels, params: ExtractionParams, sli
     for case_index in batch.column("case_index").to_pylist():
         case = cases[case_index]
         image, label = read_case(case, labels)
-        prepared = prepare_slices(image.array, None if label is None else label.array, params.slicing)
+        prepared = prepare_slices(image.array, None if label is None else label.array, params.slicing,
+                                  native_spacing_mm=image.spacing_mm[1:])
         table = slices_table(case.case_id, prepared)
         for start in range(0, table.num_rows, slices_per_batch):
             yield table.slice(start, slices_per_batch)

@@ -118,4 +118,4 @@ def evaluate(
         prediction = torch.cat([model(chunk.to(device)).argmax(dim=1).cpu() for chunk in images.split(batch_size)]).numpy()
         label = np.stack([record.label for record in records])
         per_volume.append(volume_dice(prediction, label, num_classes))
-    return summarise_dice(per_volume, organ_names) | {"validation_cases": list(cases)}
+    return summarise_dice(per_volume, organ_names, list(cases)) | {"validation_cases": list(cases)}

@@ -25,14 +25,23 @@ def volume_dice(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> 
     return dice[0].numpy()
 
 
-def summarise_dice(per_volume: list[np.ndarray], organ_names: list[str]) -> dict:
-    """Mean over volumes per organ, then over organs (NaNs of absent organs skipped)."""
+def summarise_dice(per_volume: list[np.ndarray], organ_names: list[str], case_ids: list[str] | None = None) -> dict:
+    """Mean over volumes per organ, then over organs.
+
+    An organ absent from a volume's label counts as absent there (None), not as 0: it is left
+    out of that organ's mean, and an organ absent from every volume is None in `dice_per_organ`.
+    With `case_ids` (one per volume), `dice_per_volume` gives each volume's Dice the same way.
+    """
     stacked = np.stack(per_volume)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an organ absent from every volume
         per_organ = np.nanmean(stacked, axis=0)
         mean = float(np.nanmean(per_organ))
-    return {
-        "dice_mean": mean,
-        "dice_per_organ": {name: (None if np.isnan(value) else float(value)) for name, value in zip(organ_names, per_organ)},
-    }
+    summary = {"dice_mean": mean, "dice_per_organ": _by_organ(per_organ, organ_names)}
+    if case_ids is not None:
+        summary["dice_per_volume"] = {case: _by_organ(dice, organ_names) for case, dice in zip(case_ids, stacked)}
+    return summary
+
+
+def _by_organ(dice: np.ndarray, organ_names: list[str]) -> dict[str, float | None]:
+    return {name: (None if np.isnan(value) else float(value)) for name, value in zip(organ_names, dice)}

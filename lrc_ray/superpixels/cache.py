@@ -42,7 +42,7 @@ CACHE_MARKER = ".lrc_ray_cache"
 FILE_HASHES = ".file_hashes.json"
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: slices resampled to one spacing, then cropped or padded (was: resized)
 _HASH_CHUNK = 1 << 20
 
 
@@ -60,6 +60,8 @@ class ExtractionParams:
             "min_size": int(self.felzenszwalb.min_size),
             "window_hu": [float(v) for v in self.slicing.window_hu],
             "size": self.slicing.size,
+            # Resolved, so an explicit spacing equal to the size's default shares the entry.
+            "spacing_mm": self.slicing.working_spacing_mm,
             "format_version": FORMAT_VERSION,
         }
 

@@ -10,7 +10,8 @@ Columns (arrays are stored flattened, row-major, with `height` and `width`):
     superpixels   list<int32>   region ids 0..R-1, -1 = ignored (outside the body)
     label         list<uint8>   organ ids of dataset.json 'labels'; null when unlabelled
     n_regions     int32
-    scale, sigma  float64, min_size int32, window_low, window_high float64, size int32 (null = native)
+    scale, sigma  float64, min_size int32, window_low, window_high float64, size int32 (null = native),
+    spacing_mm    float64   in-plane spacing of the slice (null = each volume's own)
 
 Plain Arrow lists keep the files readable by pyarrow/pandas/Spark without lrc_ray or Ray.
 """
@@ -42,6 +43,7 @@ SLICE_SCHEMA = pa.schema(
         ("window_low", pa.float64()),
         ("window_high", pa.float64()),
         ("size", pa.int32()),
+        ("spacing_mm", pa.float64()),
     ]
 )
 # Columns filled by the read stage, before super-pixels are computed.
@@ -102,6 +104,7 @@ def add_superpixels(
         window_low=pa.array(np.full(rows, slice_params.window_hu[0], dtype=np.float64)),
         window_high=pa.array(np.full(rows, slice_params.window_hu[1], dtype=np.float64)),
         size=pa.array([slice_params.size] * rows, pa.int32()),
+        spacing_mm=pa.array([slice_params.working_spacing_mm] * rows, pa.float64()),
     )
     return pa.table([columns[field.name] for field in SLICE_SCHEMA], schema=SLICE_SCHEMA)
 

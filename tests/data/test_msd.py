@@ -83,7 +83,7 @@ def test_label_values_outside_the_labels_map(dataset_copy):
     damaged[0, 0, 0] = 77
     write_volume(label_path, damaged, label.spacing_mm)
     dataset = load_msd_dataset(dataset_copy)
-    with pytest.raises(DataValidationError, match=r"case_000.nii.gz: label values \{77\} are not in dataset.json"):
+    with pytest.raises(DataValidationError, match=r"case_000.nii.gz: label values \{77\} are not in the data set's 'labels'"):
         read_case(dataset.labelled_cases[0], dataset.labels)
 
 

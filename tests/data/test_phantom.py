@@ -211,6 +211,25 @@ def test_bad_arguments_are_named_and_nothing_is_written(tmp_path, option, kwargs
     assert not (tmp_path / "out").exists()
 
 
+def test_a_fixed_field_of_view_sets_the_spacing_and_keeps_the_anatomy_in_mm():
+    def organ_area_mm2(fov):  # mean labelled area per slice over four patients
+        cases = [generate_case(np.random.default_rng(seed), size=64, slices=6, field_of_view_mm=fov) for seed in range(4)]
+        assert {case.spacing_mm[1:] for case in cases} == {(round(fov / 64, 3),) * 2}
+        return np.mean([(case.labels > 0).mean(axis=0).sum() * case.spacing_mm[1] * case.spacing_mm[2] for case in cases])
+
+    tight, wide = organ_area_mm2(360), organ_area_mm2(500)
+    assert tight == pytest.approx(wide, rel=0.15), "organs are drawn in mm, whatever the field"
+    default = generate_case(np.random.default_rng(5), size=64, slices=6)
+    assert default.spacing_mm[1] not in (5.625, 7.812), "without a field, it is fitted to the patient"
+
+
+@pytest.mark.parametrize("field", [100, 2000, True, "400"])
+def test_bad_field_of_view_is_named_and_nothing_is_written(tmp_path, field):
+    with pytest.raises(UserInputError, match=r"^--field-of-view: expected a field of view in mm in \[150, 1000\]"):
+        write_synthetic_dataset(tmp_path / "out", field_of_view_mm=field)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_non_empty_output_directory_is_never_overwritten(tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()

@@ -22,7 +22,8 @@ from lrc_ray.superpixels.table import add_superpixels, decode_row, slices_table
 def phantom_table(case_id: str, seed: int, *, labelled: bool, size: int = 32) -> pa.Table:
     case = generate_case(np.random.default_rng(seed), size=40, slices=4)
     params = SliceParams(size=size)
-    prepared = prepare_slices(case.hu.astype(np.float32), case.labels if labelled else None, params)
+    prepared = prepare_slices(case.hu.astype(np.float32), case.labels if labelled else None, params,
+                              native_spacing_mm=case.spacing_mm[1:])
     return add_superpixels(slices_table(case_id, prepared), FelzenszwalbParams(scale=50, min_size=5), params)
 
 

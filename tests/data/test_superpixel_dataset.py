@@ -25,7 +25,7 @@ def phantom_table(case_id: str, seed: int, *, labelled: bool, air_slices: int = 
     hu = case.hu.astype(np.float32)
     hu[:air_slices] = -1000.0
     params = SliceParams()
-    prepared = prepare_slices(hu, case.labels if labelled else None, params)
+    prepared = prepare_slices(hu, case.labels if labelled else None, params, native_spacing_mm=case.spacing_mm[1:])
     return add_superpixels(slices_table(case_id, prepared), FelzenszwalbParams(), params)
 
 

@@ -21,7 +21,7 @@ def slice_table() -> pa.Table:
     tables = []
     for index in range(3):
         case = generate_case(rng, size=48, slices=4)
-        prepared = prepare_slices(case.hu.astype(np.float32), case.labels, slicing)
+        prepared = prepare_slices(case.hu.astype(np.float32), case.labels, slicing, native_spacing_mm=case.spacing_mm[1:])
         tables.append(add_superpixels(slices_table(f"case_{index}", prepared), FelzenszwalbParams(scale=50, min_size=5), slicing))
     return pa.concat_tables(tables)
 

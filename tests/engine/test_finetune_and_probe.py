@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +95,29 @@ def test_probe_is_deterministic_and_a_dice(slice_table):
     second = linear_probe_dice(model.backbone, probe, steps=20, seed=0)
     assert first == second and 0.0 <= first <= 1.0
     assert model.backbone.training, "the backbone's mode is restored"
+
+
+def test_evaluation_reports_an_organ_missing_from_a_validation_volume_as_absent(slice_table):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from lrc_ray.engine.finetune import evaluate
+    from lrc_ray.superpixels.table import decode_row
+
+    # Volume case_1 without its liver (label 5): as if that scan's liver was out of the field.
+    labels = []
+    for row in range(slice_table.num_rows):
+        label = decode_row(slice_table, row).label
+        if slice_table.column("case_id")[row].as_py() == "case_1":
+            label = np.where(label == 5, 0, label)
+        labels.append(label.ravel())
+    table = slice_table.set_column(slice_table.schema.get_field_index("label"), "label",
+                                   pa.array([list(label) for label in labels], pa.list_(pa.uint8())))
+    assert (pc.list_flatten(table.column("label")).to_numpy() == 5).any()
+    torch.manual_seed(0)
+    model = build_segmentation_model(NETWORK, NUM_CLASSES, None)
+    names = {index: str(index) for index in range(NUM_CLASSES)} | {5: "liver"}
+    results = evaluate(model, table, cases=("case_0", "case_1"), labels=names)
+    assert results["dice_per_volume"]["case_1"]["liver"] is None
+    assert results["dice_per_volume"]["case_0"]["liver"] is not None
+    assert results["dice_per_organ"]["liver"] == results["dice_per_volume"]["case_0"]["liver"]

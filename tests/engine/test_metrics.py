@@ -21,6 +21,14 @@ def test_summary_averages_volumes_then_organs():
     assert summary["dice_mean"] == pytest.approx((0.75 + 0.2) / 2)
 
 
+def test_an_organ_absent_from_a_volume_is_reported_absent_not_zero():
+    per_volume = [np.array([0.8, np.nan, np.nan]), np.array([0.6, 0.4, np.nan])]
+    summary = summarise_dice(per_volume, ["liver", "spleen", "pancreas"], ["a", "b"])
+    assert summary["dice_per_organ"] == {"liver": pytest.approx(0.7), "spleen": pytest.approx(0.4), "pancreas": None}
+    assert summary["dice_per_volume"]["a"] == {"liver": pytest.approx(0.8), "spleen": None, "pancreas": None}
+    assert summary["dice_mean"] == pytest.approx((0.7 + 0.4) / 2)
+
+
 def test_shape_mismatch():
     with pytest.raises(ValueError, match=r"\(1, 2, 2\) and label \(1, 2, 3\)"):
         volume_dice(np.zeros((1, 2, 2), int), np.zeros((1, 2, 3), int), 2)
