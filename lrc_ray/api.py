@@ -177,7 +177,7 @@ def _pretrain_in_process(config: RunConfig, data: PretrainingData, checkpoint: P
     """The plain loop in this process; `scratch` (or zero epochs) saves the random initialisation."""
     import torch
 
-    from lrc_ray.data.shard import compact_slices
+    from lrc_ray.data.shard import compact_slices, sorted_by_row_key
     from lrc_ray.engine.checkpoint import save_checkpoint
     from lrc_ray.engine.pretrain import LrcPretrainer
     from lrc_ray.engine.pretrain_loop import LocalRun, run_pretraining
@@ -189,7 +189,7 @@ def _pretrain_in_process(config: RunConfig, data: PretrainingData, checkpoint: P
         return save_checkpoint(checkpoint, state_dict=initial.online.state_dict(), config=config.to_dict(), epoch=-1,
                                history=[])
     check_batch_fits(config, data)
-    arrays = compact_slices(read_entry_table(data.entry), data.selection)
+    arrays = sorted_by_row_key(compact_slices(read_entry_table(data.entry), data.selection))
     logger.info("pre-training %s on %d slices, %d epochs, batch %d", config.pretrain.method, data.num_slices,
                 config.pretrain.epochs, config.pretrain.batch_size)
     run_pretraining(config, LocalRun(config, arrays, checkpoint, progress=progress), num_classes=data.num_classes)

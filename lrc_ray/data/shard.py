@@ -116,9 +116,14 @@ def concat_compact(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     whichever order the batches came in)."""
     if not parts:
         raise UserInputError("no slice to pre-train on (the selection kept none)")
-    merged = {name: np.concatenate([part[name] for part in parts]) for name in COMPACT_COLUMNS}
-    order = np.argsort(merged["row_key"], kind="stable")
-    return {name: values[order] for name, values in merged.items()}
+    return sorted_by_row_key({name: np.concatenate([part[name] for part in parts]) for name in COMPACT_COLUMNS})
+
+
+def sorted_by_row_key(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Compact arrays in row-key order: the order epochs permute, whatever order the files were read in
+    (pyarrow and Ray Data list a cache's files differently)."""
+    order = np.argsort(arrays["row_key"], kind="stable")
+    return {name: values[order] for name, values in arrays.items()}
 
 
 def compact_bytes(num_slices: int, size: int) -> int:
