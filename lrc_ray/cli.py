@@ -114,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="directory to write basic_unet.pt and basic_unet.yaml")
     export.set_defaults(handler=_run_export)
 
+    predict = commands.add_parser(
+        "predict",
+        help="segment CT scans with a fine-tuned model: OUT/<case>.nii.gz on each scan's own grid",
+        description="Segment scans with a model written by `lrc-ray finetune` (or a sweep's finetuned/<key>/model.pt): "
+        "slices are prepared as in training (HU window, resampled to the model's spacing, cropped or padded), "
+        "predicted, and put back on the scan's grid. Writes OUT/<case>.nii.gz (uint8 labels, the scan's shape and "
+        f"affine) and OUT/labels.json (label value -> organ name). From {api.RAY_DATA_MIN_SCANS} scans on, or with "
+        "--address, scans are segmented with Ray Data, one model per CPU or GPU.",
+    )
+    predict.add_argument("--model", required=True, type=Path, help="model.pt written by `lrc-ray finetune --out DIR`")
+    predict.add_argument("--data", type=Path, default=None, help="a data set directory with dataset.json: every volume in it (or give --images)")
+    predict.add_argument("--images", type=Path, nargs="+", default=None, metavar="IMAGE",
+                       help="NIfTI scans (.nii.gz or .nii), e.g. A.nii.gz B.nii.gz")
+    predict.add_argument("--out", required=True, type=Path, help="directory for <case>.nii.gz and labels.json (created if new)")
+    predict.add_argument("--address", default=None, help="Ray cluster address: segment there with Ray Data")
+    predict.set_defaults(handler=_run_predict)
+
     sweep = commands.add_parser(
         "tune",
         help="search hyper-parameters with Ray Tune (Optuna TPE + ASHA) from a search-space YAML",
@@ -275,6 +292,13 @@ def _run_finetune(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     written = api.export(checkpoint=args.checkpoint, out=args.out)
     print(f"weights: {written['weights']}\nconstructor and preprocessing: {written['spec']}")
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    written = api.predict(model=args.model, data=args.data, images=args.images, out=args.out, address=args.address,
+                          progress=not args.quiet)
+    print(f"{len(written)} segmentation(s) in {args.out} (names: {args.out / 'labels.json'})")
     return 0
 
 
