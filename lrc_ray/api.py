@@ -441,7 +441,8 @@ def results(
         from lrc_ray.finalists import write_finalists
 
         table, plan = finalists
-        written |= write_finalists(table, found, info, out_dir, written["chosen"] if chosen_values else {})
+        written |= write_finalists(table, found, info, out_dir, written["chosen"] if chosen_values else {},
+                                   stage_root=experiment)
         written["missing"] = plan.missing
     return written
 

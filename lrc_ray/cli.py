@@ -396,7 +396,10 @@ def _print_results(written: dict, *, top: int) -> int:
             score = f"{metric} {overall[f'{metric}_mean']:.3f} +- {overall[f'{metric}_sd']:.3f} over {overall['runs']} seeds"
     chosen = written["chosen"][group]
     print(f"\nchosen configuration ({score}, {by} {group}): {chosen}")
-    print(f"use it with: lrc-ray pretrain --config {chosen}\n")
+    print(f"use it with: lrc-ray pretrain --config {chosen}")
+    if group in written.get("models", {}):
+        print(f"segment scans with its model: lrc-ray predict --model {written['models'][group]} --images SCAN.nii.gz --out DIR")
+    print()
     print(chosen.read_text())
     return _missing_fractions(written)
 
