@@ -2,7 +2,8 @@
 
 A scan's axial slices are made exactly as for training (`data.slices.prepare_slices`: the
 super-pixel stage's code path), the network labels every slice on the working grid, and the
-result is put back on the scan's grid with `SliceGeometry.put_back`.
+result is put back on the scan's grid (`data.geometry.put_back_probabilities`, the inverse of
+the crop or pad and of the resampling that `SliceGeometry` records).
 
 Put back are the softmax probabilities, resampled linearly, and the label is their argmax on
 the native grid (as nnU-Net exports: it resamples probabilities, not labels). Nearest labels
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from lrc_ray.atomic import write_json_atomic
-from lrc_ray.data.geometry import put_back
+from lrc_ray.data.geometry import put_back_probabilities
 from lrc_ray.data.msd import NIFTI_ENDINGS, CaseEntry, case_id_from_path, read_case
 from lrc_ray.data.nifti import is_3d_shape, read_header, read_volume, write_like
 from lrc_ray.data.slices import SliceParams, dequantise, prepare_slices
@@ -32,7 +33,7 @@ from lrc_ray.engine.metrics import summarise_dice, volume_dice
 from lrc_ray.errors import UserInputError
 from lrc_ray.models.networks import SegmentationNetwork
 
-SLICES_PER_BATCH = 8  # network batch; also bounds the float64 probabilities that put_back resamples
+SLICES_PER_BATCH = 8  # network batch; also bounds the native-grid probabilities held at once
 LABELS_FILE = "labels.json"
 
 
@@ -52,9 +53,9 @@ def segment_volume(
     images = torch.from_numpy(dequantise(prepared.image_u8))[:, None]  # (Z, 1, S, S)
     labels = np.empty(hu.shape, dtype=np.uint8)
     for start in range(0, len(images), batch_size):
-        probabilities = torch.softmax(model(images[start:start + batch_size].to(device)), dim=1).cpu().numpy()
-        native = put_back(probabilities, prepared.geometry, order=1, fill=0.0)  # (b, C, H, W)
-        labels[start:start + batch_size] = native.argmax(axis=1)
+        probabilities = torch.softmax(model(images[start:start + batch_size].to(device)), dim=1)
+        native = put_back_probabilities(probabilities, prepared.geometry)  # (b, C, H, W)
+        labels[start:start + batch_size] = native.argmax(dim=1).to(torch.uint8).cpu().numpy()
     return labels
 
 
