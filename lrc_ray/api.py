@@ -250,25 +250,26 @@ def predict(
             Nothing is written then.
     """
     from lrc_ray.atomic import check_writable_dir
-    from lrc_ray.engine.predict import output_paths, segment_file, write_label_names
+    from lrc_ray.engine.predict import output_paths, scans_of_files, segment_file, write_label_names
     from lrc_ray.engine.saved_model import load_model
 
     if (data is None) == (not images):
         raise UserInputError("--data or --images: expected exactly one source of scans, got "
                              + ("both" if data is not None else "neither"))
-    scans = [Path(image) for image in images] if images else [case.image_path for case in load_dataset(data).cases]
+    # a data set's own case ids: an nnU-Net image <case>_0000.nii.gz comes out as <case>.nii.gz
+    scans = scans_of_files(images) if images else [(case.case_id, case.image_path) for case in load_dataset(data).cases]
     saved = load_model(model)
     outputs = output_paths(scans, out)
     check_writable_dir(out, "--out")
     if address is not None or len(scans) >= RAY_DATA_MIN_SCANS:
         from lrc_ray.distributed.predict import segment_with_ray_data
 
-        segment_with_ray_data(model, scans, outputs, address=address)
+        segment_with_ray_data(model, [image for _, image in scans], outputs, address=address)
     else:
         from tqdm import tqdm
 
-        for scan, output in tqdm(list(zip(scans, outputs)), desc="predict", unit="scan", disable=not progress):
-            segment_file(saved.model, saved.slicing, scan, output)
+        for (_, image), output in tqdm(list(zip(scans, outputs)), desc="predict", unit="scan", disable=not progress):
+            segment_file(saved.model, saved.slicing, image, output)
     write_label_names(out, saved.labels)
     return {output.name.removesuffix(".nii.gz"): output for output in outputs}
 

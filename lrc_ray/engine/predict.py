@@ -93,26 +93,30 @@ def evaluate_cases(
     return summarise_dice(per_volume, organ_names, [case.case_id for case in cases])
 
 
-def output_paths(images: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
-    """OUT/<case>.nii.gz for each scan (<case>: its file name without .nii.gz or .nii), after checking every scan's header, so that a bad scan
-    stops the run before anything is written.
+def output_paths(scans: Sequence[tuple[str, Path]], out_dir: str | Path) -> list[Path]:
+    """OUT/<case>.nii.gz for each (case id, image file), after checking every scan's header, so
+    that a bad scan stops the run before anything is written.
 
     Raises:
         UserInputError: a file that is not a readable 3D NIfTI image with a known orientation, or
-            two scans with one case name.
+            two scans with one case id.
     """
     outputs: dict[str, Path] = {}
-    for image in images:
+    for case_id, image in scans:
         if not Path(image).name.endswith(NIFTI_ENDINGS):
             raise UserInputError(f"{image}: expected a 3D NIfTI image (.nii.gz or .nii)")
         shape, _ = read_header(image)
         if not is_3d_shape(shape):
             raise UserInputError(f"{image}: expected a 3D volume, got shape {shape}")
-        name = case_id_from_path(Path(image))
-        if name in outputs:
-            raise UserInputError(f"{image}: its case name {name!r} is also {outputs[name]}'s; each output is OUT/<case>.nii.gz")
-        outputs[name] = Path(image)
-    return [Path(out_dir) / f"{name}.nii.gz" for name in outputs]
+        if case_id in outputs:
+            raise UserInputError(f"{image}: its case name {case_id!r} is also {outputs[case_id]}'s; each output is OUT/<case>.nii.gz")
+        outputs[case_id] = Path(image)
+    return [Path(out_dir) / f"{case_id}.nii.gz" for case_id in outputs]
+
+
+def scans_of_files(images: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """(case id, file) of NIfTI files: the case id is the file name without .nii.gz or .nii."""
+    return [(case_id_from_path(Path(image)), Path(image)) for image in images]
 
 
 def write_label_names(out_dir: str | Path, labels: dict[int, str]) -> Path:

@@ -14,7 +14,7 @@ from lrc_ray.data.msd import CaseEntry
 from lrc_ray.data.phantom import ORGAN_LABELS, generate_case
 from lrc_ray.data.slices import SliceParams, prepare_slices
 from lrc_ray.engine.metrics import volume_dice
-from lrc_ray.engine.predict import evaluate_cases, output_paths, segment_file, segment_volume
+from lrc_ray.engine.predict import evaluate_cases, output_paths, scans_of_files, segment_file, segment_volume
 from lrc_ray.engine.saved_model import MODEL_KIND, load_model, save_model
 from lrc_ray.errors import UserInputError
 from lrc_ray.models.networks import SegmentationNetwork
@@ -125,17 +125,18 @@ def test_evaluation_scores_the_native_grid_and_reports_absent_organs_as_absent(s
 
 def test_output_names_and_bad_scans(tmp_path, tiny_dataset):
     scans = sorted((tiny_dataset / "imagesTr").glob("*.nii.gz"))
-    assert [p.name for p in output_paths(scans, tmp_path)] == [p.name for p in scans]
+    assert [p.name for p in output_paths(scans_of_files(scans), tmp_path)] == [p.name for p in scans]
+    assert output_paths([("case_7", scans[0])], tmp_path) == [tmp_path / "case_7.nii.gz"], "a data set's case id"
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UserInputError, match=r"notes.txt: expected a 3D NIfTI image \(.nii.gz or .nii\)"):
-        output_paths([tmp_path / "notes.txt"], tmp_path)
+        output_paths(scans_of_files([tmp_path / "notes.txt"]), tmp_path)
     flat = _nifti(tmp_path / "flat.nii.gz", np.zeros((8, 8), np.int16), np.eye(4))
     with pytest.raises(UserInputError, match=r"flat.nii.gz: expected a 3D volume, got shape \(8, 8\)"):
-        output_paths([flat], tmp_path)
+        output_paths(scans_of_files([flat]), tmp_path)
     (tmp_path / "copy").mkdir()
     twin = shutil.copy(scans[0], tmp_path / "copy")
     with pytest.raises(UserInputError, match=r"case name 'case_000' is also"):
-        output_paths([scans[0], twin], tmp_path)
+        output_paths(scans_of_files([scans[0], twin]), tmp_path)
 
 
 # --- saved models ---------------------------------------------------------------------------
