@@ -137,8 +137,9 @@ def put_back_probabilities(probabilities: "torch.Tensor", geometry: SliceGeometr
     Shape: (B, C, S_row, S_col) working -> (B, C, H, W) native. The same mapping as `put_back`
     (pixel-edge aligned, edge values held: torch's bilinear with align_corners=False is
     skimage's linear `resize`), at a cost a whole scan can afford: skimage resamples
-    (B, C, H, W) as a 4D array on the CPU, about 100 times slower. Where the native grid is
-    coarser, torch's anti-aliasing filter (a widened triangle) stands in for skimage's Gaussian.
+    (B, C, H, W) as a 4D array, 29x slower (8 slices x 14 classes, 256 -> 512 px, one thread).
+    Where the native grid is coarser, torch's anti-aliasing filter (a widened triangle) stands in
+    for skimage's Gaussian.
     Pixels that the crop cut off get probability 0 for every class.
     Raises ValueError when the last two axes are not the geometry's working shape.
     """
