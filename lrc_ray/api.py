@@ -200,19 +200,22 @@ def finetune(
     *, config: RunConfig, checkpoint: str | Path | None = None, out_dir: str | Path | None = None, progress: bool = True
 ) -> dict:
     """Fine-tune at `config.finetune.label_fraction` and return per-organ and mean 3D Dice on the
-    validation volumes.
+    validation volumes, each on its native grid.
 
-    Without a checkpoint the network starts from random weights (the `scratch` baseline).
+    Without a checkpoint the network starts from random weights (the `scratch` baseline). With
+    `out_dir`, the model goes to `out_dir/model.pt` (for `lrc-ray predict --model`) and the
+    results, with its path as `model`, to `out_dir/results.json`.
     """
+    from lrc_ray.engine.saved_model import save_model
     from lrc_ray.superpixels.cache import read_entry_table
 
     data = stages.run_data(config.data)
-    table = read_entry_table(data.entry)
-    model, summary = stages.finetune_model(config, data, table, checkpoint, progress=progress)
-    scores = stages.evaluate_model(model, table, data, "validation")
+    model, summary = stages.finetune_model(config, data, read_entry_table(data.entry), checkpoint, progress=progress)
+    scores = stages.evaluate_model(model, config, data, "validation")
     results = {key: value for key, value in scores.items() if key not in ("cases", "seconds")}
     results |= {"validation_cases": scores["cases"]} | summary
     if out_dir is not None:
+        results["model"] = str(save_model(Path(out_dir) / stages.MODEL_FILE, model, config=config, labels=data.labels))
         write_json_atomic(Path(out_dir) / "results.json", results)
     return results
 
@@ -223,6 +226,52 @@ def export(*, checkpoint: str | Path, out: str | Path) -> dict[str, Path]:
     from lrc_ray.engine.export import export_basic_unet
 
     return export_basic_unet(checkpoint, out)
+
+
+# From this many scans on, `predict` runs as Ray Data batch inference (one model per CPU or GPU);
+# fewer run in this process, where a local Ray's start (~5-10 s) would cost more than it saves.
+RAY_DATA_MIN_SCANS = 8
+
+
+def predict(
+    *, model: str | Path, out: str | Path, data: str | Path | None = None, images: list[str | Path] | None = None,
+    address: str | None = None, progress: bool = True,
+) -> dict[str, Path]:
+    """Segment scans with a fine-tuned model and write OUT/<case>.nii.gz (uint8 labels with each
+    scan's shape and affine) and OUT/labels.json (label value -> organ name); returns case -> file.
+
+    The scans are `images` (NIfTI files), or every volume of the data set at `data` (a directory
+    with dataset.json). With `address`, or RAY_DATA_MIN_SCANS scans or more, they are segmented
+    with Ray Data (`distributed.predict`); otherwise here, with a progress bar.
+
+    Raises:
+        UserInputError: neither or both of `data` and `images`; a model file that is not an lrc_ray
+            model; a scan that is not a readable 3D NIfTI file; an `out` that is not writable.
+            Nothing is written then.
+    """
+    from lrc_ray.atomic import check_writable_dir
+    from lrc_ray.engine.predict import output_paths, scans_of_files, segment_file, write_label_names
+    from lrc_ray.engine.saved_model import load_model
+
+    if (data is None) == (not images):
+        raise UserInputError("--data or --images: expected exactly one source of scans, got "
+                             + ("both" if data is not None else "neither"))
+    # a data set's own case ids: an nnU-Net image <case>_0000.nii.gz comes out as <case>.nii.gz
+    scans = scans_of_files(images) if images else [(case.case_id, case.image_path) for case in load_dataset(data).cases]
+    saved = load_model(model)
+    outputs = output_paths(scans, out)
+    check_writable_dir(out, "--out")
+    if address is not None or len(scans) >= RAY_DATA_MIN_SCANS:
+        from lrc_ray.distributed.predict import segment_with_ray_data
+
+        segment_with_ray_data(model, [image for _, image in scans], outputs, address=address)
+    else:
+        from tqdm import tqdm
+
+        for (_, image), output in tqdm(list(zip(scans, outputs)), desc="predict", unit="scan", disable=not progress):
+            segment_file(saved.model, saved.slicing, image, output)
+    write_label_names(out, saved.labels)
+    return {output.name.removesuffix(".nii.gz"): output for output in outputs}
 
 
 DEFAULT_STORAGE = Path(".lrc_ray/sweeps")
@@ -393,7 +442,8 @@ def results(
         from lrc_ray.finalists import write_finalists
 
         table, plan = finalists
-        written |= write_finalists(table, found, info, out_dir, written["chosen"] if chosen_values else {})
+        written |= write_finalists(table, found, info, out_dir, written["chosen"] if chosen_values else {},
+                                   stage_root=experiment)
         written["missing"] = plan.missing
     return written
 

@@ -114,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="directory to write basic_unet.pt and basic_unet.yaml")
     export.set_defaults(handler=_run_export)
 
+    predict = commands.add_parser(
+        "predict",
+        help="segment CT scans with a fine-tuned model: OUT/<case>.nii.gz on each scan's own grid",
+        description="Segment scans with a model written by `lrc-ray finetune` (or a sweep's finetuned/<key>/model.pt): "
+        "slices are prepared as in training (HU window, resampled to the model's spacing, cropped or padded), "
+        "predicted, and put back on the scan's grid. Writes OUT/<case>.nii.gz (uint8 labels, the scan's shape and "
+        f"affine) and OUT/labels.json (label value -> organ name). From {api.RAY_DATA_MIN_SCANS} scans on, or with "
+        "--address, scans are segmented with Ray Data, one model per CPU or GPU.",
+    )
+    predict.add_argument("--model", required=True, type=Path, help="model.pt written by `lrc-ray finetune --out DIR`")
+    predict.add_argument("--data", type=Path, default=None, help="a data set directory with dataset.json: every volume in it (or give --images)")
+    predict.add_argument("--images", type=Path, nargs="+", default=None, metavar="IMAGE",
+                       help="NIfTI scans (.nii.gz or .nii), e.g. A.nii.gz B.nii.gz")
+    predict.add_argument("--out", required=True, type=Path, help="directory for <case>.nii.gz and labels.json (created if new)")
+    predict.add_argument("--address", default=None, help="Ray cluster address: segment there with Ray Data")
+    predict.set_defaults(handler=_run_predict)
+
     sweep = commands.add_parser(
         "tune",
         help="search hyper-parameters with Ray Tune (Optuna TPE + ASHA) from a search-space YAML",
@@ -278,6 +295,13 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_predict(args: argparse.Namespace) -> int:
+    written = api.predict(model=args.model, data=args.data, images=args.images, out=args.out, address=args.address,
+                          progress=not args.quiet)
+    print(f"{len(written)} segmentation(s) in {args.out} (names: {args.out / 'labels.json'})")
+    return 0
+
+
 def _run_tune(args: argparse.Namespace) -> int:
     experiment = api.tune(space=args.space, data=args.data, storage=args.storage, name=args.name,
                           num_samples=args.samples, resume=args.resume, address=args.address, search=args.search,
@@ -372,7 +396,10 @@ def _print_results(written: dict, *, top: int) -> int:
             score = f"{metric} {overall[f'{metric}_mean']:.3f} +- {overall[f'{metric}_sd']:.3f} over {overall['runs']} seeds"
     chosen = written["chosen"][group]
     print(f"\nchosen configuration ({score}, {by} {group}): {chosen}")
-    print(f"use it with: lrc-ray pretrain --config {chosen}\n")
+    print(f"use it with: lrc-ray pretrain --config {chosen}")
+    if group in written.get("models", {}):
+        print(f"segment scans with its model: lrc-ray predict --model {written['models'][group]} --images SCAN.nii.gz --out DIR")
+    print()
     print(chosen.read_text())
     return _missing_fractions(written)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from lrc_ray.results import PARAMETER_COLUMNS, SweepInfo, TrialRecord, flatten, trial_config
-from lrc_ray.stages import run_keys
+from lrc_ray.stages import finetuned_model, run_keys
 
 SCRATCH = "scratch"
 TEST_PREFIX = "test_"  # a finalist reports its test scores as the validation ones with this prefix
@@ -164,7 +164,8 @@ def finalists_table(plan: FinalistPlan, outcomes: dict[int, dict], info: SweepIn
     validation and on the test volumes, the paired difference to scratch on each (over the seeds
     both finished), and `chosen` (the best mean validation of its fraction).
 
-    `outcomes`: finalist run index -> that trial's last report (unfinished runs may be absent).
+    `outcomes`: finalist run index -> that trial's last report (unfinished runs may be absent);
+    `models` holds each seed's fine-tuning key (`stages.finetuned_model`), None if not reported.
     """
     rows = []
     for (fraction, role), runs in _group_runs(plan).items():
@@ -177,6 +178,7 @@ def finalists_table(plan: FinalistPlan, outcomes: dict[int, dict], info: SweepIn
         for part, name in (("validation", info.metric), ("test", test_metric(info.metric))):
             row[f"{part}_mean"], row[f"{part}_low"], row[f"{part}_high"] = t_interval([f[name] for f in finished.values()])
         row["scores"] = {seed: (f[info.metric], f[test_metric(info.metric)]) for seed, f in finished.items()}
+        row["models"] = {seed: f.get("finetune_key") for seed, f in finished.items()}  # keys of their models
         row["setting"] = runs[0].setting
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -323,9 +325,11 @@ def choice_lines(found: list[Choice], metric: str) -> list[str]:
     return lines
 
 
-def write_finalists(table: pd.DataFrame, found: list[Choice], info: SweepInfo, out_dir, chosen_configs: dict) -> dict:
+def write_finalists(table: pd.DataFrame, found: list[Choice], info: SweepInfo, out_dir, chosen_configs: dict,
+                    stage_root=None) -> dict:
     """Write finalists.csv, finalists.md, test_dice_vs_label_fraction.png and, next to each chosen
-    config (`chosen_configs`: label fraction -> its YAML path), its numbers as JSON."""
+    config (`chosen_configs`: label fraction -> its YAML path), its numbers as JSON and, with the
+    sweep's `stage_root`, its model (`keep_chosen_model`)."""
     from pathlib import Path
 
     from lrc_ray.atomic import atomic_write_path, write_json_atomic
@@ -333,21 +337,50 @@ def write_finalists(table: pd.DataFrame, found: list[Choice], info: SweepInfo, o
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plain = table.drop(columns=["scores"]).assign(setting=table["setting"].map(_setting_text))
+    plain = table.drop(columns=["scores", "models"]).assign(setting=table["setting"].map(_setting_text))
     with atomic_write_path(out_dir / "finalists.csv") as tmp:
         plain.to_csv(tmp, index=False)
     shown = display_table(table)
     with atomic_write_path(out_dir / "finalists.md") as tmp:
         tmp.write_text(f"Finalists: {info.metric}, mean [95% t-interval] over seeds\n\n" + markdown_table(shown) + "\n\n"
                        + "\n".join(f"- {line}" for line in choice_lines(found, info.metric)) + "\n")
-    numbers = {}
+    numbers, models = {}, {}
     for choice in found:
         path = chosen_configs.get(choice.label_fraction)
         if path is not None:
             numbers[choice.label_fraction] = Path(path).with_suffix(".json")
-            write_json_atomic(numbers[choice.label_fraction], chosen_numbers(choice, info.metric))
+            kept = keep_chosen_model(choice, info, stage_root, Path(path).with_suffix(".pt")) if stage_root else None
+            write_json_atomic(numbers[choice.label_fraction], chosen_numbers(choice, info.metric) | {"model": kept})
+            if kept is not None:
+                models[choice.label_fraction] = Path(kept["file"])
     plots = [out_dir / "test_dice_vs_label_fraction.png"] if _plot_test_dice(table, info, out_dir / "test_dice_vs_label_fraction.png") else []
-    return {"finalists": table, "finalists_shown": shown, "choices": found, "numbers": numbers, "finalist_plots": plots}
+    return {"finalists": table, "finalists_shown": shown, "choices": found, "numbers": numbers, "models": models,
+            "finalist_plots": plots}
+
+
+def keep_chosen_model(choice: Choice, info: SweepInfo, stage_root, target) -> dict | None:
+    """Copy the model of the chosen setting's best seed by validation (never by test) from the
+    sweep's stage outputs to `target`, atomically; returns where it came from and its numbers, or
+    None when no finished run of the setting left a model (e.g. a sweep from before models were kept).
+    Every seed's model stays under the stage root (`all_seeds`)."""
+    import shutil
+    from pathlib import Path
+
+    from lrc_ray.atomic import atomic_write_path
+
+    row = choice.chosen
+    models = {seed: finetuned_model(stage_root, key) for seed, key in row["models"].items() if key}
+    models = {seed: path for seed, path in models.items() if path.is_file()}
+    if not models:
+        return None
+    sign = 1.0 if info.mode == "max" else -1.0
+    seed = max(models, key=lambda candidate: sign * row["scores"][candidate][0])
+    with atomic_write_path(target) as tmp:
+        shutil.copyfile(models[seed], tmp)
+    validation, test = row["scores"][seed]
+    return {"file": str(Path(target).resolve()), "seed": int(seed), "chosen_among_seeds_by": f"validation {info.metric}",
+            "validation": validation, "test": test, "source": str(models[seed]),
+            "all_seeds": {str(s): str(path) for s, path in sorted(models.items())}}
 
 
 def _setting_text(setting: dict) -> str:

@@ -7,9 +7,11 @@ experiment directory):
 
     pretrained/<pretraining key>/checkpoint.pt   the online network's weights
                                  history.json    its epoch reports, written last: marks it done
-    finetuned/<fine-tuning key>/model.pt         the fine-tuned network's weights
+    finetuned/<fine-tuning key>/model.pt         the fine-tuned model: weights, config, label names and
+                                                 preprocessing (`engine.saved_model`; `lrc-ray predict --model`)
                                 finetune.json    its loss history and seconds, written last
-                                validation.json  its Dice on each held-out part scored so far
+                                validation.json  its Dice on each held-out part scored so far, on
+                                                 each volume's native grid (`engine.predict`)
                                 test.json
 
 (super-pixels are keyed by the cache itself: `superpixels.cache.entry_key`). A lock per key
@@ -35,7 +37,7 @@ from typing import Callable
 
 from lrc_ray.atomic import write_json_atomic
 from lrc_ray.config import DataConfig, RunConfig
-from lrc_ray.data.msd import HeaderSummary, MsdDataset, check_headers, load_dataset, load_msd_dataset
+from lrc_ray.data.msd import CaseEntry, HeaderSummary, MsdDataset, check_headers, load_dataset, load_msd_dataset
 from lrc_ray.data.slices import SliceParams
 from lrc_ray.engine.splits import CaseSplit, ProbeSource, label_fraction_subset, split_labelled_cases
 from lrc_ray.errors import UserInputError
@@ -50,8 +52,10 @@ logger = logging.getLogger(__name__)
 
 PRETRAINED_DIR = "pretrained"
 FINETUNED_DIR = "finetuned"
+MODEL_FILE = "model.pt"  # a fine-tuning's model (`engine.saved_model`)
 HISTORY_FILE = "history.json"  # a pre-training's epoch reports, written after its checkpoint
 FINETUNE_FILE = "finetune.json"  # a fine-tuning's history and seconds, written after its weights
+FINETUNED_FORMAT = 2  # part of the fine-tuning key: outputs of another format are not reused
 
 # Writes a data set's super-pixel table as Parquet files into a directory (the Ray Data pipeline).
 Extract = Callable[[MsdDataset, ExtractionParams, Path, HeaderSummary], None]
@@ -80,6 +84,7 @@ class RunData:
     entry: CacheEntry
     labels: dict[int, str]  # label value -> organ name (0: background)
     split: CaseSplit
+    labelled_cases: tuple[CaseEntry, ...]  # their files, which evaluation reads on their native grid
     cache_hit: bool = True  # False: this call built the entry
 
     @property
@@ -176,7 +181,8 @@ def run_data(data: DataConfig, *, extract: Extract | None = None) -> RunData:
     entry, hit = superpixel_entry(dataset, data.cache_root, extraction_params_for(data), extract=extract)
     split = split_labelled_cases([case.case_id for case in dataset.labelled_cases], validation_cases=data.validation_cases,
                                  test_cases=data.test_cases, seed=data.split_seed)
-    return RunData(entry=entry, labels=entry_labels(entry), split=split, cache_hit=hit)
+    return RunData(entry=entry, labels=entry_labels(entry), split=split, labelled_cases=dataset.labelled_cases,
+                   cache_hit=hit)
 
 
 def entry_labels(entry: CacheEntry) -> dict[int, str]:
@@ -318,6 +324,8 @@ def finetuning_key(config: RunConfig, pretrained: str | None) -> str:
         "network": config.to_dict()["network"],
         "finetune": config.to_dict()["finetune"],
         "seed": config.seed,
+        # 2: a self-describing model.pt, Dice on the native grid (1: weights only, Dice on working slices)
+        "outputs": FINETUNED_FORMAT,
     }
     return _digest(relevant)
 
@@ -367,21 +375,24 @@ def finetune_model(config: RunConfig, data: RunData, table, checkpoint: str | Pa
     return model, summary
 
 
-def evaluate_model(model, table, data: RunData, part: str) -> dict:
+def evaluate_model(model, config: RunConfig, data: RunData, part: str) -> dict:
     """Per-organ and mean 3D Dice of a fine-tuned model on a held-out part ("validation" or
-    "test") of the split, with the volumes (`cases`) and the seconds it took.
+    "test") of the split, on each volume's native grid (its slices prepared as `config` says,
+    predicted and put back, as `lrc-ray predict` does), with the volumes (`cases`) and the
+    seconds it took.
 
     Raises:
         UserInputError: a part with no volumes (e.g. "test" with `data.test_cases` 0).
     """
-    from lrc_ray.engine.finetune import evaluate
+    from lrc_ray.engine.predict import evaluate_cases
+    from lrc_ray.engine.saved_model import slicing_for
 
     cases = data.split.part(part)
     if not cases:
         raise UserInputError(f"data.test_cases: 0, so there are no {part} volumes to score; set it to at least 1")
     started = time.perf_counter()
-    scores = evaluate(model, table, cases=cases, labels=data.labels)
-    scores.pop("validation_cases")
+    files = {case.case_id: case for case in data.labelled_cases}
+    scores = evaluate_cases(model, [files[case] for case in cases], labels=data.labels, slicing=slicing_for(config))
     return scores | {"cases": list(cases), "seconds": time.perf_counter() - started}
 
 
@@ -394,21 +405,26 @@ class Finetuned:
     seconds: float  # what this call computed: fine-tuning (unless reused) and the evaluations it ran
 
 
+def finetuned_model(root: str | Path, key: str) -> Path:
+    """Where the fine-tuning of `key` under a stage root keeps its model."""
+    return Path(root) / FINETUNED_DIR / key / MODEL_FILE
+
+
 def finetune_and_evaluate(
     config: RunConfig, data: RunData, pretrained: Pretrained | None, *, root: Path, parts: tuple[str, ...],
     progress: bool = False,
 ) -> Finetuned:
     """Stages 3 and 4: fine-tune from `pretrained` (None: from scratch) unless an earlier run did,
     then score the held-out `parts` not scored before; both keyed under `root`."""
-    import torch
-
+    from lrc_ray.engine.saved_model import load_model, save_model
     from lrc_ray.superpixels.cache import read_entry_table
 
     key = finetuning_key(config, pretrained.key if pretrained else None)
-    directory = Path(root) / FINETUNED_DIR / key
+    model_file = finetuned_model(root, key)
+    directory = model_file.parent
     directory.mkdir(parents=True, exist_ok=True)
-    model_file, summary_file = directory / "model.pt", directory / FINETUNE_FILE
-    model, table, spent = None, None, 0.0
+    summary_file = directory / FINETUNE_FILE
+    model, spent = None, 0.0
     with entry_lock(directory.parent, key):
         reused = summary_file.is_file()
         if reused:
@@ -418,7 +434,7 @@ def finetune_and_evaluate(
             model, summary = finetune_model(config, data, table, pretrained.checkpoint if pretrained else None,
                                             progress=progress)
             spent += summary["seconds"]
-            _save_state(model.state_dict(), model_file)
+            save_model(model_file, model, config=config, labels=data.labels)
             write_json_atomic(summary_file, summary)  # last: it marks the weights complete
         scores = {}
         for part in parts:
@@ -427,25 +443,13 @@ def finetune_and_evaluate(
                 scores[part] = json.loads(part_file.read_text())
                 continue
             if model is None:
-                from lrc_ray.engine.finetune import build_segmentation_model
+                import torch
 
-                table = read_entry_table(data.entry)
-                model = build_segmentation_model(config.network, data.num_classes, None)
-                model.load_state_dict(torch.load(model_file, map_location="cpu", weights_only=True))
-                model.to("cuda" if torch.cuda.is_available() else "cpu")
-            scores[part] = evaluate_model(model, table, data, part)
+                model = load_model(model_file).model.to("cuda" if torch.cuda.is_available() else "cpu")
+            scores[part] = evaluate_model(model, config, data, part)
             spent += scores[part]["seconds"]
             write_json_atomic(part_file, scores[part])
     return Finetuned(key=key, summary=summary, scores=scores, reused=reused, seconds=spent)
-
-
-def _save_state(state_dict: dict, path: Path) -> None:
-    import torch
-
-    from lrc_ray.atomic import atomic_write_path
-
-    with atomic_write_path(path) as tmp:
-        torch.save({name: value.cpu() for name, value in state_dict.items()}, tmp)
 
 
 def _digest(relevant: dict) -> str:

@@ -209,6 +209,29 @@ def test_write_finalists_writes_tables_numbers_beside_the_config_and_the_plot(tm
     assert (tmp_path / "test_dice_vs_label_fraction.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_chosen_setting_keeps_the_model_of_its_best_validation_seed(tmp_path):
+    plan, _ = _scored()
+    outcomes = _outcomes(plan, {(1.0, "search #2"): {1: (0.68, 0.60), 2: (0.70, 0.61), 3: (0.69, 0.62)}})
+    for index, outcome in outcomes.items():
+        key = f"key-{index}"
+        outcome["finetune_key"] = key
+        model = tmp_path / "sweep" / "finetuned" / key / "model.pt"
+        model.parent.mkdir(parents=True)
+        model.write_bytes(f"model of run {index}".encode())
+    table = finalists_table(plan, outcomes, INFO)
+    found = choices(table)
+    written = write_results(_search(), INFO, tmp_path / "results",
+                            chosen_values={choice.label_fraction: choice.chosen["setting"] for choice in found})
+    out = write_finalists(table, found, INFO, tmp_path / "results", written["chosen"], stage_root=tmp_path / "sweep")
+    kept = tmp_path / "results" / "best_config_label_fraction_1.pt"
+    assert out["models"] == {1.0: kept}
+    seed_2 = next(run.index for run in plan.runs if run.label_fraction == 1.0 and run.role == "search #2" and run.seed == 2)
+    assert kept.read_bytes() == f"model of run {seed_2}".encode(), "seed 2 has the best validation Dice (not test)"
+    numbers = json.loads((tmp_path / "results" / "best_config_label_fraction_1.json").read_text())
+    assert numbers["model"]["seed"] == 2 and numbers["model"]["test"] == 0.61 and len(numbers["model"]["all_seeds"]) == 3
+    assert "models" not in (tmp_path / "results" / "finalists.csv").read_text().splitlines()[0].split(",")
+
+
 def test_results_print_the_finalists_table_and_name_fractions_without_finalists(tmp_path, capsys):
     from lrc_ray.cli import _print_results
 

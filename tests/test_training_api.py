@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +186,89 @@ def test_a_forced_device_mode_that_does_not_fit_is_one_line(capsys, tiny_config,
     assert re.fullmatch(r"lrc-ray: error: pretrain.input_mode: device needs \d+ bytes for \d+ slices of 32 x 32, "
                         r"but only 1000 bytes are free on the device .*use input_mode: stream or auto", err[0]), err
     assert not (tmp_path / "pre" / "checkpoint.pt").exists()
+
+
+# --- saved models and `lrc-ray predict` -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_config, tmp_path_factory):
+    """A scratch model fine-tuned long enough to find the liver, written with its results."""
+    config = tiny_config.replace(pretrain={"method": "scratch"}, finetune={"epochs": 10, "lr": 0.01})
+    out = tmp_path_factory.mktemp("finetuned")
+    return api.finetune(config=config, out_dir=out, progress=False), out
+
+
+def _native_dice(prediction: Path, label: Path) -> dict[str, float | None]:
+    import nibabel as nib
+    import numpy as np
+
+    from lrc_ray.data.phantom import ORGAN_LABELS
+    from lrc_ray.engine.metrics import volume_dice
+
+    predicted, truth = (np.asarray(nib.load(str(path)).dataobj) for path in (prediction, label))
+    dice = volume_dice(predicted, truth.astype(np.uint8), len(ORGAN_LABELS))
+    return {ORGAN_LABELS[index + 1]: (None if np.isnan(value) else float(value)) for index, value in enumerate(dice)}
+
+
+def test_finetune_writes_its_model_next_to_its_results(finetuned):
+    from lrc_ray.engine.saved_model import load_model
+
+    results, out = finetuned
+    assert results["model"] == str(out / "model.pt")
+    assert json.loads((out / "results.json").read_text())["model"] == results["model"]
+    assert load_model(out / "model.pt").config.finetune.epochs == 10
+    assert sorted(path.name for path in out.iterdir()) == ["model.pt", "results.json"], "no temporary file left"
+
+
+def test_predict_writes_the_scan_grid_and_scores_the_dice_finetune_reported(capsys, finetuned, tiny_dataset, tmp_path):
+    import nibabel as nib
+
+    results, out = finetuned
+    (case,) = results["validation_cases"]
+    image, label = tiny_dataset / "imagesTr" / f"{case}.nii.gz", tiny_dataset / "labelsTr" / f"{case}.nii.gz"
+    code = main(["-q", "predict", "--model", results["model"], "--images", str(image), "--out", str(tmp_path / "seg")])
+    assert code == 0
+    written, original = nib.load(str(tmp_path / "seg" / f"{case}.nii.gz")), nib.load(str(image))
+    assert written.shape == original.shape and np.array_equal(written.affine, original.affine)
+    assert written.get_data_dtype() == np.uint8
+    reported = results["dice_per_volume"][case]
+    assert reported["liver"] > 0.2, f"the model should find the liver: {reported}"
+    assert _native_dice(tmp_path / "seg" / f"{case}.nii.gz", label) == pytest.approx(reported, abs=1e-6)
+    names = json.loads((tmp_path / "seg" / "labels.json").read_text())
+    assert names["0"] == "background" and names["5"] == "liver"
+
+
+def test_predict_with_ray_data_writes_what_the_local_loop_writes(finetuned, tiny_dataset, tmp_path, monkeypatch):
+    import nibabel as nib
+
+    results, _ = finetuned
+    local = api.predict(model=results["model"], data=tiny_dataset, out=tmp_path / "local", progress=False)
+    monkeypatch.setattr(api, "RAY_DATA_MIN_SCANS", 1)  # three scans: Ray Data batch inference
+    distributed = api.predict(model=results["model"], data=tiny_dataset, out=tmp_path / "ray", progress=False)
+    assert sorted(local) == sorted(distributed) == ["case_000", "case_001", "unlabeled_000"]
+    for case in local:
+        assert np.array_equal(np.asarray(nib.load(str(local[case])).dataobj), np.asarray(nib.load(str(distributed[case])).dataobj))
+    assert sorted(path.name for path in (tmp_path / "ray").iterdir()) == sorted([f"{case}.nii.gz" for case in local] + ["labels.json"])
+
+
+def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, finetuned, checkpoint, tiny_dataset, tmp_path):
+    import nibabel as nib
+
+    results, _ = finetuned
+    image = str(tiny_dataset / "imagesTr" / "case_000.nii.gz")
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 1, 2), np.int16), np.eye(4)), str(flat))
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (["--model", str(checkpoint), "--images", image], "checkpoint.pt: not an lrc_ray segmentation model"),
+        (["--model", results["model"], "--images", str(flat)], r"flat.nii.gz: expected a 3D volume, got shape \(8, 8, 1, 2\)"),
+        (["--model", results["model"], "--images", image, "--data", str(tiny_dataset)], "--data or --images: .* got both"),
+        (["--model", results["model"]], "--data or --images: expected exactly one source of scans, got neither"),
+    ]
+    for args, message in cases:
+        code, err = _cli(capsys, "predict", *args, "--out", str(tmp_path / "seg"))
+        assert code == 2 and len(err) == 1 and re.search(message, err[0]), (args, err)
+        assert not (tmp_path / "seg").exists()
+    code, err = _cli(capsys, "predict", "--model", results["model"], "--images", image, "--out", str(tmp_path / "a_file" / "seg"))
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"lrc-ray: error: --out {tmp_path / 'a_file' / 'seg'}: not writable")

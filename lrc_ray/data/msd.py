@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrc_ray.data.nifti import Volume, read_header, read_volume
+from lrc_ray.data.nifti import Volume, is_3d_shape, read_header, read_volume
 from lrc_ray.errors import DataValidationError
 
 DATASET_JSON = "dataset.json"
@@ -146,7 +146,7 @@ def check_headers(dataset: MsdDataset) -> HeaderSummary:
         total_slices += axial_slices
         if axial_slices:
             max_slice_pixels = max(max_slice_pixels, int(np.prod(shape[:3])) // axial_slices)
-        if not _is_3d(shape):
+        if not is_3d_shape(shape):
             raise DataValidationError(f"{case.image_path}: expected a 3D volume, got shape {shape}")
         if case.label_path is not None:
             label_shape, _ = read_header(case.label_path)
@@ -289,7 +289,7 @@ def _entry_cases(entries: list, base: Path, field: str, json_path: Path, *, labe
             raise DataValidationError(f"{json_path}: {where} must be a path or an object with 'image'")
         image = _existing_file(base, image_ref, f"{where}.image", json_path)
         label_path = None if label_ref is None else _existing_file(base, label_ref, f"{where}.label", json_path)
-        cases.append(CaseEntry(_case_id(image), image, label_path))
+        cases.append(CaseEntry(case_id_from_path(image), image, label_path))
     return cases
 
 
@@ -309,13 +309,10 @@ def _existing_file(root: Path, reference: object, field: str, json_path: Path) -
     return path
 
 
-def _case_id(image_path: Path) -> str:
+def case_id_from_path(image_path: Path) -> str:
+    """A volume's case id: its file name without .nii.gz or .nii."""
     name = image_path.name
     for suffix in NIFTI_ENDINGS:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return image_path.stem
-
-
-def _is_3d(shape: tuple[int, ...]) -> bool:
-    return len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)

@@ -62,6 +62,37 @@ def write_volume(path: str | Path, volume_zhw: np.ndarray, spacing_mm: tuple[flo
         nib.save(image, tmp)
 
 
+def write_like(path: str | Path, volume_zhw: np.ndarray, reference: str | Path) -> None:
+    """Write a display-order volume (e.g. predicted labels) on the grid of the file `reference`,
+    atomically: the array is brought back from display order to the reference's own axis order,
+    so the file has the reference's exact shape, affine, qform and sform; its dtype is the array's.
+
+    Raises ValueError when the volume's shape is not the reference's in display order.
+    """
+    image = nib.load(str(reference))
+    canonical_shape = nib.as_closest_canonical(image).shape[:3]
+    expected = (canonical_shape[2], canonical_shape[1], canonical_shape[0])
+    if tuple(volume_zhw.shape) != expected:
+        raise ValueError(f"expected a volume of display shape {expected} for {reference}, got {volume_zhw.shape}")
+    # as_closest_canonical reorients by io_orientation(affine); apply the inverse transform.
+    to_file_axes = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                                   nib.orientations.io_orientation(image.affine))
+    array = nib.orientations.apply_orientation(display_to_ras(volume_zhw), to_file_axes).reshape(image.shape)
+    header = image.header.copy()
+    header.set_data_dtype(array.dtype)
+    header.set_slope_inter(1.0, 0.0)  # the stored values are the labels themselves
+    written = type(image)(np.ascontiguousarray(array), image.affine, header=header)
+    written.set_qform(image.get_qform(), code=int(image.header["qform_code"]))
+    written.set_sform(image.get_sform(), code=int(image.header["sform_code"]))
+    with atomic_write_path(path) as tmp:
+        nib.save(written, tmp)
+
+
+def is_3d_shape(shape: tuple[int, ...]) -> bool:
+    """A volume's stored shape: (X, Y, Z), or (X, Y, Z, 1) as some tools write 3D images."""
+    return len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)
+
+
 def read_header(path: str | Path) -> tuple[tuple[int, ...], int]:
     """The stored array shape and the number of axial slices, from the header alone."""
     try:

@@ -57,14 +57,8 @@ def extract_to_parquet(
         compute=TaskPoolStrategy(size=readers),
     )
     dataset = map_superpixels(volumes, params, workers=workers, slices_per_batch=slices_per_batch)
-    try:
-        with pipeline_data_context(), _ray_data_error_logs_silenced():
-            dataset.write_parquet(out_dir, compression="zstd", concurrency=workers)
-    except Exception as exc:
-        user_error = _find_user_error(exc)
-        if user_error is None:
-            raise
-        raise user_error from None
+    with running_pipeline():
+        dataset.write_parquet(out_dir, compression="zstd", concurrency=workers)
 
 
 def ray_data_extract(*, workers: int | None = None, address: str | None = None):
@@ -109,6 +103,20 @@ def pipeline_data_context() -> Iterator[None]:
         yield
     finally:
         context.raise_original_map_exception, context.op_resource_reservation_enabled = saved
+
+
+@contextlib.contextmanager
+def running_pipeline() -> Iterator[None]:
+    """Run a Ray Data pipeline in the block with `pipeline_data_context`; a `UserInputError` that
+    one of its tasks raised reaches the caller as itself (one line), not wrapped by Ray."""
+    try:
+        with pipeline_data_context(), _ray_data_error_logs_silenced():
+            yield
+    except Exception as exc:
+        user_error = _find_user_error(exc)
+        if user_error is None:
+            raise
+        raise user_error from None
 
 
 def map_superpixels(

@@ -306,6 +306,7 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
         **({PROBE_METRIC: history[-1][PROBE_METRIC]} if history and PROBE_METRIC in history[-1] else {}),
         "pretrained_reused": bool(pretrained and pretrained.reused),
         "finetune_reused": finetuned.reused,
+        "finetune_key": finetuned.key,  # its model: <experiment>/finetuned/<key>/model.pt
         "finetune_seconds": finetuned.summary["seconds"],
         # This trial's own compute (replayed work costs nothing): what search budgets compare.
         "compute_seconds": pretrain_seconds + finetuned.seconds,

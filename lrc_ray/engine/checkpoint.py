@@ -40,13 +40,19 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"{path}: checkpoint not found; make one with `lrc-ray pretrain`")
+    payload = read_torch_file(path, what="lrc_ray checkpoint")
+    if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
+        raise UserInputError(f"{path}: not an lrc_ray pre-training checkpoint (expected kind {CHECKPOINT_KIND})")
+    return payload
+
+
+def read_torch_file(path: Path, *, what: str) -> object:
+    """`torch.load(path, weights_only=True)` on the CPU; a damaged or foreign file is one line
+    naming it and `what` was expected (UserInputError)."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged or foreign files
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         # torch's unpickler puts the actual cause on an "... error: ..." line after its advice.
         reason = next((line for line in lines if "error:" in line.lower()), lines[0])
-        raise UserInputError(f"{path}: not a readable lrc_ray checkpoint ({reason[:200]})") from None
-    if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
-        raise UserInputError(f"{path}: not an lrc_ray pre-training checkpoint (expected kind {CHECKPOINT_KIND})")
-    return payload
+        raise UserInputError(f"{path}: not a readable {what} ({reason[:200]})") from None

@@ -26,7 +26,7 @@ from monai.networks.nets import BasicUNet
 
 from lrc_ray import __version__
 from lrc_ray.atomic import atomic_write_path
-from lrc_ray.config import NORMS, RunConfig, config_from_dict
+from lrc_ray.config import RunConfig, config_from_dict
 from lrc_ray.config import _plain as plain_values
 from lrc_ray.data.slices import SliceParams
 from lrc_ray.engine.checkpoint import load_checkpoint
@@ -96,7 +96,7 @@ def basic_unet_arguments(config: RunConfig) -> dict:
         "out_channels": network.features[5],
         "features": network.features,
         "act": defaults["act"],
-        "norm": NORMS[network.norm],
+        "norm": network.monai_norm,
         "bias": defaults["bias"],
         "dropout": network.dropout,
         "upsample": defaults["upsample"],

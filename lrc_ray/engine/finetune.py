@@ -103,7 +103,9 @@ def _epochs(model, loader, dataset, optimizer, loss_function, epochs, *, phase: 
 def evaluate(
     model: SegmentationNetwork, table: pa.Table, *, cases: tuple[str, ...], labels: dict[int, str], batch_size: int = 32
 ) -> dict:
-    """Predict every slice of each volume, stack them, and compute per-organ 3D Dice."""
+    """Predict every slice of each volume, stack them, and compute per-organ 3D Dice on the working
+    grid of the table's slices (for benchmarks that compare slice preparations; runs score on each
+    volume's native grid with `engine.predict.evaluate_cases`)."""
     model.eval()
     num_classes = max(labels) + 1
     organ_names = [labels.get(index, str(index)) for index in range(1, num_classes)]

@@ -108,3 +108,21 @@ def test_bad_shapes_and_spacings():
         plan_geometry((40, 60), (1.0, 1.0), spacing_mm=-1.0, size=None)
     with pytest.raises(UserInputError, match=r"scan spacing"):
         plan_geometry((40, 60), (0.0, 1.0), spacing_mm=1.0, size=None)
+
+
+@pytest.mark.parametrize(
+    "native_shape, native_spacing, spacing, size",
+    [
+        ((120, 100), (0.8, 0.8), 1.5, 64),  # finer native grid: cropped rows, padded columns
+        ((50, 70), (1.0, 1.0), None, 64),  # no resampling: crop and pad alone
+    ],
+)
+def test_probabilities_put_back_with_torch_as_put_back_does(native_shape, native_spacing, spacing, size):
+    from lrc_ray.data.geometry import put_back_probabilities
+
+    geometry = plan_geometry(native_shape, native_spacing, spacing_mm=spacing, size=size)
+    probabilities = torch.softmax(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)), dim=1)
+    fast = put_back_probabilities(probabilities, geometry)
+    reference = put_back(probabilities.numpy(), geometry, order=1, fill=0.0)
+    assert fast.shape == (2, 3, *native_shape)
+    np.testing.assert_allclose(fast.numpy(), reference, atol=1e-5)

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from lrc_ray.config import load_config
+from lrc_ray.engine.saved_model import load_model
 
 pytestmark = pytest.mark.ray
 
@@ -83,6 +84,11 @@ def test_a_sweep_killed_during_its_finalists_continues_them_and_reports_the_choi
         numbers = json.loads((experiment / "results" / f"best_config_label_fraction_{fraction}.json").read_text())
         assert config.finetune.label_fraction == numbers["label_fraction"] and numbers["seeds"] == [1, 2]
         assert numbers["test"]["mean"] is not None and len(numbers["test"]["per_seed"]) == 2
+        # the chosen setting's model, kept beside its config: the seed with its best validation Dice
+        model = load_model(experiment / "results" / f"best_config_label_fraction_{fraction}.pt")
+        assert model.config.finetune.label_fraction == config.finetune.label_fraction
+        assert numbers["model"]["validation"] == max(numbers["validation"]["per_seed"])
+    assert "segment scans with its model: lrc-ray predict --model" in resumed.stdout
 
     # The finished sweep resumed again: nothing to do, the same table.
     again = _lrc_ray("tune", str(space), "--storage", str(tmp_path / "store"), "--resume", cwd=tmp_path)

@@ -34,7 +34,9 @@ LOADER = textwrap.dedent("""
 
 def _checkpoint(path, *, norm="instance", weights_network=None, config_edit=None):
     """A pre-training checkpoint whose every weight (and norm statistic) is random, so a swapped key shows."""
-    config = RunConfig().replace(network={**TINY, "norm": norm}, data={"size": 64})
+    # batch norm only with a method without MoCo (RunConfig refuses it otherwise)
+    config = RunConfig().replace(network={**TINY, "norm": norm}, data={"size": 64},
+                                 pretrain={"method": "lrc" if norm == "batch" else "global+lrc"})
     torch.manual_seed(0)
     model = LrcNetwork(weights_network or config.network)
     with torch.no_grad():
