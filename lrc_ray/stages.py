@@ -134,6 +134,7 @@ def superpixel_entry(
         if existing is None:
             raise UserInputError(_missing_entry_message(dataset, root, params))
         return existing, True
+    headers = check_headers(dataset)  # before the cache root is made: a bad scan leaves nothing behind
     root = open_cache_root(cache_root)
     fingerprint = dataset_fingerprint(dataset, root)
     key = entry_key(fingerprint, params)
@@ -142,7 +143,6 @@ def superpixel_entry(
         if existing is not None and not overwrite:
             logger.info("cache hit: %s", existing.path)
             return existing, True
-        headers = check_headers(dataset)
         spacing = params.slicing.working_spacing_mm
         if spacing is not None:
             size = params.slicing.size
