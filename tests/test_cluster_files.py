@@ -139,9 +139,13 @@ def test_full_sweep_fits_the_aws_gpu_types(aws, sweep):
                                  cap=sweep.max_concurrent_trials) == sweep.max_concurrent_trials, name
 
 
-def test_full_sweep_refuses_a_cluster_without_gpus_yet(aws, sweep):
-    """Why the files say to scale up before submitting: every worker type starts at 0."""
+def test_full_sweep_starts_on_the_autoscaling_head_before_any_gpu_node(aws, sweep):
+    """Every worker type starts at 0: the autoscaler adds GPU nodes as the trials ask for them, so
+    the sweep starts with its max_concurrent_trials on the head alone; without an autoscaler
+    the same head is refused."""
     head = aws["available_node_types"][aws["head_node_type"]]["resources"]
+    assert trial_concurrency(head, workers=sweep.workers_per_trial, use_gpu=True, cap=sweep.max_concurrent_trials,
+                             autoscaling=True) == sweep.max_concurrent_trials
     with pytest.raises(UserInputError):
         trial_concurrency(head, workers=sweep.workers_per_trial, use_gpu=True, cap=sweep.max_concurrent_trials)
 

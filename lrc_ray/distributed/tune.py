@@ -36,7 +36,7 @@ from lrc_ray import stages
 from lrc_ray.atomic import write_json_atomic
 from lrc_ray.config import RunConfig
 from lrc_ray.distributed.cluster import TRIAL_SLOT
-from lrc_ray.distributed.runtime import ray_error_message, user_error_line
+from lrc_ray.distributed.runtime import cluster_autoscales, ray_error_message, user_error_line
 from lrc_ray.distributed.search import make_searcher
 from lrc_ray.distributed.superpixels import ray_data_extract
 from lrc_ray.engine.splits import SPLIT_PARTS
@@ -95,23 +95,36 @@ def fixed_values(space: SearchSpace) -> dict[str, Any]:
     return {key: spec.value for key, spec in space.params.items() if isinstance(spec, Fixed)}
 
 
-def trial_concurrency(resources: dict[str, float], *, workers: int, use_gpu: bool, cap: int | None) -> int:
-    """Trials that fit at once: each needs `workers` CPUs (or GPUs) for Train, or one for a trial
-    that pre-trains in its own process (`workers` 0), plus one CPU for its Ray Data reads and
-    fine-tuning; never more than the trial slots."""
+def trial_concurrency(resources: dict[str, float], *, workers: int, use_gpu: bool, cap: int | None,
+                      autoscaling: bool = False) -> int:
+    """Trials at once. On a static cluster, those that fit its `resources` now: each needs `workers`
+    CPUs (or GPUs) for Train, or one for a trial that pre-trains in its own process (`workers` 0),
+    plus one CPU for its Ray Data reads and fine-tuning (more would starve Ray Data of CPUs); at
+    most `cap`. On a cluster that `autoscaling` can grow, `cap` (sweep.max_concurrent_trials) when
+    set, whatever runs now: a trial whose workers have no node yet waits while Ray Train asks the
+    autoscaler for them. Never more than the trial slots.
+
+    Raises:
+        UserInputError: not one trial fits (and, autoscaling, no `cap` says how many to run).
+    """
     devices, cpus = max(workers, 1), trial_cpus(workers)
-    fits = int(resources.get("CPU", 1) // cpus)
-    if use_gpu:
-        fits = min(fits, int(resources.get("GPU", 0) // devices))
-    if TRIAL_SLOT in resources:
-        fits = min(fits, int(resources[TRIAL_SLOT]))
+    slots = int(resources[TRIAL_SLOT]) if TRIAL_SLOT in resources else None
+    if autoscaling and cap:
+        fits = cap
+    else:
+        fits = int(resources.get("CPU", 1) // cpus)
+        if use_gpu:
+            fits = min(fits, int(resources.get("GPU", 0) // devices))
+        fits = min(fits, cap) if cap else fits
+    if slots is not None:
+        fits = min(fits, slots)
     if fits < 1:
         need = f"{devices} GPU(s) and {cpus} CPUs" if use_gpu else f"{cpus} CPUs"
-        raise UserInputError(
-            f"sweep.workers_per_trial: a trial needs {need}, the cluster has {resources}; on an autoscaling "
-            "cluster, request the nodes first (see cluster/aws-gpu.yaml)"
-        )
-    return min(fits, cap) if cap else fits
+        hint = "set sweep.max_concurrent_trials" + (
+            ": the cluster autoscales, and trials then wait for the nodes they ask for" if autoscaling
+            else " on a cluster that autoscales, or add nodes")
+        raise UserInputError(f"sweep.workers_per_trial: a trial needs {need}, the cluster has {resources}; {hint}")
+    return fits
 
 
 def trial_cpus(workers: int) -> int:
@@ -224,16 +237,27 @@ def run_finalists(settings: SweepSettings, *, base: RunConfig, fixed: dict, runs
 
 
 def _trainable(function, context: SweepContext, settings: SweepSettings):
-    """A trial function with its context and resources, and how many trials fit at once."""
+    """A trial function with its context and resources, and how many trials run at once."""
     resources = ray.cluster_resources()
-    concurrency = trial_concurrency(
-        resources, workers=settings.workers_per_trial, use_gpu=settings.use_gpu, cap=settings.max_concurrent_trials
-    )
+    concurrency = sweep_concurrency(settings, resources)
     trainable = tune.with_resources(
         tune.with_parameters(function, context=context),
         driver_resources(resources, workers=settings.workers_per_trial, use_gpu=settings.use_gpu),
     )
     return trainable, concurrency
+
+
+def sweep_concurrency(settings: SweepSettings, resources: dict[str, float]) -> int:
+    """`trial_concurrency` on the connected cluster, as autoscaling or static as it is."""
+    autoscaling = cluster_autoscales()
+    concurrency = trial_concurrency(resources, workers=settings.workers_per_trial, use_gpu=settings.use_gpu,
+                                    cap=settings.max_concurrent_trials, autoscaling=autoscaling)
+    if autoscaling:
+        # Tune lets as many trials as run at once wait for their resources (its pending-trial limit
+        # follows max_concurrent_trials), and Ray Train asks the autoscaler for each one's workers.
+        logger.info("the cluster autoscales: up to %d trial(s) at a time; their nodes are requested as they "
+                    "start (the cluster has %s now)", concurrency, resources)
+    return concurrency
 
 
 def _reuse_actors(settings: SweepSettings) -> bool:
