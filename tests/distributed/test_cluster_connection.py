@@ -19,7 +19,6 @@ from types import SimpleNamespace
 import pytest
 
 import ray
-from lrc_ray.distributed import runtime
 from lrc_ray.distributed.cluster import local_down, local_up
 from lrc_ray.distributed.runtime import cluster_autoscales, ray_session
 from lrc_ray.errors import UserInputError
