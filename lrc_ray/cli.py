@@ -129,11 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MSD or nnU-Net v2 layout data set (default: the space's built-in synthetic data)")
     _add_datalist_options(sweep)
     sweep.add_argument("--storage", type=Path, default=None, help=f"where sweeps are kept (default {DEFAULT_WORKDIR / 'sweeps'}; shared storage on a cluster)")
+    sweep.add_argument("--cache-root", default=None,
+                       help="where the super-pixel cache is, instead of the space's base data.cache_root; on a "
+                            "cluster, storage every node reaches (e.g. s3://BUCKET/lrc-ray/superpixels)")
     sweep.add_argument("--name", default=None, help="sweep name (default: the space file's name)")
     sweep.add_argument("--samples", type=int, default=None, help="number of trials (default: the space's sweep.num_samples)")
     sweep.add_argument("--search", choices=("tpe", "grid"), default="tpe",
                        help="tpe (default): Optuna TPE + ASHA early stopping; grid: every point of a space of choices, no early stopping")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep, keeping finished trials")
+    sweep.add_argument("--optuna-storage", default=None, metavar="URL",
+                       help="where the TPE searcher keeps its Optuna studies, for `optuna-dashboard URL` and "
+                            "optuna.load_study: a database URL (postgresql://..., mysql://..., sqlite:///...) or a "
+                            "journal file's path (default: STORAGE/NAME/optuna_journal.log)")
     sweep.add_argument("--address", default=None, help=ADDRESS_HELP)
     sweep.set_defaults(handler=_run_tune)
 
@@ -283,7 +290,8 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_tune(args: argparse.Namespace) -> int:
     experiment = api.tune(space=args.space, data=args.data, storage=args.storage, name=args.name,
                           num_samples=args.samples, resume=args.resume, address=args.address, search=args.search,
-                          datalist=args.datalist, key=args.key)
+                          datalist=args.datalist, key=args.key, optuna_storage=args.optuna_storage,
+                          cache_root=args.cache_root)
     print(f"sweep: {experiment}")
     return _print_results(api.results(experiment=experiment), top=20)
 

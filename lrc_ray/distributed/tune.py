@@ -37,7 +37,7 @@ from lrc_ray.atomic import write_json_atomic
 from lrc_ray.config import RunConfig
 from lrc_ray.distributed.cluster import TRIAL_SLOT
 from lrc_ray.distributed.runtime import cluster_autoscales, ray_error_message, user_error_line
-from lrc_ray.distributed.search import make_searcher
+from lrc_ray.distributed.search import make_searcher, storage_for_new_studies, study_names
 from lrc_ray.distributed.superpixels import ray_data_extract
 from lrc_ray.engine.splits import SPLIT_PARTS
 from lrc_ray.errors import UserInputError
@@ -52,6 +52,7 @@ PROBE_METRIC = "probe_dice"
 EPOCH = "epoch"  # pre-training epochs finished (ASHA's time attribute)
 SWEEP_FILE = "lrc_ray_sweep.json"  # what `results` needs beyond Tune's own files
 FINALISTS_FILE = "lrc_ray_finalists.json"  # the finalists' plan and the name of their Tune experiment
+OPTUNA_JOURNAL = "optuna_journal.log"  # the searcher's Optuna studies, by default (optuna-dashboard reads it)
 
 
 @dataclass(frozen=True)
@@ -164,14 +165,17 @@ def run_sweep(
     resume: bool = False,
     search: str = "tpe",
     parts: tuple[str, ...] = ("validation",),
+    optuna_storage: str | None = None,
 ):
     """Run (or, with `resume`, continue) a sweep in the connected Ray cluster; returns the ResultGrid.
 
     `search` "tpe": Optuna TPE proposes `num_samples` settings (shared among the label fractions,
-    each its own search) and ASHA stops weak pre-trainings early. "grid": every point of a space
-    of choices, each run to the end (no early stopping). Trials score the validation volumes;
-    `parts` SPLIT_PARTS also scores the test volumes (for benchmarks that measure the truth a
-    search is judged by: a search never reads them).
+    each its own search) and ASHA stops weak pre-trainings early. Its Optuna studies (named
+    `search.study_names`) are kept in `optuna_storage` (an Optuna database URL or a journal
+    file), by default the journal file OPTUNA_JOURNAL in the sweep's directory; a resumed sweep
+    goes on in them. "grid": every point of a space of choices, each run to the end (no early
+    stopping). Trials score the validation volumes; `parts` SPLIT_PARTS also scores the test
+    volumes (for benchmarks that measure the truth a search is judged by: a search never reads them).
     """
     experiment = storage / name
     settings = space.sweep
@@ -180,8 +184,10 @@ def run_sweep(
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     context = SweepContext(base=base.to_dict(), space_params=fixed_values(space), root=str(experiment),
                            workers=settings.workers_per_trial, use_gpu=settings.use_gpu, parts=parts)
+    if optuna_storage is not None and search != "tpe":
+        raise UserInputError(f"--optuna-storage: only a tpe search keeps an Optuna study, not --search {search}")
     trainable, concurrency = _trainable(run_trial, context, settings)
-    if resume:
+    if resume:  # the searcher comes back with its storage and studies
         if not tune.Tuner.can_restore(str(experiment)):
             raise UserInputError(f"--resume: no sweep to resume at {experiment}")
         logger.info("resuming %s with up to %d trial(s) at a time", experiment, concurrency)
@@ -197,7 +203,12 @@ def run_sweep(
     else:
         trials = num_samples or settings.num_samples
         scheduler = early_stopping(settings, _largest_epochs(space, base))
-        searcher = make_searcher(space, partial(trial_run_key, context), trials)
+        optuna_storage = optuna_storage or str(experiment / OPTUNA_JOURNAL)
+        experiment.mkdir(parents=True, exist_ok=True)  # where the default journal goes
+        studies = storage_for_new_studies(optuna_storage, study_names(space, name))
+        searcher = make_searcher(space, partial(trial_run_key, context), trials, storage=studies, study_name=name)
+        logger.info("Optuna studies of the sweep: %s (watch them live: optuna-dashboard %s)", optuna_storage,
+                    optuna_storage)
         param_space = tune_param_space(space)
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                       max_concurrent_trials=concurrency, reuse_actors=_reuse_actors(settings))
@@ -207,6 +218,7 @@ def run_sweep(
         "base": base.to_dict(), "fixed": fixed_values(space), "searched": sorted(tune_param_space(space)),
         "space_yaml": Path(space.source).read_text() if Path(space.source).is_file() else None,
         "trials": trials,  # the search is finished when this many are
+        "optuna_storage": optuna_storage,  # where the searcher's studies are (None for a grid)
     })
     logger.info("sweep %s (%s): %d trial(s), up to %d at a time", experiment, search, trials, concurrency)
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=_run_config(settings, storage, name))
