@@ -87,9 +87,19 @@ class SweepOptunaSearch(OptunaSearch):
     def fail_lost_trials(self) -> None:
         """After a restore: a stored trial still running that this searcher (as checkpointed) never
         proposed was proposed after the checkpoint, and Tune will not run it; mark it failed (Optuna
-        then ignores it) rather than leave it running in the study forever."""
+        then ignores it) rather than leave it running in the study forever.
+
+        Raises:
+            UserInputError: the study is no longer in its storage (a journal file on a node that is gone).
+        """
         if self._ot_study is None:
             return
+        try:
+            stored = optuna.get_all_study_names(self._ot_study._storage)
+        except FileNotFoundError as exc:  # the journal file
+            raise lost_studies(exc.filename) from None
+        if self._ot_study.study_name not in stored:
+            raise lost_studies(f"study {self._ot_study.study_name!r}")
         known = {trial.number for trial in self._ot_trials.values()}
         for trial in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if trial.number not in known:
@@ -141,6 +151,12 @@ class StratifiedSearch(Searcher):
                 searcher.fail_lost_trials()
 
 
+def lost_studies(what: str) -> UserInputError:
+    return UserInputError(f"--resume: the sweep's Optuna studies are gone ({what} is missing: a journal file on a "
+                          "node that is gone?); a sweep that outlives its cluster needs --optuna-storage with a "
+                          "database URL (postgresql://...)")
+
+
 def make_searcher(space: SearchSpace, run_key: Callable[[dict], str], trials: int, *, sampler: str = "tpe",
                   storage: optuna.storages.BaseStorage | None = None, study_name: str = "sweep") -> Searcher:
     """The sweep's searcher: TPE (seeded from the space) or, for comparison, random sampling; one
@@ -185,6 +201,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if path.is_file() and path.open("rb").read(16) == b"SQLite format 3\x00":
             raise UserInputError(f"--optuna-storage {url}: an SQLite database; give it as sqlite:///{path}")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         except OSError as exc:
             raise UserInputError(f"--optuna-storage {url}: cannot write the journal file ({exc.strerror})") from None

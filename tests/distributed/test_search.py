@@ -240,7 +240,7 @@ def test_a_new_sweep_refuses_a_storage_that_holds_its_study(tmp_path):
     ("url", "message"),
     [
         ("nosuchdialect://x/y", "--optuna-storage nosuchdialect://x/y: Optuna cannot open it ("),
-        ("{tmp}/missing/dir/journal.log", "cannot write the journal file"),
+        ("/proc/lrc_ray/journal.log", "--optuna-storage /proc/lrc_ray/journal.log: cannot write the journal file"),
         ("{tmp}/an.db", ": an SQLite database; give it as sqlite:///"),
     ],
 )
@@ -265,3 +265,16 @@ def test_a_restored_searcher_fails_the_stored_trials_it_never_proposed(tmp_path)
     restored.on_trial_complete("known", {"dice_mean": 0.6})
     states = [(t.number, t.state.name, t.value) for t in optuna.load_study(study_name="tiny", storage=storage).trials]
     assert states == [(0, "COMPLETE", 0.6), (1, "FAIL", None)]
+
+
+def test_a_restored_searcher_whose_study_is_gone_says_so(tmp_path):
+    journal = tmp_path / "journal.log"
+    searcher = _searcher(run_key=str, storage=storage_for_new_studies(str(journal), ["tiny"]), study_name="tiny")
+    searcher.suggest("a")
+    searcher.save(str(tmp_path / "state"))
+    journal.unlink()  # the head that held it is gone
+    with pytest.raises(UserInputError, match=f"--resume: the sweep's Optuna studies are gone \\({journal} is missing"):
+        _searcher(run_key=str).restore(str(tmp_path / "state"))
+    journal.write_text("")  # a new, empty journal in its place
+    with pytest.raises(UserInputError, match="--resume: the sweep's Optuna studies are gone \\(study 'tiny' is missing"):
+        _searcher(run_key=str).restore(str(tmp_path / "state"))
