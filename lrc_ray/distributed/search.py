@@ -64,7 +64,10 @@ class SweepOptunaSearch(OptunaSearch):
                 state = optuna.trial.TrialState.COMPLETE
             else:
                 state = optuna.trial.TrialState.PRUNED if key in self._finished_keys else optuna.trial.TrialState.FAIL
-            self._ot_study.tell(self._ot_trials.pop(trial_id), value, state=state)
+            repeat = self._ot_trials.pop(trial_id)
+            repeat.set_user_attr("repeat", "not run: proposed a run again, told that run's outcome")  # for the dashboard
+            self._ot_study.tell(repeat, value, state=state)
+        self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)  # the trial_id of the results table
         self._key_of_trial[trial_id] = key
         self._outcome.setdefault(key, None)
         return values

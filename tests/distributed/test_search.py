@@ -46,6 +46,7 @@ def test_optuna_search_ignores_reports_without_the_metric():
     assert trials[0].value == 0.5
     assert trials[0].params == suggested
     assert trials[0].intermediate_values == {}
+    assert trials[0].user_attrs == {"tune_trial_id": "t1"}
 
 
 def test_optuna_search_still_records_reports_with_the_metric():
@@ -96,6 +97,8 @@ def test_a_repeated_run_is_told_its_known_outcome_and_drawn_again():
     assert second != {"x": 1}, "the repeat of x=1 was drawn again"
     states = [(trial.params["x"], trial.state.name, trial.value) for trial in searcher._ot_study.trials]
     assert states[:2] == [(1, "COMPLETE", 0.5), (1, "COMPLETE", 0.5)], "the repeat got the first run's Dice"
+    assert [set(trial.user_attrs) for trial in searcher._ot_study.trials[:3]] == [{"tune_trial_id"}, {"repeat"},
+                                                                                 {"tune_trial_id"}]
     searcher.on_trial_complete("t2", {"probe_dice": 0.1})  # stopped by ASHA
     assert searcher.suggest("t3") == {"x": 3}
     assert [trial.state.name for trial in searcher._ot_study.trials if trial.params["x"] == 2] == ["PRUNED", "PRUNED"]

@@ -92,22 +92,26 @@ import json, sys, optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 storage = JournalStorage(JournalFileBackend(sys.argv[1]))
-print(json.dumps({name: [[t.state.name, t.value] for t in optuna.load_study(study_name=name, storage=storage).trials]
+print(json.dumps({name: [[t.state.name, t.value, t.user_attrs.get("tune_trial_id")]
+                         for t in optuna.load_study(study_name=name, storage=storage).trials]
                   for name in optuna.get_all_study_names(storage)}))
 """
 
 
 def _check_the_stored_studies(experiment: Path, table: pd.DataFrame) -> None:
     """A fresh process reads the resumed sweep's Optuna studies (one per label fraction, in the
-    default journal file): every finished trial's value is there, and no trial is left running."""
+    default journal file): every finished trial's value is there, every Tune trial is there once
+    (the resumed ones were not proposed again), and no trial is left running."""
     read = subprocess.run([sys.executable, "-c", _READ_STUDIES, str(experiment / "optuna_journal.log")],
                           capture_output=True, text=True, timeout=120)
     assert read.returncode == 0, read.stderr[-2000:]
     studies = json.loads(read.stdout)
     assert sorted(studies) == ["tiny label_fraction=0.5", "tiny label_fraction=1"]
     assert not [trial for trials in studies.values() for trial in trials if trial[0] == "RUNNING"], studies
+    tune_ids = [trial[2] for trials in studies.values() for trial in trials if trial[2] is not None]
+    assert len(tune_ids) == len(set(tune_ids)) and set(table["trial_id"]) <= set(tune_ids), (tune_ids, table["trial_id"])
     for fraction, group in table.dropna(subset=["dice_mean"]).groupby("label_fraction"):
-        told = [value for state, value in studies[f"tiny label_fraction={fraction:g}"] if state == "COMPLETE"]
+        told = [value for state, value, _ in studies[f"tiny label_fraction={fraction:g}"] if state == "COMPLETE"]
         assert all(any(abs(value - dice) < 1e-9 for value in told) for dice in group["dice_mean"]), (told, group)
 
 
