@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 import pickle
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
