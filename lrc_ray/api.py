@@ -263,6 +263,8 @@ def tune(
     search_space = load_search_space(space)
     if num_samples is not None and num_samples < 1:
         raise UserInputError(f"--samples: expected at least 1, got {num_samples}")
+    if optuna_storage is not None and search != "tpe":
+        raise UserInputError(f"--optuna-storage: only a tpe search keeps an Optuna study, not --search {search}")
     name = name or Path(space).stem
     storage = Path(storage or DEFAULT_STORAGE).resolve()
     _check_writable(storage)

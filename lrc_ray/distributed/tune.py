@@ -184,8 +184,6 @@ def run_sweep(
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     context = SweepContext(base=base.to_dict(), space_params=fixed_values(space), root=str(experiment),
                            workers=settings.workers_per_trial, use_gpu=settings.use_gpu, parts=parts)
-    if optuna_storage is not None and search != "tpe":
-        raise UserInputError(f"--optuna-storage: only a tpe search keeps an Optuna study, not --search {search}")
     trainable, concurrency = _trainable(run_trial, context, settings)
     if resume:  # the searcher comes back with its storage and studies
         if not tune.Tuner.can_restore(str(experiment)):

@@ -181,6 +181,8 @@ def test_a_sweep_whose_every_trial_fails_ends_with_one_summary_line(tmp_path, ti
         (["results", "{tmp}"], "not an lrc-ray sweep"),
         (["tune", "{tmp}/missing.yaml"], "search space file not found"),
         (["tune", "{space}", "--storage", "/proc/forbidden"], "--storage /proc/forbidden: not writable"),
+        (["tune", "{space}", "--search", "grid", "--optuna-storage", "{tmp}/j.log"],
+         "--optuna-storage: only a tpe search keeps an Optuna study, not --search grid"),
     ],
 )
 def test_sweep_bad_input_is_one_line_and_exit_2(tmp_path, tiny_sweep_space, args, message):
