@@ -7,10 +7,8 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,17 +17,10 @@ from types import SimpleNamespace
 import pytest
 
 import ray
-from lrc_ray.distributed.cluster import local_down, local_up
 from lrc_ray.distributed.runtime import cluster_autoscales, ray_session
 from lrc_ray.errors import UserInputError
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -63,8 +54,8 @@ def test_a_dashboard_address_names_the_variable_the_job_cli_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["closed port", "not a GCS"])
-def test_an_address_where_no_gcs_answers_is_refused_within_seconds(monkeypatch, http_server, kind):
-    address = f"127.0.0.1:{_free_port()}" if kind == "closed port" else http_server
+def test_an_address_where_no_gcs_answers_is_refused_within_seconds(monkeypatch, http_server, free_port, kind):
+    address = f"127.0.0.1:{free_port()}" if kind == "closed port" else http_server
     message, seconds = _refusal(address, monkeypatch)
     assert message.startswith(f"--address {address}: no Ray cluster answers there (UNAVAILABLE")
     assert "\n" not in message
@@ -76,8 +67,8 @@ def test_an_address_ray_cannot_parse_is_refused(monkeypatch):
     assert message.startswith("--address nonsense:::") and "\n" not in message
 
 
-def test_the_cli_prints_one_line_and_exits_2(tiny_dataset, tmp_path):
-    address = f"127.0.0.1:{_free_port()}"
+def test_the_cli_prints_one_line_and_exits_2(tiny_dataset, tmp_path, free_port):
+    address = f"127.0.0.1:{free_port()}"
     completed = subprocess.run(
         [sys.executable, "-m", "lrc_ray.cli", "superpixels", "--data", str(tiny_dataset), "--out", str(tmp_path / "c")],
         env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=120,
@@ -162,22 +153,17 @@ with ray_session():  # RAY_ADDRESS from env.sh
 
 
 @pytest.mark.ray
-def test_env_sh_serves_the_job_cli_and_lrc_ray_on_a_static_head(tmp_path):
-    workdir = Path(tempfile.mkdtemp(prefix="lrcc_"))  # short: Ray's socket paths are limited
-    head = local_up(workdir, num_cpus=2, port=_free_port(), dashboard_port=_free_port())
-    try:
-        env_sh = head.env_file.read_text()
-        assert f"export RAY_ADDRESS={head.gcs_address}\n" in env_sh
-        assert f"export RAY_API_SERVER_ADDRESS={head.dashboard_url}\n" in env_sh
-        script = tmp_path / "on_head.py"
-        script.write_text(_ON_THE_HEAD)
-        env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-        completed = subprocess.run(
-            ["bash", "-c", f"source {head.env_file} && {RAY} job list && {sys.executable} {script}"],
-            env=env, capture_output=True, text=True, timeout=240,
-        )
-    finally:
-        local_down(workdir)
+def test_env_sh_serves_the_job_cli_and_lrc_ray_on_a_static_head(head, tmp_path):
+    env_sh = head.env_file.read_text()
+    assert f"export RAY_ADDRESS={head.gcs_address}\n" in env_sh
+    assert f"export RAY_API_SERVER_ADDRESS={head.dashboard_url}\n" in env_sh
+    script = tmp_path / "on_head.py"
+    script.write_text(_ON_THE_HEAD)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    completed = subprocess.run(
+        ["bash", "-c", f"source {head.env_file} && {RAY} job list && {sys.executable} {script}"],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
     assert completed.returncode == 0, (completed.stdout + completed.stderr)[-3000:]
     out = completed.stdout
     assert "status recorded: True" in out and "autoscales: False" in out, out
