@@ -2,22 +2,25 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU build of torch, installed first on machines without an NVIDIA GPU: a plain
-# `torch` requirement would pull a multi-GB CUDA build.
-TORCH_CPU_VERSION := 2.13.0
+# Every installed package at the version the tests passed with (lrc_ray's dependencies and
+# theirs, pip and setuptools included; torch apart), so that two installs a month apart are the
+# same. After changing dependencies: install them into .venv, run the tests, then `make constraints`.
+CONSTRAINTS := requirements/constraints.txt
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS)
+# torch first, at the tested version, in the build the machine's pip finds for it (the Linux
+# wheel on PyPI is the CUDA build); the Dockerfile and cluster/aws-gpu.yaml install the same one.
+TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench constraints clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	if ! command -v nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/python -m pip install --quiet torch==$(TORCH_CPU_VERSION); \
-	fi
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) torch==$(TORCH_VERSION)
+	$(PIP_INSTALL) -e '.[test,dashboards]'
 	touch $@
 
 demo: install
@@ -31,6 +34,13 @@ bench: install
 	$(BIN)/python bench/loss.py
 	$(BIN)/python bench/train_overhead.py
 	$(BIN)/python bench/sweep_overhead.py
+
+# Write the constraints from what .venv holds now (lrc_ray itself and torch, whose build differs
+# between machines, left out).
+constraints:
+	{ echo "# The tested versions (written by \`make constraints\` on Python 3.11, Linux x86_64): used by make install and the Dockerfile"; \
+	  $(BIN)/python -m pip freeze --all --exclude-editable | grep -v -i -E '^(torch|pyflakes)=='; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) .lrc_ray

@@ -290,13 +290,18 @@ def tune(
     search: str = "tpe",
     datalist: str | Path | None = None,
     key: str = "training",
+    optuna_storage: str | None = None,
+    cache_root: str | None = None,
 ) -> Path:
     """Run a sweep of `space` (a search-space YAML) on Ray, then its finalists when the space has a
     `finalists:` section; returns the experiment directory.
 
     The data are `data` (a directory), or the `key` entries of a MONAI `datalist`; without
     either, the space's built-in synthetic data set is made (once) and used. With `resume`, an
-    interrupted sweep continues with its finished trials kept, and so do its finalists.
+    interrupted sweep continues with its finished trials kept, and so do its finalists. The TPE
+    searcher's Optuna studies are kept in `optuna_storage` (a database URL or a journal file;
+    default: a journal file in the experiment directory), which optuna-dashboard reads.
+    `cache_root` replaces the space's `base.data.cache_root` (where the super-pixel cache is).
     """
     import yaml
 
@@ -307,6 +312,8 @@ def tune(
     search_space = load_search_space(space)
     if num_samples is not None and num_samples < 1:
         raise UserInputError(f"--samples: expected at least 1, got {num_samples}")
+    if optuna_storage is not None and search != "tpe":
+        raise UserInputError(f"--optuna-storage: only a tpe search keeps an Optuna study, not --search {search}")
     name = name or Path(space).stem
     storage = Path(storage or DEFAULT_STORAGE).resolve()
     _check_writable(storage)
@@ -316,11 +323,19 @@ def tune(
     if resume:
         # The sweep continues as it started, whatever the space file says now.
         recorded = _read_json(experiment / SWEEP_FILE)
+        if optuna_storage is not None and optuna_storage != recorded.get("optuna_storage"):
+            raise UserInputError(f"--optuna-storage {optuna_storage}: the sweep keeps its studies in "
+                                 f"{recorded.get('optuna_storage')}; resume it without --optuna-storage")
         base = config_from_dict(recorded["base"], source=str(experiment / SWEEP_FILE))
+        if cache_root is not None and base.data.cache_root not in (cache_root, str(Path(cache_root).resolve())):
+            raise UserInputError(f"--cache-root {cache_root}: the sweep keeps its cache in {base.data.cache_root}; "
+                                 "resume it without --cache-root")
         if recorded.get("space_yaml"):
             search_space = parse_search_space(yaml.safe_load(recorded["space_yaml"]), source=recorded["source"])
     else:
         base = run_config_for(search_space, {})
+        if cache_root is not None:
+            base = base.replace(data={"cache_root": cache_root})
         if data is not None and datalist is not None:
             raise UserInputError("--data or --datalist: expected at most one data set")
         if datalist is not None:
@@ -334,7 +349,7 @@ def tune(
         base = base.replace(data={"cache_root": str(Path(base.data.cache_root).resolve())})
     with ray_session(address=address, resources={TRIAL_SLOT: os.cpu_count() or 1}):
         result_grid = run_sweep(search_space, base=base, storage=storage, name=name, num_samples=num_samples,
-                                resume=resume, search=search)
+                                resume=resume, search=search, optuna_storage=optuna_storage)
         failure = summarise_failures(result_grid)
         if failure:
             raise TrainingError(f"sweep {experiment}: {failure}")

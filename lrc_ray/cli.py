@@ -15,6 +15,7 @@ from lrc_ray.errors import TrainingError, UserInputError
 from lrc_ray.superpixels.felzenszwalb import FelzenszwalbParams
 
 DEFAULT_WORKDIR = Path(".lrc_ray")
+ADDRESS_HELP = "the Ray cluster's GCS address host:port (default: RAY_ADDRESS, else a local Ray)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     superpixels.add_argument("--out", required=True, type=Path, help="cache root directory (created if new)")
     _add_superpixel_options(superpixels)
     superpixels.add_argument("--workers", type=int, default=None, help="parallel tasks (default: all CPUs of the Ray cluster)")
-    superpixels.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    superpixels.add_argument("--address", default=None, help=ADDRESS_HELP)
     superpixels.add_argument("--overwrite", action="store_true", help="rebuild the entry even if it exists")
     superpixels.set_defaults(handler=_run_superpixels)
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bfloat16 autocast)")
     pretrain.add_argument("--name", default="ray_train",
                           help="Ray Train run name under --out; a rerun with the same name resumes (default ray_train)")
-    pretrain.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    pretrain.add_argument("--address", default=None, help=ADDRESS_HELP)
     pretrain.set_defaults(handler=_run_pretrain)
 
     finetune = commands.add_parser(
@@ -145,12 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MSD or nnU-Net v2 layout data set (default: the space's built-in synthetic data)")
     _add_datalist_options(sweep)
     sweep.add_argument("--storage", type=Path, default=None, help=f"where sweeps are kept (default {DEFAULT_WORKDIR / 'sweeps'}; shared storage on a cluster)")
+    sweep.add_argument("--cache-root", default=None,
+                       help="where the super-pixel cache is, instead of the space's base data.cache_root; on a "
+                            "cluster, storage every node reaches (e.g. s3://BUCKET/lrc-ray/superpixels)")
     sweep.add_argument("--name", default=None, help="sweep name (default: the space file's name)")
     sweep.add_argument("--samples", type=int, default=None, help="number of trials (default: the space's sweep.num_samples)")
     sweep.add_argument("--search", choices=("tpe", "grid"), default="tpe",
                        help="tpe (default): Optuna TPE + ASHA early stopping; grid: every point of a space of choices, no early stopping")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep, keeping finished trials")
-    sweep.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    sweep.add_argument("--optuna-storage", default=None, metavar="URL",
+                       help="where the TPE searcher keeps its Optuna studies, for `optuna-dashboard URL` and "
+                            "optuna.load_study: a database URL (postgresql://..., mysql://..., sqlite:///...) or a "
+                            "journal file's path (default: STORAGE/NAME/optuna_journal.log)")
+    sweep.add_argument("--address", default=None, help=ADDRESS_HELP)
     sweep.set_defaults(handler=_run_tune)
 
     finalists = commands.add_parser(
@@ -168,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     finalists.add_argument("--seeds", type=int, default=None,
                            help="fresh seeds per setting (default: the space's finalists.seeds, else 3; the interval "
                            "narrows with more: 3 gives a t factor of 4.3, 5 of 2.8)")
-    finalists.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    finalists.add_argument("--address", default=None, help=ADDRESS_HELP)
     finalists.set_defaults(handler=_run_finalists)
 
     results = commands.add_parser(
@@ -191,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = cluster.add_parser(
         "up", help="start a Ray head on 127.0.0.1 (dashboard + job server, token authentication on)",
         description="Start a Ray head bound to 127.0.0.1 with its own auth token and temp dir under --workdir; "
-        "writes WORKDIR/env.sh with RAY_ADDRESS, RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH for `ray job` commands.",
+        "writes WORKDIR/env.sh with RAY_ADDRESS (the GCS, for lrc-ray), RAY_API_SERVER_ADDRESS (the job server, for `ray job`), "
+        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH: source it, then run either.",
     )
     up.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "cluster", help=f"state, token and logs (default {DEFAULT_WORKDIR / 'cluster'})")
     up.add_argument("--num-cpus", type=int, default=None, help="CPUs the head offers (default: all)")
@@ -305,7 +314,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _run_tune(args: argparse.Namespace) -> int:
     experiment = api.tune(space=args.space, data=args.data, storage=args.storage, name=args.name,
                           num_samples=args.samples, resume=args.resume, address=args.address, search=args.search,
-                          datalist=args.datalist, key=args.key)
+                          datalist=args.datalist, key=args.key, optuna_storage=args.optuna_storage,
+                          cache_root=args.cache_root)
     print(f"sweep: {experiment}")
     return _print_results(api.results(experiment=experiment), top=20)
 
@@ -327,7 +337,7 @@ def _run_cluster_up(args: argparse.Namespace) -> int:
 
     head = local_up(args.workdir, num_cpus=args.num_cpus, port=args.port, dashboard_port=args.dashboard_port)
     print(f"Ray head running (pid {head.pid}); dashboard and job server at {head.dashboard_url}")
-    print(f"for `ray job ...` commands: source {head.env_file}")
+    print(f"for `ray job ...` commands and lrc-ray runs on this head: source {head.env_file}")
     print("submit a sweep: lrc-ray cluster submit -- lrc-ray tune search_spaces/quickstart.yaml "
           "--storage $PWD/.lrc_ray/sweeps --name quickstart")
     print(f"  (the same as: source {head.env_file} && ray job submit --runtime-env cluster/runtime_env.yaml "

@@ -144,7 +144,9 @@ class SweepSettings:
     mode: str = "max"
     num_samples: int = 12
     seed: int = 0
-    max_concurrent_trials: int | None = None  # None: derived from the cluster's resources later
+    # None: as many as fit the cluster's resources at the start; on a cluster that autoscales, this many
+    # run at once and wait for the nodes they ask for
+    max_concurrent_trials: int | None = None
     workers_per_trial: int = 1  # Ray Train workers per trial
     use_gpu: bool = False  # one GPU per worker
     grace_period: int = 1  # ASHA: epochs before a trial may be stopped

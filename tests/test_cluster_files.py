@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -25,6 +26,7 @@ RAYCLUSTER = ROOT / "cluster" / "kuberay" / "raycluster.yaml"
 RAYJOB = ROOT / "cluster" / "kuberay" / "rayjob.yaml"
 FULL = ROOT / "search_spaces" / "full.yaml"
 RAY_SCHEMA = Path(os.path.dirname(ray.autoscaler.__file__)) / "ray-schema.json"
+TORCH = re.search(r"^TORCH_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +104,12 @@ def test_aws_setup_installs_the_project_on_every_node(aws):
         spec["worker_setup_commands"] for spec in _worker_types(config).values() if "worker_setup_commands" in spec
     ]
     for commands in [head, *worker_lists]:
-        installs = [i for i, command in enumerate(commands) if "pip install" in command and "-e ~/lrc_ray" in command]
-        torches = [i for i, command in enumerate(commands) if "pip install" in command and "torch==" in command]
+        installs = [i for i, command in enumerate(commands) if "pip install" in command and "lrc_ray" in command
+                    and " -e " in command]
+        torches = [i for i, command in enumerate(commands) if "pip install" in command and f"torch=={TORCH}" in command]
         assert installs and torches and torches[0] < installs[0], commands  # torch first, as the Makefile does
+        for index in installs + torches:  # the versions `make install` installs
+            assert "-c ~/lrc_ray/requirements/constraints.txt" in commands[index], commands[index]
     # the head has no GPU: the CPU build; the GPU workers: not the CPU build
     assert any("torch==" in command and "whl/cpu" in command for command in head)
     for commands in worker_lists:
@@ -118,9 +123,26 @@ def test_aws_start_commands(aws):
     assert "ray start --address=$RAY_HEAD_IP:6379" in " ".join(aws["worker_start_ray_commands"])
 
 
-def test_aws_shared_storage_is_mounted_in_the_containers(aws):
-    assert any("mount" in command and "/mnt/shared" in command for command in aws["initialization_commands"])
-    assert "-v /mnt/shared:/mnt/shared" in aws["docker"]["run_options"]
+def _usage_argv(path: Path, command: str) -> list[str]:
+    """The words from `lrc-ray COMMAND` on of the usage line in a cluster file's comments."""
+    line = next(line for line in path.read_text().splitlines() if line.startswith("#") and f"lrc-ray {command} " in line)
+    words = shlex.split(line.lstrip("#"))
+    return words[words.index("lrc-ray"):]
+
+
+def test_aws_sweeps_and_cache_go_to_s3_without_a_shared_file_system(aws):
+    argv = _usage_argv(AWS, "tune")
+    assert argv[argv.index("--storage") + 1].startswith("s3://")
+    assert argv[argv.index("--cache-root") + 1].startswith("s3://")
+    assert not aws.get("initialization_commands"), "no file system to mount"
+    assert not any(option.startswith("-v ") for option in aws["docker"]["run_options"])
+    # --data is a local path that every node has: the setup commands copy the data set there from S3
+    data = argv[argv.index("--data") + 1]
+    assert any("copy_files('s3://" in command and f"'{data}')" in command for command in aws["setup_commands"])
+    for name, spec in _worker_types(aws).items():  # the workers' role reaches the bucket, from inside Docker
+        assert spec["node_config"]["IamInstanceProfile"]["Arn"], name
+    for spec in aws["available_node_types"].values():
+        assert spec["node_config"]["MetadataOptions"]["HttpPutResponseHopLimit"] >= 2
 
 
 def test_full_sweep_fits_the_aws_gpu_types(aws, sweep):
@@ -139,9 +161,13 @@ def test_full_sweep_fits_the_aws_gpu_types(aws, sweep):
                                  cap=sweep.max_concurrent_trials) == sweep.max_concurrent_trials, name
 
 
-def test_full_sweep_refuses_a_cluster_without_gpus_yet(aws, sweep):
-    """Why the files say to scale up before submitting: every worker type starts at 0."""
+def test_full_sweep_starts_on_the_autoscaling_head_before_any_gpu_node(aws, sweep):
+    """Every worker type starts at 0: the autoscaler adds GPU nodes as the trials ask for them, so
+    the sweep starts with its max_concurrent_trials on the head alone; without an autoscaler
+    the same head is refused."""
     head = aws["available_node_types"][aws["head_node_type"]]["resources"]
+    assert trial_concurrency(head, workers=sweep.workers_per_trial, use_gpu=True, cap=sweep.max_concurrent_trials,
+                             autoscaling=True) == sweep.max_concurrent_trials
     with pytest.raises(UserInputError):
         trial_concurrency(head, workers=sweep.workers_per_trial, use_gpu=True, cap=sweep.max_concurrent_trials)
 
@@ -170,10 +196,8 @@ def _gpu_groups(spec: dict) -> list[dict]:
 
 
 def _mounts(group: dict) -> dict[str, str]:
-    """claimName -> mount path for every PersistentVolumeClaim the group's Ray container mounts."""
-    volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in group["template"]["spec"].get("volumes", [])
-               if "persistentVolumeClaim" in v}
-    return {volumes[m["name"]]: m["mountPath"] for m in _container(group).get("volumeMounts", []) if m["name"] in volumes}
+    """volume name -> mount path of the group's Ray container."""
+    return {m["name"]: m["mountPath"] for m in _container(group).get("volumeMounts", [])}
 
 
 def _ray_resources(group: dict, replicas: int) -> dict:
@@ -214,18 +238,28 @@ def test_kuberay_gpu_workers(path):
 
 
 @pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB])
-def test_kuberay_shared_volumes_are_mounted_alike(path):
+def test_kuberay_pods_need_no_shared_file_system(path):
+    """Sweeps and cache go to S3 (through the service account's role); each pod's init container
+    copies the data set to the same local path."""
     spec = _cluster_spec(path)
-    head = _mounts(spec["headGroupSpec"])
-    assert head.get("lrc-ray-sweeps") == "/mnt/sweeps"
-    assert "lrc-ray-data" in head
-    for group in spec["workerGroupSpecs"]:
-        assert _mounts(group) == head, group["groupName"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert pod["serviceAccountName"] == "lrc-ray"
+        assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v], "no claim to create beforehand"
+        (init,) = pod["initContainers"]
+        assert init["image"] == _container(group)["image"]
+        data_mount = next(m["mountPath"] for m in init["volumeMounts"] if m["name"] == "data")
+        assert data_mount == _mounts(group)["data"] == "/mnt/data"
+        assert "copy_files('s3://" in init["command"][-1] and "'/mnt/data/btcv')" in init["command"][-1]
 
 
-def test_raycluster_autoscales():
+def test_raycluster_autoscales_and_starts_the_sweep_at_zero_gpu_pods(sweep):
     spec = _cluster_spec(RAYCLUSTER)
     assert spec["enableInTreeAutoscaling"] is True
+    assert all(group["minReplicas"] == 0 for group in _gpu_groups(spec))
+    head = _ray_resources(spec["headGroupSpec"], 1)
+    assert trial_concurrency(head, workers=sweep.workers_per_trial, use_gpu=True, cap=sweep.max_concurrent_trials,
+                             autoscaling=True) == sweep.max_concurrent_trials
 
 
 def test_rayjob_has_the_same_cluster_shape_as_raycluster():
@@ -257,24 +291,29 @@ def _entrypoint_argv() -> tuple[list[str], str]:
     return argv, cwd
 
 
-def test_rayjob_runs_the_full_sweep_on_the_shared_volumes():
+def test_rayjob_runs_the_full_sweep_with_s3_storage():
     doc = _kuberay(RAYJOB)
-    argv, cwd = _entrypoint_argv()
+    argv, _ = _entrypoint_argv()
     assert argv[:2] == ["lrc-ray", "tune"]
     assert argv[2].endswith("search_spaces/full.yaml")
-    mounts = _mounts(_cluster_spec(RAYJOB)["headGroupSpec"])
-    storage = argv[argv.index("--storage") + 1]
-    data = argv[argv.index("--data") + 1]
-    assert storage == mounts["lrc-ray-sweeps"] or storage.startswith(mounts["lrc-ray-sweeps"] + "/")
-    assert data.startswith(mounts["lrc-ray-data"] + "/")
-    # the default super-pixel cache is relative to the working directory: it must be shared too
-    assert cwd.startswith(mounts["lrc-ray-sweeps"])
+    assert argv[argv.index("--storage") + 1].startswith("s3://")
+    assert argv[argv.index("--cache-root") + 1].startswith("s3://")
+    assert argv[argv.index("--data") + 1].startswith(_mounts(_cluster_spec(RAYJOB)["headGroupSpec"])["data"] + "/")
     assert argv[argv.index("--name") + 1] == "full"
     spec = doc["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
     assert spec["submissionMode"] in {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
     assert "working_dir" in yaml.safe_load(spec["runtimeEnvYAML"])
+
+
+@pytest.mark.parametrize("path", [AWS, RAYCLUSTER])
+def test_the_usage_lines_parse_with_lrc_rays_own_parser(path):
+    """The `lrc-ray tune` line a user copies from the file's comments is one the CLI accepts."""
+    from lrc_ray.cli import build_parser
+
+    args = build_parser().parse_args(_usage_argv(path, "tune")[1:])
+    assert args.storage and str(args.storage).startswith("s3:") and args.cache_root.startswith("s3://")
 
 
 @pytest.mark.parametrize("path, count", [(RAYCLUSTER, "maxReplicas"), (RAYJOB, "replicas")])
@@ -291,3 +330,49 @@ def test_full_sweep_fits_the_kuberay_gpu_group(path, count, sweep):
         resources[key] = resources.get(key, 0) + value
     assert trial_concurrency(resources, workers=sweep.workers_per_trial, use_gpu=True,
                              cap=sweep.max_concurrent_trials) == sweep.max_concurrent_trials
+
+
+# ---------------------------------------------------------------------------------------------
+# The image and the locked install
+
+
+def _dockerfile_arg(name: str) -> str:
+    return re.search(rf"^ARG {name}=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M).group(1)
+
+
+def test_the_dockerfile_builds_on_the_ray_the_cluster_files_run(aws):
+    image = _dockerfile_arg("RAY_IMAGE")
+    assert image == aws["docker"]["worker_image"] == "rayproject/ray:2.60.0-py311-gpu"
+    ray_pin = next(line for line in _constraints() if line.startswith("ray=="))
+    assert ray_pin == "ray==" + image.split(":")[1].split("-")[0]
+    assert _dockerfile_arg("TORCH_VERSION") == TORCH
+    for path in (RAYCLUSTER, RAYJOB):  # the image built from it, tagged with its base
+        spec = _cluster_spec(path)
+        assert _container(spec["headGroupSpec"])["image"].endswith("-ray2.60.0-py311-gpu")
+    installs = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if "pip install" in line]
+    assert installs and all("--constraint requirements/constraints.txt" in line for line in installs)
+
+
+def _constraints() -> list[str]:
+    return [line for line in (ROOT / "requirements" / "constraints.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+
+
+def test_the_constraints_pin_every_dependency_inside_its_tested_range():
+    """`make install` installs the constraints' versions: each must satisfy pyproject's range, and
+    every direct dependency (torch apart: its build is the machine's) must be pinned."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pinned = dict(line.split("==") for line in _constraints())
+    pinned = {name.lower().replace("_", "-"): version for name, version in pinned.items()}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    for requirement in map(Requirement, requirements):
+        if requirement.name == "torch":
+            assert requirement.specifier.contains(TORCH), requirement
+            continue
+        version = pinned.get(requirement.name.lower().replace("_", "-"))
+        assert version is not None, f"{requirement.name} is not in requirements/constraints.txt"
+        assert requirement.specifier.contains(version), f"{requirement.name}=={version} outside {requirement.specifier}"

@@ -1,6 +1,7 @@
 """The plain results layer: tables, the best trial per group, the files and plots it writes."""
 
 import math
+import sys
 
 import pandas as pd
 import pytest
@@ -278,6 +279,12 @@ def test_parameter_importance_over_the_searched_keys():
     assert set(importances) == {"pretrain.method", "data.scale", "finetune.label_fraction"}
     assert all(value >= 0 for value in importances.values())
     assert math.isclose(sum(importances.values()), 1.0, rel_tol=1e-6)
+
+
+def test_parameter_importance_needs_no_scikit_learn(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` raises ImportError
+    assert set(parameter_importance(_records(), _info(), _space())) == {"pretrain.method", "data.scale",
+                                                                        "finetune.label_fraction"}
 
 
 def test_parameter_importance_needs_two_finished_trials():

@@ -5,9 +5,11 @@ reach it.
 with RAY_AUTH_MODE=token. The head gets its own token file and temp dir in the working area
 (not ~/.ray or /tmp/ray), runs as `ray start --block` in its own process group, and is stopped
 by signalling that process (it drains and stops what it started), never by `ray stop`, which
-would stop every Ray on the machine. `env.sh` holds the variables the job CLI needs:
+would stop every Ray on the machine. `env.sh` holds the variables that both the job CLI and
+lrc-ray run on the head need:
 
     source .lrc_ray/cluster/env.sh && ray job submit ... -- lrc-ray tune ...
+    source .lrc_ray/cluster/env.sh && lrc-ray tune ...      # a driver on this machine
 """
 
 from __future__ import annotations
@@ -48,10 +50,13 @@ class LocalHead:
 
 
 def client_env(workdir: Path) -> dict[str, str]:
-    """What `ray job ...` and lrc-ray need in their environment to talk to the local head."""
+    """What `ray job ...` and lrc-ray need in their environment to talk to the local head: the GCS
+    address in RAY_ADDRESS (what `ray.init` and lrc-ray connect to) and the dashboard's in
+    RAY_API_SERVER_ADDRESS (the job CLI reads it before RAY_ADDRESS), with the token."""
     state = _read_state(workdir)
     return {
-        "RAY_ADDRESS": state["dashboard_url"],
+        "RAY_ADDRESS": state["gcs_address"],
+        "RAY_API_SERVER_ADDRESS": state["dashboard_url"],
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(workdir / "auth_token"),
     }
@@ -117,7 +122,7 @@ def submit(workdir: Path, entrypoint: list[str], *, project: Path, wait: bool = 
         raise UserInputError("nothing to submit; give the command after --, e.g. -- lrc-ray tune search_spaces/quickstart.yaml")
     env = {**os.environ, **client_env(workdir)}
     command = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"],
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", env["RAY_API_SERVER_ADDRESS"],
         "--runtime-env", str(project / "cluster" / "runtime_env.yaml"), "--working-dir", str(project),
         *([] if wait else ["--no-wait"]), "--", *entrypoint,
     ]

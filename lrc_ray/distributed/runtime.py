@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -29,14 +30,15 @@ def ray_session(
     if ray.is_initialized():
         yield
         return
+    source = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_gcs_address(address, source=source)
         try:
             ray.init(address=address, logging_level=logging.WARNING)
-        except ConnectionError as exc:
-            raise UserInputError(
-                f"--address {address}: no Ray cluster answers there ({exc}); start one with `lrc-ray cluster up`"
-            ) from None
+        except (ConnectionError, ValueError) as exc:  # ValueError: an address Ray cannot parse
+            raise UserInputError(f"{source} {address}: {ray_error_message(exc)[:200]}; expected the GCS address "
+                                 "host:port of a running Ray cluster (`lrc-ray cluster up` starts one)") from None
     else:
         # A short private temp dir: Ray's socket paths must stay under 108 characters.
         temp_dir = tempfile.mkdtemp(prefix="lrc_ray_")
@@ -50,8 +52,64 @@ def ray_session(
         ray.shutdown()
 
 
+def check_gcs_address(address: str, *, source: str, timeout: float = 10) -> None:
+    """Refuse, within about `timeout` seconds, an address where no Ray GCS answers (`ray.init` would
+    wait minutes there). A dashboard's http:// address is the job CLI's, not lrc-ray's. "auto",
+    Ray Client (ray://) addresses and clusters with TLS (RAY_USE_TLS) are left to Ray.
+
+    Raises:
+        UserInputError: naming `source` (the option or variable), the address and what answered.
+    """
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    if address.startswith(("http://", "https://")):
+        raise UserInputError(
+            f"{source} {address}: a dashboard (job server) address; lrc-ray needs the GCS address host:port "
+            "(e.g. 127.0.0.1:6379), and `ray job` commands read the dashboard address from RAY_API_SERVER_ADDRESS"
+        )
+    if address == "auto" or address.startswith("ray://") or os.environ.get("RAY_USE_TLS", "0") not in ("0", ""):
+        return
+    # Any GCS answers GetClusterId, even before authentication; a proxy must not answer for it.
+    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAUTHENTICATED:  # a GCS that wants the token is one
+                raise UserInputError(
+                    f"{source} {address}: no Ray cluster answers there ({exc.code().name}: "
+                    f"{' '.join((exc.details() or '').split())[:200]}); expected the GCS address host:port of a "
+                    "running Ray cluster (`lrc-ray cluster up` starts one)"
+                ) from None
+
+
 def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def cluster_autoscales() -> bool:
+    """Whether an autoscaler can add nodes to the connected cluster (so work may ask for resources
+    that no node has yet). Read from what Ray's autoscalers leave in the GCS:
+    - a cluster config (node groups with their min and max counts), where one was reported;
+    - the autoscaler v2 flag (KubeRay's default, `ray up` with RAY_UP_enable_autoscaler_v2);
+    - autoscaler v1's status: a head started without an autoscaling config runs v1 on a read-only
+      provider, whose node types are its nodes' own ids ("node_<id>"); `ray up` and KubeRay's v1
+      sidecar report the node types of their config.
+    """
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None:
+        return any(group.max_count == -1 or group.max_count > group.min_count for group in config.node_group_configs)
+    if is_autoscaler_v2(fetch_from_server=True):
+        return True
+    status = _internal_kv_get(ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS)
+    report = (json.loads(status).get("autoscaler_report") or {}) if status else {}
+    node_types = report.get("node_type_mapping") or {}
+    return any(node_type != format_readonly_node_type(node) for node, node_type in node_types.items())
 
 
 def ray_error_message(error: BaseException) -> str:

@@ -8,6 +8,9 @@
 - TPE on a space of a few choices proposes points it has already run (a quarter of the
   quick-start's trials, replayed), and each repeat would spend one of the sweep's trials on a
   result it already has (`SweepOptunaSearch`).
+- Each TPE keeps its study in an Optuna storage (`open_storage`: a journal file in the sweep's
+  directory, or a database URL), where optuna-dashboard shows the sweep live and `optuna.load_study`
+  reads it; a resumed sweep goes on in the same studies.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import math
 import pickle
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -41,6 +45,7 @@ class SweepOptunaSearch(OptunaSearch):
     """
 
     def __init__(self, *, run_key: Callable[[dict], str], max_redraws: int = 20, **kwargs) -> None:
+        # kwargs: OptunaSearch's (metric, mode, sampler, and storage and study_name for a stored study)
         super().__init__(**kwargs)
         self._run_key = run_key
         self._max_redraws = max_redraws
@@ -59,7 +64,10 @@ class SweepOptunaSearch(OptunaSearch):
                 state = optuna.trial.TrialState.COMPLETE
             else:
                 state = optuna.trial.TrialState.PRUNED if key in self._finished_keys else optuna.trial.TrialState.FAIL
-            self._ot_study.tell(self._ot_trials.pop(trial_id), value, state=state)
+            repeat = self._ot_trials.pop(trial_id)
+            repeat.set_user_attr("repeat", "not run: proposed a run again, told that run's outcome")  # for the dashboard
+            self._ot_study.tell(repeat, value, state=state)
+        self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)  # the trial_id of the results table
         self._key_of_trial[trial_id] = key
         self._outcome.setdefault(key, None)
         return values
@@ -74,6 +82,31 @@ class SweepOptunaSearch(OptunaSearch):
             self._finished_keys.add(key)
             self._outcome[key] = (result or {}).get(self.metric)
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.fail_lost_trials()
+
+    def fail_lost_trials(self) -> None:
+        """After a restore: a stored trial still running that this searcher (as checkpointed) never
+        proposed was proposed after the checkpoint, and Tune will not run it; mark it failed (Optuna
+        then ignores it) rather than leave it running in the study forever.
+
+        Raises:
+            UserInputError: the study is no longer in its storage (a journal file on a node that is gone).
+        """
+        if self._ot_study is None:
+            return
+        try:
+            stored = optuna.get_all_study_names(self._ot_study._storage)
+        except FileNotFoundError as exc:  # the journal file
+            raise lost_studies(exc.filename) from None
+        if self._ot_study.study_name not in stored:
+            raise lost_studies(f"study {self._ot_study.study_name!r}")
+        known = {trial.number for trial in self._ot_trials.values()}
+        for trial in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if trial.number not in known:
+                self._ot_study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 class StratifiedSearch(Searcher):
@@ -116,35 +149,97 @@ class StratifiedSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as handle:
             self.__dict__.update(pickle.load(handle))
+        for searcher in self._searchers.values():
+            if isinstance(searcher, SweepOptunaSearch):
+                searcher.fail_lost_trials()
 
 
-def make_searcher(space: SearchSpace, run_key: Callable[[dict], str], trials: int, *, sampler: str = "tpe") -> Searcher:
+def lost_studies(what: str) -> UserInputError:
+    return UserInputError(f"--resume: the sweep's Optuna studies are gone ({what} is missing: a journal file on a "
+                          "node that is gone?); a sweep that outlives its cluster needs --optuna-storage with a "
+                          "database URL (postgresql://...)")
+
+
+def make_searcher(space: SearchSpace, run_key: Callable[[dict], str], trials: int, *, sampler: str = "tpe",
+                  storage: optuna.storages.BaseStorage | None = None, study_name: str = "sweep") -> Searcher:
     """The sweep's searcher: TPE (seeded from the space) or, for comparison, random sampling; one
     per label fraction when the space searches several (`StratifiedSearch`, `trials` shared among
-    them). `run_key` maps a trial's values to its run (equal for runs that would compute the same)."""
+    them). `run_key` maps a trial's values to its run (equal for runs that would compute the same).
+    With `storage`, the studies are kept there, named `study_names(space, study_name)`."""
     if sampler not in ("tpe", "random"):
         raise UserInputError(f"--sampler {sampler}: expected tpe or random")
     settings = space.sweep
     values = label_fractions(space)
+    names = study_names(space, study_name)
     if values is None:
-        return _optuna_search(space, run_key, trials, sampler=sampler, seed=settings.seed)
+        return _optuna_search(space, run_key, trials, sampler=sampler, seed=settings.seed, storage=storage,
+                              study_name=names[0])
     share = math.ceil(trials / len(values))
     searchers = {}
-    for index, value in enumerate(values):
+    for index, (value, name) in enumerate(zip(values, names)):
         seed = int(np.random.SeedSequence([settings.seed, index]).generate_state(1)[0])
         searchers[value] = _optuna_search(space, partial(_with_condition, run_key, value), share, sampler=sampler,
-                                          seed=seed)
+                                          seed=seed, storage=storage, study_name=name)
     return StratifiedSearch(searchers, key=CONDITION_KEY, metric=settings.metric, mode=settings.mode)
+
+
+def study_names(space: SearchSpace, name: str) -> list[str]:
+    """The Optuna studies a sweep called `name` keeps: `name`, or one per label fraction,
+    `name` + " label_fraction=" + the fraction."""
+    values = label_fractions(space)
+    return [name] if values is None else [f"{name} {CONDITION_KEY.split('.')[-1]}={value:g}" for value in values]
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage: a database URL (sqlite:///..., postgresql://..., mysql://...) or the path of
+    a journal file (optuna-dashboard reads both).
+
+    Raises:
+        UserInputError: a URL Optuna cannot open, naming it and why.
+    """
+    if "://" not in url:
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url).resolve()
+        if path.is_file() and path.open("rb").read(16) == b"SQLite format 3\x00":
+            raise UserInputError(f"--optuna-storage {url}: an SQLite database; give it as sqlite:///{path}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as exc:
+            raise UserInputError(f"--optuna-storage {url}: cannot write the journal file ({exc.strerror})") from None
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as exc:  # SQLAlchemy raises many types for a bad URL, a missing driver or an unreachable server
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise UserInputError(f"--optuna-storage {url}: Optuna cannot open it ({reason})") from None
+
+
+def storage_for_new_studies(url: str, names: list[str]) -> optuna.storages.BaseStorage:
+    """`open_storage(url)` for a new sweep's studies `names`: a study of the same name there would
+    mix another sweep's trials into this one's TPE.
+
+    Raises:
+        UserInputError: the URL cannot be opened, or it holds one of the names already.
+    """
+    storage = open_storage(url)
+    taken = sorted(set(names) & set(optuna.get_all_study_names(storage)))
+    if taken:
+        raise UserInputError(f"--optuna-storage {url}: already holds the study {taken[0]!r}; give the sweep another "
+                             "--name, or pass --resume to continue it")
+    return storage
 
 
 def _with_condition(run_key: Callable[[dict], str], value: Any, trial_values: dict) -> str:
     return run_key({**trial_values, CONDITION_KEY: value})
 
 
-def _optuna_search(space: SearchSpace, run_key, trials: int, *, sampler: str, seed: int) -> SweepOptunaSearch:
+def _optuna_search(space: SearchSpace, run_key, trials: int, *, sampler: str, seed: int,
+                   storage: optuna.storages.BaseStorage | None, study_name: str) -> SweepOptunaSearch:
     settings = space.sweep
     if sampler == "tpe":
         optuna_sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.tpe_startup_trials(trials))
     else:
         optuna_sampler = optuna.samplers.RandomSampler(seed=seed)
-    return SweepOptunaSearch(metric=settings.metric, mode=settings.mode, sampler=optuna_sampler, run_key=run_key)
+    return SweepOptunaSearch(metric=settings.metric, mode=settings.mode, sampler=optuna_sampler, run_key=run_key,
+                             storage=storage, study_name=study_name)

@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 
 from lrc_ray.config import RunConfig, config_from_dict, global_batch_size
 from lrc_ray.data.shard import compact_arrays, compact_record_batch, concat_compact
-from lrc_ray.distributed.runtime import ray_error_message
+from lrc_ray.distributed.runtime import cluster_autoscales, ray_error_message
 from lrc_ray.engine.input_path import STREAM_WINDOW_ROWS
 from lrc_ray.engine.pretrain_loop import DDP_OPTIONS, PretrainOutcome, Surroundings, input_slices, run_pretraining
 from lrc_ray.engine.splits import ProbeSource
@@ -123,11 +123,16 @@ def pretrain_with_ray_train(
 def check_train_resources(workers: int, *, use_gpu: bool) -> None:
     """Refuse at once a Train run the cluster cannot hold, instead of waiting forever: each worker
     takes a CPU (and a GPU with `use_gpu`), and Ray Data needs one CPU more to read the slices.
+    A cluster that autoscales may hold it later: the run waits while Ray Train asks for the nodes.
 
     Raises:
         UserInputError: naming what the run needs and what the cluster has.
     """
     resources = ray.cluster_resources()
+    if cluster_autoscales():
+        logger.info("the cluster autoscales: the run waits for %d worker(s)' resources (it has %s now)",
+                    workers, resources)
+        return
     cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
     if cpus < workers + 1:
         raise UserInputError(

@@ -36,8 +36,8 @@ from lrc_ray import stages
 from lrc_ray.atomic import write_json_atomic
 from lrc_ray.config import RunConfig
 from lrc_ray.distributed.cluster import TRIAL_SLOT
-from lrc_ray.distributed.runtime import ray_error_message, user_error_line
-from lrc_ray.distributed.search import make_searcher
+from lrc_ray.distributed.runtime import cluster_autoscales, ray_error_message, user_error_line
+from lrc_ray.distributed.search import make_searcher, storage_for_new_studies, study_names
 from lrc_ray.distributed.superpixels import ray_data_extract
 from lrc_ray.engine.splits import SPLIT_PARTS
 from lrc_ray.errors import UserInputError
@@ -52,6 +52,7 @@ PROBE_METRIC = "probe_dice"
 EPOCH = "epoch"  # pre-training epochs finished (ASHA's time attribute)
 SWEEP_FILE = "lrc_ray_sweep.json"  # what `results` needs beyond Tune's own files
 FINALISTS_FILE = "lrc_ray_finalists.json"  # the finalists' plan and the name of their Tune experiment
+OPTUNA_JOURNAL = "optuna_journal.log"  # the searcher's Optuna studies, by default (optuna-dashboard reads it)
 
 
 @dataclass(frozen=True)
@@ -95,23 +96,36 @@ def fixed_values(space: SearchSpace) -> dict[str, Any]:
     return {key: spec.value for key, spec in space.params.items() if isinstance(spec, Fixed)}
 
 
-def trial_concurrency(resources: dict[str, float], *, workers: int, use_gpu: bool, cap: int | None) -> int:
-    """Trials that fit at once: each needs `workers` CPUs (or GPUs) for Train, or one for a trial
-    that pre-trains in its own process (`workers` 0), plus one CPU for its Ray Data reads and
-    fine-tuning; never more than the trial slots."""
+def trial_concurrency(resources: dict[str, float], *, workers: int, use_gpu: bool, cap: int | None,
+                      autoscaling: bool = False) -> int:
+    """Trials at once. On a static cluster, those that fit its `resources` now: each needs `workers`
+    CPUs (or GPUs) for Train, or one for a trial that pre-trains in its own process (`workers` 0),
+    plus one CPU for its Ray Data reads and fine-tuning (more would starve Ray Data of CPUs); at
+    most `cap`. On a cluster that `autoscaling` can grow, `cap` (sweep.max_concurrent_trials) when
+    set, whatever runs now: a trial whose workers have no node yet waits while Ray Train asks the
+    autoscaler for them. Never more than the trial slots.
+
+    Raises:
+        UserInputError: not one trial fits (and, autoscaling, no `cap` says how many to run).
+    """
     devices, cpus = max(workers, 1), trial_cpus(workers)
-    fits = int(resources.get("CPU", 1) // cpus)
-    if use_gpu:
-        fits = min(fits, int(resources.get("GPU", 0) // devices))
-    if TRIAL_SLOT in resources:
-        fits = min(fits, int(resources[TRIAL_SLOT]))
+    slots = int(resources[TRIAL_SLOT]) if TRIAL_SLOT in resources else None
+    if autoscaling and cap:
+        fits = cap
+    else:
+        fits = int(resources.get("CPU", 1) // cpus)
+        if use_gpu:
+            fits = min(fits, int(resources.get("GPU", 0) // devices))
+        fits = min(fits, cap) if cap else fits
+    if slots is not None:
+        fits = min(fits, slots)
     if fits < 1:
         need = f"{devices} GPU(s) and {cpus} CPUs" if use_gpu else f"{cpus} CPUs"
-        raise UserInputError(
-            f"sweep.workers_per_trial: a trial needs {need}, the cluster has {resources}; on an autoscaling "
-            "cluster, request the nodes first (see cluster/aws-gpu.yaml)"
-        )
-    return min(fits, cap) if cap else fits
+        hint = "set sweep.max_concurrent_trials" + (
+            ": the cluster autoscales, and trials then wait for the nodes they ask for" if autoscaling
+            else " on a cluster that autoscales, or add nodes")
+        raise UserInputError(f"sweep.workers_per_trial: a trial needs {need}, the cluster has {resources}; {hint}")
+    return fits
 
 
 def trial_cpus(workers: int) -> int:
@@ -151,14 +165,17 @@ def run_sweep(
     resume: bool = False,
     search: str = "tpe",
     parts: tuple[str, ...] = ("validation",),
+    optuna_storage: str | None = None,
 ):
     """Run (or, with `resume`, continue) a sweep in the connected Ray cluster; returns the ResultGrid.
 
     `search` "tpe": Optuna TPE proposes `num_samples` settings (shared among the label fractions,
-    each its own search) and ASHA stops weak pre-trainings early. "grid": every point of a space
-    of choices, each run to the end (no early stopping). Trials score the validation volumes;
-    `parts` SPLIT_PARTS also scores the test volumes (for benchmarks that measure the truth a
-    search is judged by: a search never reads them).
+    each its own search) and ASHA stops weak pre-trainings early. Its Optuna studies (named
+    `search.study_names`) are kept in `optuna_storage` (an Optuna database URL or a journal
+    file), by default the journal file OPTUNA_JOURNAL in the sweep's directory; a resumed sweep
+    goes on in them. "grid": every point of a space of choices, each run to the end (no early
+    stopping). Trials score the validation volumes; `parts` SPLIT_PARTS also scores the test
+    volumes (for benchmarks that measure the truth a search is judged by: a search never reads them).
     """
     experiment = storage / name
     settings = space.sweep
@@ -168,7 +185,7 @@ def run_sweep(
     context = SweepContext(base=base.to_dict(), space_params=fixed_values(space), root=str(experiment),
                            workers=settings.workers_per_trial, use_gpu=settings.use_gpu, parts=parts)
     trainable, concurrency = _trainable(run_trial, context, settings)
-    if resume:
+    if resume:  # the searcher comes back with its storage and studies
         if not tune.Tuner.can_restore(str(experiment)):
             raise UserInputError(f"--resume: no sweep to resume at {experiment}")
         logger.info("resuming %s with up to %d trial(s) at a time", experiment, concurrency)
@@ -184,7 +201,12 @@ def run_sweep(
     else:
         trials = num_samples or settings.num_samples
         scheduler = early_stopping(settings, _largest_epochs(space, base))
-        searcher = make_searcher(space, partial(trial_run_key, context), trials)
+        optuna_storage = optuna_storage or str(experiment / OPTUNA_JOURNAL)
+        experiment.mkdir(parents=True, exist_ok=True)  # where the default journal goes
+        studies = storage_for_new_studies(optuna_storage, study_names(space, name))
+        searcher = make_searcher(space, partial(trial_run_key, context), trials, storage=studies, study_name=name)
+        logger.info("Optuna studies of the sweep: %s (watch them live: optuna-dashboard %s)", optuna_storage,
+                    optuna_storage)
         param_space = tune_param_space(space)
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                       max_concurrent_trials=concurrency, reuse_actors=_reuse_actors(settings))
@@ -194,6 +216,7 @@ def run_sweep(
         "base": base.to_dict(), "fixed": fixed_values(space), "searched": sorted(tune_param_space(space)),
         "space_yaml": Path(space.source).read_text() if Path(space.source).is_file() else None,
         "trials": trials,  # the search is finished when this many are
+        "optuna_storage": optuna_storage,  # where the searcher's studies are (None for a grid)
     })
     logger.info("sweep %s (%s): %d trial(s), up to %d at a time", experiment, search, trials, concurrency)
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=_run_config(settings, storage, name))
@@ -224,16 +247,27 @@ def run_finalists(settings: SweepSettings, *, base: RunConfig, fixed: dict, runs
 
 
 def _trainable(function, context: SweepContext, settings: SweepSettings):
-    """A trial function with its context and resources, and how many trials fit at once."""
+    """A trial function with its context and resources, and how many trials run at once."""
     resources = ray.cluster_resources()
-    concurrency = trial_concurrency(
-        resources, workers=settings.workers_per_trial, use_gpu=settings.use_gpu, cap=settings.max_concurrent_trials
-    )
+    concurrency = sweep_concurrency(settings, resources)
     trainable = tune.with_resources(
         tune.with_parameters(function, context=context),
         driver_resources(resources, workers=settings.workers_per_trial, use_gpu=settings.use_gpu),
     )
     return trainable, concurrency
+
+
+def sweep_concurrency(settings: SweepSettings, resources: dict[str, float]) -> int:
+    """`trial_concurrency` on the connected cluster, as autoscaling or static as it is."""
+    autoscaling = cluster_autoscales()
+    concurrency = trial_concurrency(resources, workers=settings.workers_per_trial, use_gpu=settings.use_gpu,
+                                    cap=settings.max_concurrent_trials, autoscaling=autoscaling)
+    if autoscaling:
+        # Tune lets as many trials as run at once wait for their resources (its pending-trial limit
+        # follows max_concurrent_trials), and Ray Train asks the autoscaler for each one's workers.
+        logger.info("the cluster autoscales: up to %d trial(s) at a time; their nodes are requested as they "
+                    "start (the cluster has %s now)", concurrency, resources)
+    return concurrency
 
 
 def _reuse_actors(settings: SweepSettings) -> bool:

@@ -5,37 +5,20 @@ submit a tiny sweep with the project's runtime_env, wait for SUCCEEDED, find the
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lrc_ray.distributed.cluster import client_env, local_down, local_up
+from lrc_ray.distributed.cluster import client_env, local_up
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def head():
-    workdir = Path(tempfile.mkdtemp(prefix="lrch_"))  # short: Ray's socket paths are limited
-    started = local_up(workdir, num_cpus=2, port=_free_port(), dashboard_port=_free_port())
-    try:
-        yield started
-    finally:
-        local_down(workdir)
-        assert not (workdir / "head.json").exists()
 
 
 def test_submitted_sweep_succeeds_and_its_results_are_readable(head, tmp_path, tiny_sweep_space):
@@ -72,9 +55,9 @@ def test_the_job_cli_without_the_token_is_refused(head):
     assert listed.returncode != 0
 
 
-def test_a_second_head_in_the_same_workdir_is_refused(head):
+def test_a_second_head_in_the_same_workdir_is_refused(head, free_port):
     with pytest.raises(Exception, match="already running"):
-        local_up(head.workdir, num_cpus=1, port=_free_port(), dashboard_port=_free_port())
+        local_up(head.workdir, num_cpus=1, port=free_port(), dashboard_port=free_port())
 
 
 def test_runtime_env_leaves_data_and_venv_behind(tmp_path):

@@ -1,14 +1,21 @@
 """The sweep's searchers: each distinct run proposed once, one TPE per label fraction. No Ray cluster."""
 
+import json
 import pickle
+import subprocess
+import sys
 
+import optuna
 import pytest
 
 import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from lrc_ray.distributed.search import StratifiedSearch, SweepOptunaSearch, make_searcher
+from lrc_ray.distributed.search import (
+    StratifiedSearch, SweepOptunaSearch, make_searcher, open_storage, storage_for_new_studies, study_names,
+)
+from lrc_ray.errors import UserInputError
 from lrc_ray.search_space import parse_search_space
 
 
@@ -39,6 +46,7 @@ def test_optuna_search_ignores_reports_without_the_metric():
     assert trials[0].value == 0.5
     assert trials[0].params == suggested
     assert trials[0].intermediate_values == {}
+    assert trials[0].user_attrs == {"tune_trial_id": "t1"}
 
 
 def test_optuna_search_still_records_reports_with_the_metric():
@@ -89,6 +97,8 @@ def test_a_repeated_run_is_told_its_known_outcome_and_drawn_again():
     assert second != {"x": 1}, "the repeat of x=1 was drawn again"
     states = [(trial.params["x"], trial.state.name, trial.value) for trial in searcher._ot_study.trials]
     assert states[:2] == [(1, "COMPLETE", 0.5), (1, "COMPLETE", 0.5)], "the repeat got the first run's Dice"
+    assert [set(trial.user_attrs) for trial in searcher._ot_study.trials[:3]] == [{"tune_trial_id"}, {"repeat"},
+                                                                                 {"tune_trial_id"}]
     searcher.on_trial_complete("t2", {"probe_dice": 0.1})  # stopped by ASHA
     assert searcher.suggest("t3") == {"x": 3}
     assert [trial.state.name for trial in searcher._ot_study.trials if trial.params["x"] == 2] == ["PRUNED", "PRUNED"]
@@ -192,3 +202,82 @@ def test_one_fraction_is_one_search_and_random_sampling_is_stratified_too():
     with pytest.raises(Exception, match="tpe or random"):
         make_searcher(one, _run_key, 4, sampler="grid")
 
+
+
+# --- the stored study -----------------------------------------------------------------------
+
+
+def test_the_studies_are_stored_one_per_fraction_and_a_fresh_process_reads_them(tmp_path):
+    journal = tmp_path / "optuna_journal.log"
+    space = _fraction_space()
+    names = study_names(space, "tiny")
+    assert names == ["tiny label_fraction=0.25", "tiny label_fraction=1"]
+    searcher = _stratified(space, trials=4, storage=storage_for_new_studies(str(journal), names), study_name="tiny")
+    for trial_id, value in (("a", 0.2), ("b", 0.7)):
+        searcher.suggest(trial_id)
+        searcher.on_trial_complete(trial_id, {"dice_mean": value})
+    read = subprocess.run(
+        [sys.executable, "-c", "import json, sys, optuna\n"
+         "from optuna.storages import JournalStorage\n"
+         "from optuna.storages.journal import JournalFileBackend\n"
+         "storage = JournalStorage(JournalFileBackend(sys.argv[1]))\n"
+         "print(json.dumps({name: [(t.state.name, t.value) for t in optuna.load_study(study_name=name, "
+         "storage=storage).trials] for name in optuna.get_all_study_names(storage)}))", str(journal)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert read.returncode == 0, read.stderr[-2000:]
+    assert json.loads(read.stdout) == {names[0]: [["COMPLETE", 0.2]], names[1]: [["COMPLETE", 0.7]]}
+
+
+def test_a_new_sweep_refuses_a_storage_that_holds_its_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    space = _fraction_space()
+    _stratified(space, storage=storage_for_new_studies(url, study_names(space, "tiny")), study_name="tiny")
+    with pytest.raises(UserInputError, match=r"--optuna-storage sqlite:///.*: already holds the study "
+                                             r"'tiny label_fraction=0.25'; give the sweep another --name"):
+        storage_for_new_studies(url, study_names(space, "tiny"))
+    storage_for_new_studies(url, study_names(space, "other"))  # another sweep's names are free
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("nosuchdialect://x/y", "--optuna-storage nosuchdialect://x/y: Optuna cannot open it ("),
+        ("/proc/lrc_ray/journal.log", "--optuna-storage /proc/lrc_ray/journal.log: cannot write the journal file"),
+        ("{tmp}/an.db", ": an SQLite database; give it as sqlite:///"),
+    ],
+)
+def test_a_bad_optuna_storage_is_one_line(tmp_path, url, message):
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'an.db'}")
+    with pytest.raises(UserInputError) as raised:
+        open_storage(url.format(tmp=tmp_path))
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_restored_searcher_fails_the_stored_trials_it_never_proposed(tmp_path):
+    """Killed between a proposal and Tune's next checkpoint: the proposal is in the study, but
+    neither Tune nor the checkpointed searcher knows it; after the restore it is failed, not left
+    running, and the trials the searcher knows are told as they finish."""
+    storage = storage_for_new_studies(str(tmp_path / "journal.log"), ["tiny"])
+    searcher = _searcher(choices=(1, 2, 3), run_key=str, storage=storage, study_name="tiny", seed=0)
+    searcher.suggest("known")
+    searcher.save(str(tmp_path / "state"))
+    searcher.suggest("lost")  # after the checkpoint
+    restored = _searcher(choices=(1, 2, 3), run_key=str, storage=storage, study_name="tiny", seed=0)
+    restored.restore(str(tmp_path / "state"))
+    restored.on_trial_complete("known", {"dice_mean": 0.6})
+    states = [(t.number, t.state.name, t.value) for t in optuna.load_study(study_name="tiny", storage=storage).trials]
+    assert states == [(0, "COMPLETE", 0.6), (1, "FAIL", None)]
+
+
+def test_a_restored_searcher_whose_study_is_gone_says_so(tmp_path):
+    journal = tmp_path / "journal.log"
+    searcher = _searcher(run_key=str, storage=storage_for_new_studies(str(journal), ["tiny"]), study_name="tiny")
+    searcher.suggest("a")
+    searcher.save(str(tmp_path / "state"))
+    journal.unlink()  # the head that held it is gone
+    with pytest.raises(UserInputError, match=f"--resume: the sweep's Optuna studies are gone \\({journal} is missing"):
+        _searcher(run_key=str).restore(str(tmp_path / "state"))
+    journal.write_text("")  # a new, empty journal in its place
+    with pytest.raises(UserInputError, match="--resume: the sweep's Optuna studies are gone \\(study 'tiny' is missing"):
+        _searcher(run_key=str).restore(str(tmp_path / "state"))

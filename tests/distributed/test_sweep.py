@@ -65,6 +65,7 @@ def test_sweep_survives_sigkill_and_resumes_keeping_finished_trials(tmp_path, ti
 
     table = pd.read_parquet(experiment / "results" / "results.parquet")
     assert len(table) == 4
+    _check_the_stored_studies(experiment, table)
     by_liver = _lrc_ray("results", str(experiment), "--metric", "dice/liver", "--out", str(tmp_path / "liver"), cwd=tmp_path)
     assert by_liver.returncode == 0 and "best dice/liver first" in by_liver.stdout
     misspelt = _lrc_ray("results", str(experiment), "--metric", "dice/livr", cwd=tmp_path)
@@ -84,6 +85,34 @@ def test_sweep_survives_sigkill_and_resumes_keeping_finished_trials(tmp_path, ti
     pretrained = _lrc_ray("-q", "pretrain", "--config", str(chosen[0]), "--out", str(tmp_path / "chosen"), cwd=tmp_path)
     assert pretrained.returncode == 0, pretrained.stderr[-2000:]
     assert (tmp_path / "chosen" / "checkpoint.pt").is_file()
+
+
+_READ_STUDIES = """
+import json, sys, optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+storage = JournalStorage(JournalFileBackend(sys.argv[1]))
+print(json.dumps({name: [[t.state.name, t.value, t.user_attrs.get("tune_trial_id")]
+                         for t in optuna.load_study(study_name=name, storage=storage).trials]
+                  for name in optuna.get_all_study_names(storage)}))
+"""
+
+
+def _check_the_stored_studies(experiment: Path, table: pd.DataFrame) -> None:
+    """A fresh process reads the resumed sweep's Optuna studies (one per label fraction, in the
+    default journal file): every finished trial's value is there, every Tune trial is there once
+    (the resumed ones were not proposed again), and no trial is left running."""
+    read = subprocess.run([sys.executable, "-c", _READ_STUDIES, str(experiment / "optuna_journal.log")],
+                          capture_output=True, text=True, timeout=120)
+    assert read.returncode == 0, read.stderr[-2000:]
+    studies = json.loads(read.stdout)
+    assert sorted(studies) == ["tiny label_fraction=0.5", "tiny label_fraction=1"]
+    assert not [trial for trials in studies.values() for trial in trials if trial[0] == "RUNNING"], studies
+    tune_ids = [trial[2] for trials in studies.values() for trial in trials if trial[2] is not None]
+    assert len(tune_ids) == len(set(tune_ids)) and set(table["trial_id"]) <= set(tune_ids), (tune_ids, table["trial_id"])
+    for fraction, group in table.dropna(subset=["dice_mean"]).groupby("label_fraction"):
+        told = [value for state, value, _ in studies[f"tiny label_fraction={fraction:g}"] if state == "COMPLETE"]
+        assert all(any(abs(value - dice) < 1e-9 for value in told) for dice in group["dice_mean"]), (told, group)
 
 
 def _reports(experiment: Path) -> dict[str, list[dict]]:
@@ -152,6 +181,8 @@ def test_a_sweep_whose_every_trial_fails_ends_with_one_summary_line(tmp_path, ti
         (["results", "{tmp}"], "not an lrc-ray sweep"),
         (["tune", "{tmp}/missing.yaml"], "search space file not found"),
         (["tune", "{space}", "--storage", "/proc/forbidden"], "--storage /proc/forbidden: not writable"),
+        (["tune", "{space}", "--search", "grid", "--optuna-storage", "{tmp}/j.log"],
+         "--optuna-storage: only a tpe search keeps an Optuna study, not --search grid"),
     ],
 )
 def test_sweep_bad_input_is_one_line_and_exit_2(tmp_path, tiny_sweep_space, args, message):

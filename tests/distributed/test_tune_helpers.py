@@ -19,6 +19,7 @@ from lrc_ray.distributed.tune import (
     trial_config,
     trial_run_key,
     summarise_failures,
+    sweep_concurrency,
     trial_concurrency,
     tune_param_space,
 )
@@ -159,6 +160,41 @@ def test_trial_concurrency_too_few_resources_is_a_user_error():
         trial_concurrency({"CPU": 16}, workers=2, use_gpu=True, cap=None)
     with pytest.raises(UserInputError, match="workers_per_trial"):
         trial_concurrency({"CPU": 16, TRIAL_SLOT: 0}, workers=1, use_gpu=False, cap=None)
+
+
+@pytest.mark.parametrize(
+    ("resources", "cap", "expected"),
+    [
+        ({"CPU": 8, TRIAL_SLOT: 4}, 2, 2),  # GPU workers at zero: the trials start and wait for them
+        ({"CPU": 8, TRIAL_SLOT: 4}, 8, 4),  # never more than the trial slots on the head
+        ({"CPU": 8}, 3, 3),
+        ({"CPU": 104, "GPU": 8, TRIAL_SLOT: 4}, None, 2),  # no cap: what fits now, as on a static cluster
+    ],
+)
+def test_trial_concurrency_on_an_autoscaling_cluster(resources, cap, expected):
+    assert trial_concurrency(resources, workers=4, use_gpu=True, cap=cap, autoscaling=True) == expected
+
+
+def test_an_autoscaling_cluster_without_a_cap_or_room_asks_for_the_cap():
+    with pytest.raises(UserInputError, match=r"needs 4 GPU\(s\) and 5 CPUs.*set sweep.max_concurrent_trials: the "
+                                             "cluster autoscales"):
+        trial_concurrency({"CPU": 8, TRIAL_SLOT: 4}, workers=4, use_gpu=True, cap=None, autoscaling=True)
+
+
+@pytest.mark.parametrize(("autoscales", "expected"), [(True, 2), (False, None)])
+def test_sweep_concurrency_follows_the_cluster(monkeypatch, autoscales, expected):
+    """The GPU sweep on a head whose GPU workers are at zero: it starts with its cap where an
+    autoscaler can add them, and is refused where none can."""
+    import lrc_ray.distributed.tune as tune_module
+
+    monkeypatch.setattr(tune_module, "cluster_autoscales", lambda: autoscales)
+    settings = SweepSettings(max_concurrent_trials=2, workers_per_trial=4, use_gpu=True)
+    head = {"CPU": 8.0, TRIAL_SLOT: 4.0}
+    if expected is None:
+        with pytest.raises(UserInputError, match="sweep.workers_per_trial"):
+            sweep_concurrency(settings, head)
+    else:
+        assert sweep_concurrency(settings, head) == expected
 
 
 def test_driver_resources():
