@@ -129,7 +129,7 @@ def _plain_extract(calls):
         for case in dataset.cases:
             image, label = read_case(case, dataset.labels)
             table = slices_table(case.case_id, prepare_slices(image.array, None if label is None else label.array,
-                                                              params.slicing))
+                                                              params.slicing, native_spacing_mm=image.spacing_mm[1:]))
             pq.write_table(add_superpixels(table, params.felzenszwalb, params.slicing),
                            out_dir / f"part-{case.case_id}.parquet")
 
@@ -207,7 +207,7 @@ def test_a_run_reads_dataset_json_once_and_the_slice_table_once_per_use(stage_co
     from lrc_ray import api
     from lrc_ray.superpixels import cache
 
-    data_reads = _counting(monkeypatch, stages, "load_msd_dataset")
+    data_reads = _counting(monkeypatch, stages, "load_dataset")
     table_reads = _counting(monkeypatch, cache, "read_entry_table")
     trained = []
     in_process = api.in_process_pretrain_fn()

@@ -97,7 +97,7 @@ def run_pretraining(
     step_model = where.prepare(pretrainer)
     probe_data = None
     if where.rank == 0 and probe is not None:
-        table = read_parquet_dir(Path(probe.parquet_dir), columns=["image", "label", "height", "width"])
+        table = read_parquet_dir(probe.parquet_dir, columns=["image", "label", "height", "width"])
         probe_data = probe_slices(table, train_case=probe.train_case, validation_cases=probe.validation_cases,
                                   num_classes=probe.num_classes)
 
