@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -152,7 +153,8 @@ def sigkill_when():
             assert process.poll() is None, "the run ended before it could be interrupted"
             assert ready(), f"not ready to interrupt within {within} s"
         finally:
-            os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # nothing of it left: it ended by itself
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
     return run
