@@ -12,9 +12,11 @@ experiment directory):
                                 validation.json  its Dice on each held-out part scored so far
                                 test.json
 
-(super-pixels are keyed by the cache itself: `superpixels.cache.entry_key`). A lock per key
-makes concurrent runs of one key compute it once; outputs are written to temporary names and
-renamed, so an interrupted stage leaves nothing that a later run takes for done.
+(super-pixels are keyed by the cache itself: `superpixels.cache.entry_key`). The root is a local
+path or a URI (`s3://bucket/prefix`: `lrc_ray.storage`). A lock per key (`storage.key_lock`:
+flock locally, a named Ray actor's lease on object stores) makes concurrent runs of one key compute
+it once; each file is published whole and a stage's last file marks it done, so an interrupted
+stage leaves nothing that a later run takes for done.
 
 The work that needs Ray comes in as a function from the caller, so this module imports none:
 building the super-pixel cache (`Extract`: the Ray Data pipeline) and pre-training
