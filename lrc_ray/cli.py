@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on a seeded per-volume subset of the labelled training volumes; evaluate 3D Dice on held-out volumes.",
     )
     _add_run_config_options(finetune)
-    finetune.add_argument("--checkpoint", type=Path, default=None, help="pre-trained checkpoint.pt (default: random init)")
+    finetune.add_argument("--checkpoint", default=None, help="pre-trained checkpoint.pt, a path or URI (default: random init)")
     finetune.add_argument("--label-fraction", type=float, required=True, help="fraction of labelled training volumes used, in (0, 1]")
     finetune.add_argument("--out", type=Path, default=DEFAULT_WORKDIR / "finetune", help="where results.json goes")
     finetune.set_defaults(handler=_run_finetune)

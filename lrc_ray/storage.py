@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import tempfile
 import threading
 import uuid
@@ -41,6 +42,7 @@ REQUEST_TIMEOUT_S = 60.0
 S3_ATTEMPTS = 3
 # pyarrow >= 20 sends request checksums by default; SeaweedFS 4.48 then stored the chunk framing
 # inside the object (a 5-byte write read back as 54 bytes). Checksums only where an API needs them.
+_LOST_SLASH = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/[^/]")
 _CHECKSUM_ENV = {"AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
 
 
@@ -156,6 +158,9 @@ def location(uri_or_path: str | os.PathLike | Location) -> Location:
     if isinstance(uri_or_path, Location):
         return uri_or_path
     text = os.fspath(uri_or_path)
+    if _LOST_SLASH.match(text):  # pathlib.Path("s3://b/k") is "s3:/b/k": never a local folder named "s3:"
+        raise UserInputError(f"{text}: looks like a URI whose '//' was lost; pass it as text, e.g. "
+                             f"{text.replace(':/', '://', 1)}")
     if "://" not in text:
         path = Path(text).expanduser().resolve()
         return Location(str(path), pafs.LocalFileSystem(), str(path))

@@ -39,6 +39,22 @@ def root(request, tmp_path):
     return request.getfixturevalue("s3_root")
 
 
+def test_paths_and_uris_name_locations(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    assert location("rel/dir") == location(tmp_path / "rel" / "dir") and location("rel/dir").is_local
+    assert location(f"file://{tmp_path}/x").local_path == tmp_path / "x"
+    remote = location("s3://bucket/sweeps?endpoint_override=127.0.0.1:9&scheme=http")
+    assert not remote.is_local and remote.path == "bucket/sweeps"
+    child = remote.join("tiny", "lrc_ray_sweep.json")
+    assert child.uri == "s3://bucket/sweeps/tiny/lrc_ray_sweep.json?endpoint_override=127.0.0.1:9&scheme=http"
+    assert child.path == "bucket/sweeps/tiny/lrc_ray_sweep.json" and child.name == "lrc_ray_sweep.json"
+    assert child.parent.parent == remote
+    with pytest.raises(UserInputError, match=r"^s3:/bucket/x: looks like a URI whose '//' was lost"):
+        location(Path("s3://bucket/x"))  # what argparse's type=Path made of a URI: never a local folder
+
+
 @pytest.mark.parametrize("size", [0, 5, 1 << 20, (5 << 20) + 3])  # empty, tiny, 1 MiB, past a multipart chunk
 def test_bytes_written_are_the_bytes_read_back(s3_root, size):
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
