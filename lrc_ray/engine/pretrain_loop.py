@@ -28,6 +28,7 @@ from lrc_ray.engine.input_path import (
 )
 from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
 from lrc_ray.engine.splits import ProbeSource
+from lrc_ray.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,8 @@ class LocalRun(Surroundings):
     """This process, on the CPU: every epoch's weights, config and history go to `checkpoint` (the
     `engine.checkpoint` format), so the file is always the last finished epoch's."""
 
-    def __init__(self, config: RunConfig, arrays: dict[str, np.ndarray], checkpoint: Path, *, progress: bool) -> None:
+    def __init__(self, config: RunConfig, arrays: dict[str, np.ndarray], checkpoint: Path | Location, *,
+                 progress: bool) -> None:
         self.config, self.arrays, self.checkpoint, self.progress = config, arrays, checkpoint, progress
 
     def slices(self, config: RunConfig, *, with_labels: bool):
