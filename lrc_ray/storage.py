@@ -323,10 +323,13 @@ def key_lock(root: Location, key: str) -> Iterator[None]:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return
     name = f"{_split_query(root.uri)[0].rstrip('/')}/{key}"
-    if _remote_lock_factory is not None:
-        with _remote_lock_factory(name):
-            yield
-        return
+    with (_remote_lock_factory or process_lock)(name):
+        yield
+
+
+@contextlib.contextmanager
+def process_lock(name: str) -> Iterator[None]:
+    """An exclusive lock on `name` among the threads of this process."""
     with _process_locks_guard:
         lock = _process_locks.setdefault(name, threading.Lock())
     with lock:

@@ -52,7 +52,12 @@ def _leases():
 
 @contextlib.contextmanager
 def ray_key_lock(key: str, *, lease_s: float = LEASE_S) -> Iterator[None]:
-    """Hold the cluster-wide lease on `key` for the block (waiting while another process holds it)."""
+    """Hold the cluster-wide lease on `key` for the block (waiting while another process holds it);
+    without Ray running in this process, a lock within the process (never start Ray for a lock)."""
+    if not ray.is_initialized():
+        with storage.process_lock(key):
+            yield
+        return
     leases, token = _leases(), uuid.uuid4().hex
     while not ray.get(leases.acquire.remote(key, token, lease_s)):
         time.sleep(POLL_S)
