@@ -15,6 +15,7 @@ from lrc_ray.data.slices import DEFAULT_WINDOW_HU
 from lrc_ray.config import DataConfig, RunConfig, config_from_dict, save_config
 from lrc_ray.errors import TrainingError, UserInputError
 from lrc_ray.stages import PretrainingData, check_batch_fits, pretrains
+from lrc_ray.storage import Location, checked_location, location, upload_dir
 from lrc_ray.superpixels.cache import CacheEntry
 from lrc_ray.superpixels.felzenszwalb import FelzenszwalbParams
 
@@ -101,7 +102,7 @@ def describe_entry(entry: CacheEntry) -> dict:
 
     table = read_entry_table(entry, columns=["case_id", "n_regions", "height", "width"])
     return {
-        "path": str(entry.path),
+        "path": entry.uri,
         "slices": table.num_rows,
         "cases": len(pc.unique(table.column("case_id"))),
         "labelled_cases": entry.manifest["num_labelled_cases"],
@@ -150,8 +151,8 @@ def pretrain(
     with ray_session(address=address):
         check_train_resources(workers, use_gpu=use_gpu)
         outcome = pretrain_with_ray_train(
-            config, parquet_dir=str(data.entry.path), selection=data.selection, num_slices=data.num_slices,
-            storage_path=str(out_dir), name=name, workers=workers, use_gpu=use_gpu, num_classes=data.num_classes,
+            config, parquet_dir=data.entry.uri, selection=data.selection, num_slices=data.num_slices,
+            storage=location(out_dir), name=name, workers=workers, use_gpu=use_gpu, num_classes=data.num_classes,
         )
     return save_checkpoint(checkpoint, state_dict=outcome.state_dict, config=config.to_dict(), epoch=outcome.epoch,
                            history=outcome.history)
@@ -165,7 +166,7 @@ def pretraining_data(config: RunConfig) -> PretrainingData:
 def in_process_pretrain_fn(*, progress: bool = False) -> stages.PretrainFn:
     """The run stages' `PretrainFn` for pre-training in this process, without Ray."""
 
-    def pretrain_here(config: RunConfig, data: PretrainingData, checkpoint: Path) -> list[dict]:
+    def pretrain_here(config: RunConfig, data: PretrainingData, checkpoint: Location) -> list[dict]:
         from lrc_ray.engine.checkpoint import load_checkpoint
 
         return load_checkpoint(_pretrain_in_process(config, data, checkpoint, progress=progress))["history"]
@@ -173,7 +174,8 @@ def in_process_pretrain_fn(*, progress: bool = False) -> stages.PretrainFn:
     return pretrain_here
 
 
-def _pretrain_in_process(config: RunConfig, data: PretrainingData, checkpoint: Path, *, progress: bool) -> Path:
+def _pretrain_in_process(config: RunConfig, data: PretrainingData, checkpoint: Path | Location, *,
+                         progress: bool) -> Path | Location:
     """The plain loop in this process; `scratch` (or zero epochs) saves the random initialisation."""
     import torch
 
@@ -282,7 +284,7 @@ def tune(
     *,
     space: str | Path,
     data: str | Path | None = None,
-    storage: str | Path | None = None,
+    storage: str | Path | Location | None = None,
     name: str | None = None,
     num_samples: int | None = None,
     resume: bool = False,
@@ -292,9 +294,12 @@ def tune(
     key: str = "training",
     optuna_storage: str | None = None,
     cache_root: str | None = None,
-) -> Path:
+) -> Location:
     """Run a sweep of `space` (a search-space YAML) on Ray, then its finalists when the space has a
     `finalists:` section; returns the experiment directory.
+
+    `storage` is a local path or a URI (`s3://bucket/prefix`, `gs://...`, `file://...`): Tune's
+    storage, the sweep's stage outputs and its record.
 
     The data are `data` (a directory), or the `key` entries of a MONAI `datalist`; without
     either, the space's built-in synthetic data set is made (once) and used. With `resume`, an
@@ -315,19 +320,19 @@ def tune(
     if optuna_storage is not None and search != "tpe":
         raise UserInputError(f"--optuna-storage: only a tpe search keeps an Optuna study, not --search {search}")
     name = name or Path(space).stem
-    storage = Path(storage or DEFAULT_STORAGE).resolve()
+    storage = checked_location(storage or DEFAULT_STORAGE)
     _check_writable(storage)
-    experiment = storage / name
-    if resume and not (experiment / SWEEP_FILE).is_file():
+    experiment = storage.join(name)
+    if resume and not experiment.join(SWEEP_FILE).is_file():
         raise UserInputError(f"--resume: no sweep to resume at {experiment}")
     if resume:
         # The sweep continues as it started, whatever the space file says now.
-        recorded = _read_json(experiment / SWEEP_FILE)
+        recorded = _read_json(experiment.join(SWEEP_FILE))
         if optuna_storage is not None and optuna_storage != recorded.get("optuna_storage"):
             raise UserInputError(f"--optuna-storage {optuna_storage}: the sweep keeps its studies in "
                                  f"{recorded.get('optuna_storage')}; resume it without --optuna-storage")
-        base = config_from_dict(recorded["base"], source=str(experiment / SWEEP_FILE))
-        if cache_root is not None and base.data.cache_root not in (cache_root, str(Path(cache_root).resolve())):
+        base = config_from_dict(recorded["base"], source=str(experiment.join(SWEEP_FILE)))
+        if cache_root is not None and base.data.cache_root != location(cache_root).uri:
             raise UserInputError(f"--cache-root {cache_root}: the sweep keeps its cache in {base.data.cache_root}; "
                                  "resume it without --cache-root")
         if recorded.get("space_yaml"):
@@ -346,7 +351,7 @@ def tune(
         dataset = stages.dataset_for(base.data)
         _check_metric(search_space.sweep.metric, dataset.labels, search_space.source)
         _check_split(base.data, dataset, search_space.source)
-        base = base.replace(data={"cache_root": str(Path(base.data.cache_root).resolve())})
+        base = base.replace(data={"cache_root": checked_location(base.data.cache_root).uri})
     with ray_session(address=address, resources={TRIAL_SLOT: os.cpu_count() or 1}):
         result_grid = run_sweep(search_space, base=base, storage=storage, name=name, num_samples=num_samples,
                                 resume=resume, search=search, optuna_storage=optuna_storage)
@@ -361,7 +366,7 @@ def tune(
     return experiment
 
 
-def _search_finished(experiment: Path) -> bool:
+def _search_finished(experiment: Location) -> bool:
     from lrc_ray.distributed.tune import read_trials
     from lrc_ray.finalists import search_finished
 
@@ -369,8 +374,8 @@ def _search_finished(experiment: Path) -> bool:
     return search_finished(read_trials(experiment), expected=recorded.get("trials", 0))
 
 
-def finalists(*, experiment: str | Path, top: int | None = None, seeds: int | None = None,
-              address: str | None = None) -> Path:
+def finalists(*, experiment: str | Path | Location, top: int | None = None, seeds: int | None = None,
+              address: str | None = None) -> Location:
     """Run (or continue) the finalists of a sweep: per label fraction, its `top` distinct settings
     and scratch, re-run at `seeds` seeds that no search trial used, scored on validation and test
     volumes (defaults: the space's `finalists:` section, else 2 and 3). Returns the experiment
@@ -382,7 +387,7 @@ def finalists(*, experiment: str | Path, top: int | None = None, seeds: int | No
     for option, value in (("--top", top), ("--seeds", seeds)):
         if value is not None and value < 1:
             raise UserInputError(f"{option}: expected at least 1, got {value}")
-    experiment = Path(experiment).resolve()
+    experiment = checked_location(experiment)
     space = _recorded_space(experiment)
     defaults = (space.finalists if space is not None else None) or FinalistSettings()
     with ray_session(address=address, resources={TRIAL_SLOT: os.cpu_count() or 1}):
@@ -390,7 +395,7 @@ def finalists(*, experiment: str | Path, top: int | None = None, seeds: int | No
     return experiment
 
 
-def _run_finalists(experiment: Path, *, top: int, seeds: int) -> None:
+def _run_finalists(experiment: Location, *, top: int, seeds: int) -> None:
     """Plan the finalists from the search's trials and run them (in the connected Ray)."""
     import hashlib
     import json
@@ -413,26 +418,53 @@ def _run_finalists(experiment: Path, *, top: int, seeds: int) -> None:
         raise UserInputError(f"{experiment}: no trial has finished with {info.metric} at any label fraction; "
                              "nothing to re-run (resume the sweep first)")
     name = "finalists-" + hashlib.blake2b(json.dumps(plan.to_dict(), sort_keys=True).encode(), digest_size=6).hexdigest()
-    write_json_atomic(experiment / FINALISTS_FILE, plan.to_dict() | {"experiment": name, "metric": info.metric})
+    experiment.join(FINALISTS_FILE).write_json(plan.to_dict() | {"experiment": name, "metric": info.metric})
     settings = space.sweep if space is not None else SweepSettings(metric=info.metric, mode=info.mode)
     grid = run_finalists(settings, base=base, fixed=recorded["fixed"], runs=[run.values for run in plan.runs],
                          experiment=experiment, name=name)
     failure = summarise_failures(grid)
     if failure:
-        raise TrainingError(f"finalists {experiment / name}: {failure}")
+        raise TrainingError(f"finalists {experiment.join(name)}: {failure}")
 
 
 def results(
-    *, experiment: str | Path, metric: str | None = None, by: str = "label_fraction", out: str | Path | None = None
+    *, experiment: str | Path | Location, metric: str | None = None, by: str = "label_fraction",
+    out: str | Path | Location | None = None,
 ) -> dict:
     """Read a sweep (finished, interrupted or resumed) and its finalists, if any; write its tables,
-    chosen configs (with the finalists' numbers beside them) and plots."""
+    chosen configs (with the finalists' numbers beside them) and plots.
+
+    `experiment` and `out` are local paths or URIs (default `out`: EXPERIMENT/results). Files for
+    an object store are written locally first, then uploaded.
+    """
+    experiment = checked_location(experiment)
+    if not experiment.is_dir():
+        raise UserInputError(f"{experiment}: no such sweep directory")
+    out_place = checked_location(out) if out is not None else experiment.join("results")
+    if out_place.is_local:
+        return _write_results(experiment, metric, by, out_place.local_path)
+    with tempfile.TemporaryDirectory(prefix="lrc_ray_results_") as directory:
+        written = _write_results(experiment, metric, by, Path(directory))
+        upload_dir(Path(directory), out_place)
+    return _relocated(written, Path(directory), out_place)
+
+
+def _relocated(value, local: Path, place: Location):
+    """`value` (as `results` returns it) with the local paths under `local` named at `place`."""
+    if isinstance(value, Path) and (value == local or local in value.parents):
+        relative = value.relative_to(local).parts
+        return place.join(*relative) if relative else place
+    if isinstance(value, dict):
+        return {key: _relocated(item, local, place) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_relocated(item, local, place) for item in value]
+    return value
+
+
+def _write_results(experiment: Location, metric: str | None, by: str, out_dir: Path) -> dict:
     from lrc_ray.distributed.tune import read_trials
     from lrc_ray.results import write_results
 
-    experiment = Path(experiment).resolve()
-    if not experiment.is_dir():
-        raise UserInputError(f"{experiment}: no such sweep directory")
     records = read_trials(experiment)
     info, _ = _sweep_info(experiment, metric)
     reported = sorted({key for record in records for key in record.metrics if key.startswith("dice")})
@@ -442,7 +474,6 @@ def results(
         close = difflib.get_close_matches(metric, reported, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; the trials report {', '.join(reported)}"
         raise UserInputError(f"--metric {metric}: no trial reports it{hint}")
-    out_dir = Path(out) if out is not None else experiment / "results"
     finalists = _finalists_table(experiment, info)
     found = chosen_values = None
     if finalists is not None:
@@ -463,45 +494,48 @@ def results(
     return written
 
 
-def _finalists_table(experiment: Path, info):
+def _finalists_table(experiment: Location, info):
     """(the finalists table, their plan) of a sweep, or None when it has no finalists yet."""
     from lrc_ray.distributed.tune import FINALISTS_FILE, read_tune_experiment
     from lrc_ray.finalists import FinalistPlan, finalists_table
 
-    if not (experiment / FINALISTS_FILE).is_file():
+    if not experiment.join(FINALISTS_FILE).is_file():
         return None
-    recorded = _read_json(experiment / FINALISTS_FILE)
+    recorded = _read_json(experiment.join(FINALISTS_FILE))
     plan = FinalistPlan.from_dict(recorded)
     try:
-        records = read_tune_experiment(experiment / recorded["experiment"])
+        records = read_tune_experiment(experiment.join(recorded["experiment"]))
     except UserInputError:  # planned, but killed before Tune recorded a trial
         records = []
     outcomes = {record.values["finalist"]: record.metrics for record in records if "finalist" in record.values}
     return finalists_table(plan, outcomes, info), plan
 
 
-def _sweep_info(experiment: Path, metric: str | None = None):
+def _sweep_info(experiment: Location, metric: str | None = None):
     """(SweepInfo, the recorded sweep file) of an experiment directory."""
-    from lrc_ray.distributed.tune import SWEEP_FILE
     from lrc_ray.results import SweepInfo
 
-    if not (experiment / SWEEP_FILE).is_file():
-        raise UserInputError(f"{experiment}: not an lrc-ray sweep (no {SWEEP_FILE}); pass the directory that `lrc-ray tune` printed")
-    recorded = _read_json(experiment / SWEEP_FILE)
+    recorded = _recorded_sweep(experiment)
     info = SweepInfo(metric=metric or recorded["metric"], mode=recorded["mode"], base=recorded["base"], fixed=recorded["fixed"])
     return info, recorded
 
 
-def _recorded_space(experiment: Path):
+def _recorded_sweep(experiment: Location) -> dict:
+    """The sweep file `lrc-ray tune` wrote in an experiment directory."""
+    from lrc_ray.distributed.tune import SWEEP_FILE
+
+    if not experiment.join(SWEEP_FILE).is_file():
+        raise UserInputError(f"{experiment}: not an lrc-ray sweep (no {SWEEP_FILE}); pass the directory that `lrc-ray tune` printed")
+    return _read_json(experiment.join(SWEEP_FILE))
+
+
+def _recorded_space(experiment: Location):
     """The search space a sweep started with (None for sweeps started from an in-memory space)."""
     import yaml
 
-    from lrc_ray.distributed.tune import SWEEP_FILE
     from lrc_ray.search_space import parse_search_space
 
-    if not (experiment / SWEEP_FILE).is_file():
-        raise UserInputError(f"{experiment}: not an lrc-ray sweep (no {SWEEP_FILE}); pass the directory that `lrc-ray tune` printed")
-    recorded = _read_json(experiment / SWEEP_FILE)
+    recorded = _recorded_sweep(experiment)
     if not recorded.get("space_yaml"):
         return None
     return parse_search_space(yaml.safe_load(recorded["space_yaml"]), source=recorded["source"])
@@ -541,19 +575,23 @@ def _built_in_data(space, base: RunConfig) -> Path:
     return data_dir
 
 
-def _check_writable(directory: Path) -> None:
+def _check_writable(directory: Location) -> None:
+    """Write and remove one small file, so a read-only place stops the sweep before it starts."""
+    probe = directory.join(f".write-test-{os.getpid()}")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
+        directory.makedirs()
+        probe.write_bytes(b"lrc_ray")
+        if probe.read_bytes() != b"lrc_ray":  # e.g. a store that keeps checksum framing in the object
+            raise UserInputError(f"--storage {directory}: a written file read back changed; the store alters what it keeps")
+        probe.delete()
     except OSError as exc:
         raise UserInputError(f"--storage {directory}: not writable ({exc.strerror or exc})") from None
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(place: Location) -> dict:
     import json
 
     try:
-        return json.loads(path.read_text())
+        return json.loads(place.read_bytes())
     except (OSError, ValueError) as exc:
-        raise UserInputError(f"{path}: unreadable ({exc})") from None
+        raise UserInputError(f"{place}: unreadable ({exc})") from None

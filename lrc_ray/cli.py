@@ -16,6 +16,7 @@ from lrc_ray.superpixels.felzenszwalb import FelzenszwalbParams
 
 DEFAULT_WORKDIR = Path(".lrc_ray")
 ADDRESS_HELP = "the Ray cluster's GCS address host:port (default: RAY_ADDRESS, else a local Ray)"
+URI_HELP = ("a path or a URI: s3://BUCKET/PREFIX (endpoint from ?endpoint_override=HOST:PORT&scheme=http or AWS_ENDPOINT_URL), gs://..., file://...")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     superpixels.add_argument("--data", type=Path, default=None,
                              help="data set directory with dataset.json (MSD or nnU-Net v2 layout); or give --datalist")
     _add_datalist_options(superpixels)
-    superpixels.add_argument("--out", required=True, type=Path, help="cache root directory (created if new)")
+    superpixels.add_argument("--out", required=True, help="cache root (created if new): " + URI_HELP)
     _add_superpixel_options(superpixels)
     superpixels.add_argument("--workers", type=int, default=None, help="parallel tasks (default: all CPUs of the Ray cluster)")
     superpixels.add_argument("--address", default=None, help=ADDRESS_HELP)
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on a seeded per-volume subset of the labelled training volumes; evaluate 3D Dice on held-out volumes.",
     )
     _add_run_config_options(finetune)
-    finetune.add_argument("--checkpoint", type=Path, default=None, help="pre-trained checkpoint.pt (default: random init)")
+    finetune.add_argument("--checkpoint", default=None, help="pre-trained checkpoint.pt, a path or URI (default: random init)")
     finetune.add_argument("--label-fraction", type=float, required=True, help="fraction of labelled training volumes used, in (0, 1]")
     finetune.add_argument("--out", type=Path, default=DEFAULT_WORKDIR / "finetune", help="where results.json goes")
     finetune.set_defaults(handler=_run_finetune)
@@ -145,10 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--data", type=Path, default=None,
                        help="MSD or nnU-Net v2 layout data set (default: the space's built-in synthetic data)")
     _add_datalist_options(sweep)
-    sweep.add_argument("--storage", type=Path, default=None, help=f"where sweeps are kept (default {DEFAULT_WORKDIR / 'sweeps'}; shared storage on a cluster)")
+    sweep.add_argument("--storage", default=None,
+                       help=f"where sweeps are kept (default {DEFAULT_WORKDIR / 'sweeps'}; on a cluster, storage every "
+                       "node reaches): " + URI_HELP)
     sweep.add_argument("--cache-root", default=None,
                        help="where the super-pixel cache is, instead of the space's base data.cache_root; on a "
-                            "cluster, storage every node reaches (e.g. s3://BUCKET/lrc-ray/superpixels)")
+                            "cluster, storage every node reaches: " + URI_HELP)
     sweep.add_argument("--name", default=None, help="sweep name (default: the space file's name)")
     sweep.add_argument("--samples", type=int, default=None, help="number of trials (default: the space's sweep.num_samples)")
     sweep.add_argument("--search", choices=("tpe", "grid"), default="tpe",
@@ -170,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the finalists' mean validation Dice and reported with its test Dice and a 95% interval. Ends by printing "
         "the finalists table.",
     )
-    finalists.add_argument("experiment", type=Path, help="the sweep directory (STORAGE/NAME)")
+    finalists.add_argument("experiment", help="the sweep directory (STORAGE/NAME; a path or URI)")
     finalists.add_argument("--top", type=int, default=None,
                            help="settings per label fraction (default: the space's finalists.top, else 2; 2-5 is useful)")
     finalists.add_argument("--seeds", type=int, default=None,
@@ -187,11 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         "results.parquet, results.csv, results.md, finalists.csv, finalists.md, the chosen config per group (a file "
         "`lrc-ray pretrain --config` takes, its numbers in a .json beside it) and PNG plots.",
     )
-    results.add_argument("experiment", type=Path, help="the sweep directory (STORAGE/NAME)")
+    results.add_argument("experiment", help="the sweep directory (STORAGE/NAME; a path or URI)")
     results.add_argument("--metric", default=None, help="column to rank by (default: the sweep's metric)")
     results.add_argument("--by", default="label_fraction", help="pick the best setting per value of this column (default label_fraction)")
     results.add_argument("--top", type=int, default=20, help="rows to print (default 20)")
-    results.add_argument("--out", type=Path, default=None, help="where files go (default EXPERIMENT/results)")
+    results.add_argument("--out", default=None, help="where files go (default EXPERIMENT/results; a path or URI)")
     results.set_defaults(handler=_run_results)
 
     cluster = commands.add_parser("cluster", help="a local Ray head for `ray job submit`").add_subparsers(

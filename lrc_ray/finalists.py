@@ -367,6 +367,7 @@ def keep_chosen_model(choice: Choice, info: SweepInfo, stage_root, target) -> di
     from pathlib import Path
 
     from lrc_ray.atomic import atomic_write_path
+    from lrc_ray.storage import local_input
 
     row = choice.chosen
     models = {seed: finetuned_model(stage_root, key) for seed, key in row["models"].items() if key}
@@ -375,8 +376,8 @@ def keep_chosen_model(choice: Choice, info: SweepInfo, stage_root, target) -> di
         return None
     sign = 1.0 if info.mode == "max" else -1.0
     seed = max(models, key=lambda candidate: sign * row["scores"][candidate][0])
-    with atomic_write_path(target) as tmp:
-        shutil.copyfile(models[seed], tmp)
+    with local_input(models[seed]) as source, atomic_write_path(target) as tmp:
+        shutil.copyfile(source, tmp)
     validation, test = row["scores"][seed]
     return {"file": str(Path(target).resolve()), "seed": int(seed), "chosen_among_seeds_by": f"validation {info.metric}",
             "validation": validation, "test": test, "source": str(models[seed]),

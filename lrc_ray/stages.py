@@ -14,9 +14,11 @@ experiment directory):
                                                  each volume's native grid (`engine.predict`)
                                 test.json
 
-(super-pixels are keyed by the cache itself: `superpixels.cache.entry_key`). A lock per key
-makes concurrent runs of one key compute it once; outputs are written to temporary names and
-renamed, so an interrupted stage leaves nothing that a later run takes for done.
+(super-pixels are keyed by the cache itself: `superpixels.cache.entry_key`). The root is a local
+path or a URI (`s3://bucket/prefix`: `lrc_ray.storage`). A lock per key (`storage.key_lock`:
+flock locally, a named Ray actor's lease on object stores) makes concurrent runs of one key compute
+it once; each file is published whole and a stage's last file marks it done, so an interrupted
+stage leaves nothing that a later run takes for done.
 
 The work that needs Ray comes in as a function from the caller, so this module imports none:
 building the super-pixel cache (`Extract`: the Ray Data pipeline) and pre-training
@@ -35,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lrc_ray.atomic import write_json_atomic
 from lrc_ray.config import DataConfig, RunConfig
 from lrc_ray.data.msd import CaseEntry, HeaderSummary, MsdDataset, check_headers, load_dataset, load_msd_dataset
 from lrc_ray.data.slices import SliceParams
@@ -45,6 +46,7 @@ from lrc_ray.superpixels.cache import (
     CACHE_MARKER, CacheEntry, ExtractionParams, build_manifest, commit_entry, dataset_fingerprint, entry_key, entry_lock, find_entry,
     open_cache_root, staging_dir,
 )
+from lrc_ray.storage import Location, checked_location, key_lock, location
 from lrc_ray.superpixels.felzenszwalb import FelzenszwalbParams
 from lrc_ray.superpixels.selection import RowSelection, select_rows
 
@@ -57,8 +59,9 @@ HISTORY_FILE = "history.json"  # a pre-training's epoch reports, written after i
 FINETUNE_FILE = "finetune.json"  # a fine-tuning's history and seconds, written after its weights
 FINETUNED_FORMAT = 2  # part of the fine-tuning key: outputs of another format are not reused
 
-# Writes a data set's super-pixel table as Parquet files into a directory (the Ray Data pipeline).
-Extract = Callable[[MsdDataset, ExtractionParams, Path, HeaderSummary], None]
+# Writes a data set's super-pixel table as Parquet files into a directory, a local path or an
+# object-store prefix (the Ray Data pipeline).
+Extract = Callable[[MsdDataset, ExtractionParams, Location, HeaderSummary], None]
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,9 @@ class PretrainingData:
     num_slices: int  # the slices the selection keeps
 
 
-# Pre-trains `config` on `data`, writes the online network's checkpoint at the path (with
+# Pre-trains `config` on `data`, writes the online network's checkpoint at the location (with
 # `engine.checkpoint.save_checkpoint`) and returns the epoch reports.
-PretrainFn = Callable[[RunConfig, PretrainingData, Path], list[dict]]
+PretrainFn = Callable[[RunConfig, PretrainingData, Location], list[dict]]
 
 
 @dataclass(frozen=True)
@@ -127,9 +130,9 @@ def superpixel_entry(
         UserInputError: when it is missing and there is no `extract` (naming the command that builds it).
     """
     if extract is None:
-        root = Path(cache_root)
+        root = checked_location(cache_root)
         existing = None
-        if (root / CACHE_MARKER).is_file():
+        if root.join(CACHE_MARKER).is_file():
             existing = find_entry(root, entry_key(dataset_fingerprint(dataset, root), params))
         if existing is None:
             raise UserInputError(_missing_entry_message(dataset, root, params))
@@ -141,7 +144,7 @@ def superpixel_entry(
     with entry_lock(root, key):
         existing = find_entry(root, key)
         if existing is not None and not overwrite:
-            logger.info("cache hit: %s", existing.path)
+            logger.info("cache hit: %s", existing.uri)
             return existing, True
         spacing = params.slicing.working_spacing_mm
         if spacing is not None:
@@ -153,11 +156,11 @@ def superpixel_entry(
             extract(dataset, params, staged, headers)
             manifest = build_manifest(dataset, fingerprint, params, time.perf_counter() - started)
             entry = commit_entry(staged, root, key, manifest, expected_slices=headers.total_slices, overwrite=overwrite)
-    logger.info("built %s (%d slices) in %.1f s", entry.path, entry.num_slices, entry.manifest["build_seconds"])
+    logger.info("built %s (%d slices) in %.1f s", entry.uri, entry.num_slices, entry.manifest["build_seconds"])
     return entry, False
 
 
-def _missing_entry_message(dataset: MsdDataset, root: Path, params: ExtractionParams) -> str:
+def _missing_entry_message(dataset: MsdDataset, root: Location, params: ExtractionParams) -> str:
     spec, slicing = params.felzenszwalb, params.slicing
     datalist = dataset.index_file if dataset.datalist_key is not None else None
     source = f"--datalist {datalist} --key {dataset.datalist_key}" if datalist else f"--data {dataset.root}"
@@ -242,7 +245,7 @@ def probe_source(config: RunConfig, data: RunData) -> ProbeSource:
     subset contains (the first of the nested order), and the validation volumes."""
     pool = data.split.train_pool
     (train_case,) = label_fraction_subset(pool, 1 / (len(pool) + 1), seed=config.data.split_seed)  # one volume
-    return ProbeSource(parquet_dir=str(data.entry.path), train_case=train_case, validation_cases=data.split.validation,
+    return ProbeSource(parquet_dir=data.entry.uri, train_case=train_case, validation_cases=data.split.validation,
                        num_classes=data.num_classes)
 
 
@@ -277,12 +280,12 @@ def pretraining_key(config: RunConfig, superpixel_key: str, workers: int) -> str
 @dataclass(frozen=True)
 class Pretrained:
     key: str
-    checkpoint: Path
+    checkpoint: Location
     history: list[dict]  # the epoch reports
     reused: bool  # an earlier run's output: nothing was trained by this call
 
 
-def pretrain(config: RunConfig, data: RunData, *, root: Path, workers: int, pretrain_fn: PretrainFn,
+def pretrain(config: RunConfig, data: RunData, *, root: str | Path | Location, workers: int, pretrain_fn: PretrainFn,
              extract: Extract | None = None) -> Pretrained | None:
     """Stage 2: the pre-trained checkpoint of `config` under `root`, made with `pretrain_fn` unless
     an earlier run made it; None for a run with nothing to pre-train (`scratch`).
@@ -295,17 +298,17 @@ def pretrain(config: RunConfig, data: RunData, *, root: Path, workers: int, pret
     if not pretrains(config):
         return None
     entry, selection, num_classes = _pretraining_source(config, data, extract)
-    key = pretraining_key(config, entry.path.name, workers)
-    directory = Path(root) / PRETRAINED_DIR / key
-    directory.mkdir(parents=True, exist_ok=True)
-    checkpoint, history_file = directory / "checkpoint.pt", directory / HISTORY_FILE
-    with entry_lock(directory.parent, key):
+    key = pretraining_key(config, entry.key, workers)
+    directory = location(root).join(PRETRAINED_DIR, key)
+    directory.makedirs()
+    checkpoint, history_file = directory.join("checkpoint.pt"), directory.join(HISTORY_FILE)
+    with key_lock(directory.parent, key):
         if history_file.is_file():
             return Pretrained(key, checkpoint, json.loads(history_file.read_text()), reused=True)
         inputs = PretrainingData(entry, selection, num_classes, _kept_slices(entry, selection))
         check_batch_fits(config, inputs, workers=workers)
         history = pretrain_fn(config, inputs, checkpoint)
-        write_json_atomic(history_file, history)  # last: it marks the checkpoint complete
+        history_file.write_json(history)  # last: it marks the checkpoint complete
     return Pretrained(key, checkpoint, history, reused=False)
 
 
@@ -339,7 +342,7 @@ def run_keys(config: RunConfig, workers: int) -> tuple[str | None, str]:
     return pretrained, finetuning_key(config, pretrained)
 
 
-def finetune_model(config: RunConfig, data: RunData, table, checkpoint: str | Path | None, *, progress: bool = False):
+def finetune_model(config: RunConfig, data: RunData, table, checkpoint: str | Path | Location | None, *, progress: bool = False):
     """Fine-tune at `config.finetune.label_fraction` on the slices of `table` (the entry's table);
     returns (model, summary: label_fraction, train_cases, initialisation, history, seconds).
 
@@ -405,13 +408,13 @@ class Finetuned:
     seconds: float  # what this call computed: fine-tuning (unless reused) and the evaluations it ran
 
 
-def finetuned_model(root: str | Path, key: str) -> Path:
-    """Where the fine-tuning of `key` under a stage root keeps its model."""
-    return Path(root) / FINETUNED_DIR / key / MODEL_FILE
+def finetuned_model(root: str | Path | Location, key: str) -> Location:
+    """Where the fine-tuning of `key` under a stage root (a path or a URI) keeps its model."""
+    return location(root).join(FINETUNED_DIR, key, MODEL_FILE)
 
 
 def finetune_and_evaluate(
-    config: RunConfig, data: RunData, pretrained: Pretrained | None, *, root: Path, parts: tuple[str, ...],
+    config: RunConfig, data: RunData, pretrained: Pretrained | None, *, root: str | Path | Location, parts: tuple[str, ...],
     progress: bool = False,
 ) -> Finetuned:
     """Stages 3 and 4: fine-tune from `pretrained` (None: from scratch) unless an earlier run did,
@@ -422,10 +425,10 @@ def finetune_and_evaluate(
     key = finetuning_key(config, pretrained.key if pretrained else None)
     model_file = finetuned_model(root, key)
     directory = model_file.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    summary_file = directory / FINETUNE_FILE
+    directory.makedirs()
+    summary_file = directory.join(FINETUNE_FILE)
     model, spent = None, 0.0
-    with entry_lock(directory.parent, key):
+    with key_lock(directory.parent, key):
         reused = summary_file.is_file()
         if reused:
             summary = json.loads(summary_file.read_text())
@@ -435,10 +438,10 @@ def finetune_and_evaluate(
                                             progress=progress)
             spent += summary["seconds"]
             save_model(model_file, model, config=config, labels=data.labels)
-            write_json_atomic(summary_file, summary)  # last: it marks the weights complete
+            summary_file.write_json(summary)  # last: it marks the weights complete
         scores = {}
         for part in parts:
-            part_file = directory / f"{part}.json"
+            part_file = directory.join(f"{part}.json")
             if part_file.is_file():
                 scores[part] = json.loads(part_file.read_text())
                 continue
@@ -448,7 +451,7 @@ def finetune_and_evaluate(
                 model = load_model(model_file).model.to("cuda" if torch.cuda.is_available() else "cpu")
             scores[part] = evaluate_model(model, config, data, part)
             spent += scores[part]["seconds"]
-            write_json_atomic(part_file, scores[part])
+            part_file.write_json(scores[part])
     return Finetuned(key=key, summary=summary, scores=scores, reused=reused, seconds=spent)
 
 

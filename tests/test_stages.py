@@ -10,6 +10,7 @@ from lrc_ray import stages
 from lrc_ray.config import RunConfig
 from lrc_ray.errors import UserInputError
 from lrc_ray.stages import finetuning_key, pretraining_key, run_keys
+from lrc_ray.storage import location
 
 
 # --- pretraining_key ------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def test_a_run_reads_dataset_json_once_and_the_slice_table_once_per_use(stage_co
     # counting the slices to pre-train on reads two columns, the in-process loop and fine-tuning one table each
     assert len(table_reads) == 3
     assert not pretrained.reused and len(pretrained.history) == 1 and pretrained.checkpoint.is_file()
-    assert trained == [tmp_path / "pretrained" / pretrained.key / "checkpoint.pt"]
+    assert trained == [location(tmp_path / "pretrained" / pretrained.key / "checkpoint.pt")]
     assert not finetuned.reused and finetuned.seconds > 0 and set(finetuned.scores) == {"validation"}
     assert finetuned.scores["validation"]["cases"] == list(data.split.validation)
 

@@ -27,7 +27,10 @@ def ray_session(
     - Otherwise start a local instance with `num_cpus` CPUs (default: all), the custom
       `resources` given, and a dashboard on 127.0.0.1.
     """
+    from lrc_ray.distributed import locks
+
     if ray.is_initialized():
+        locks.install()
         yield
         return
     source = "--address" if address else "RAY_ADDRESS"
@@ -46,9 +49,11 @@ def ray_session(
         ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True, dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING, _temp_dir=temp_dir)
         logger.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
+    locks.install()
     try:
         yield
     finally:
+        locks.uninstall()
         ray.shutdown()
 
 

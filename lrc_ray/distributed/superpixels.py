@@ -22,6 +22,7 @@ from lrc_ray.data.msd import CaseEntry, HeaderSummary, MsdDataset, read_case
 from lrc_ray.data.slices import prepare_slices
 from lrc_ray.distributed.runtime import cluster_cpus, ray_session
 from lrc_ray.errors import UserInputError
+from lrc_ray.storage import Location, location
 from lrc_ray.superpixels.cache import ExtractionParams
 from lrc_ray.superpixels.table import add_superpixels, slices_table
 
@@ -34,13 +35,13 @@ def extract_to_parquet(
     cases: tuple[CaseEntry, ...],
     labels: dict[int, str],
     params: ExtractionParams,
-    out_dir: str,
+    out_dir: str | Location,
     *,
     workers: int,
     total_slices: int,
     slice_pixels: int,
 ) -> None:
-    """Write the super-pixel table of `cases` as Parquet files into `out_dir`.
+    """Write the super-pixel table of `cases` as Parquet files into `out_dir` (a path or URI).
 
     Raises the first `UserInputError` a task met (e.g. a corrupt volume) as itself, not
     wrapped in Ray's task errors.
@@ -57,8 +58,9 @@ def extract_to_parquet(
         compute=TaskPoolStrategy(size=readers),
     )
     dataset = map_superpixels(volumes, params, workers=workers, slices_per_batch=slices_per_batch)
+    out = location(out_dir)
     with running_pipeline():
-        dataset.write_parquet(out_dir, compression="zstd", concurrency=workers)
+        dataset.write_parquet(out.path, filesystem=out.filesystem, compression="zstd", concurrency=workers)
 
 
 def ray_data_extract(*, workers: int | None = None, address: str | None = None):
@@ -68,12 +70,12 @@ def ray_data_extract(*, workers: int | None = None, address: str | None = None):
     return partial(_extract_in_session, workers=workers, address=address)
 
 
-def _extract_in_session(dataset: MsdDataset, params: ExtractionParams, out_dir, headers: HeaderSummary, *,
+def _extract_in_session(dataset: MsdDataset, params: ExtractionParams, out_dir: Location, headers: HeaderSummary, *,
                         workers: int | None, address: str | None) -> None:
     size = params.slicing.size
     with ray_session(address=address, num_cpus=workers):
         extract_to_parquet(
-            dataset.cases, dataset.labels, params, str(out_dir), workers=workers or cluster_cpus(),
+            dataset.cases, dataset.labels, params, out_dir, workers=workers or cluster_cpus(),
             total_slices=headers.total_slices, slice_pixels=size * size if size else headers.max_slice_pixels,
         )
 

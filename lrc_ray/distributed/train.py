@@ -37,6 +37,7 @@ from lrc_ray.engine.input_path import STREAM_WINDOW_ROWS
 from lrc_ray.engine.pretrain_loop import DDP_OPTIONS, PretrainOutcome, Surroundings, input_slices, run_pretraining
 from lrc_ray.engine.splits import ProbeSource
 from lrc_ray.errors import TrainingError, UserInputError
+from lrc_ray.storage import Location, location
 from lrc_ray.superpixels.selection import RowSelection
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def pretrain_with_ray_train(
     parquet_dir: str,
     selection: RowSelection,
     num_slices: int,
-    storage_path: str,
+    storage: Location,
     name: str,
     workers: int,
     use_gpu: bool = False,
@@ -68,6 +69,7 @@ def pretrain_with_ray_train(
 ) -> PretrainOutcome:
     """Run (or resume) pre-training on `workers` Ray Train workers; returns the final weights.
 
+    `parquet_dir` is the cache entry (a path or URI); the run's checkpoints go to `storage`/`name`.
     `num_slices` is how many slices `selection` keeps (it sizes the input modes and the steps).
     `workers=0` (only inside a Tune trial) runs the same loop in the trial's own process, on the
     trial's device, reporting and checkpointing through the trial (`tune.report`), so Tune's own
@@ -107,7 +109,8 @@ def pretrain_with_ray_train(
         dataset_config=DataConfig(datasets_to_split=[SPLIT] if SPLIT in datasets else []),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -180,7 +183,8 @@ def ray_dataset(parquet_dir: str, selection: RowSelection, side: int):
     # Side by side, 2-epoch 1-worker Train runs on 2 CPUs: epoch loops 18.4-19.0 s with V1,
     # 21.1-21.6 s with V2, wall time equal (V1 pays its footers up front); longer runs gain more.
     data_context.use_datasource_v2 = False
-    return ray.data.read_parquet(parquet_dir, file_extensions=["parquet"]).map_batches(
+    place = location(parquet_dir)
+    return ray.data.read_parquet(place.path, filesystem=place.filesystem, file_extensions=["parquet"]).map_batches(
         compact_record_batch, fn_kwargs={"selection": selection, "side": side}, batch_format="pyarrow", batch_size=None
     )
 

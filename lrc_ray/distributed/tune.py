@@ -33,8 +33,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lrc_ray import stages
-from lrc_ray.atomic import write_json_atomic
 from lrc_ray.config import RunConfig
+from lrc_ray.distributed import locks
 from lrc_ray.distributed.cluster import TRIAL_SLOT
 from lrc_ray.distributed.runtime import cluster_autoscales, ray_error_message, user_error_line
 from lrc_ray.distributed.search import make_searcher, storage_for_new_studies, study_names
@@ -45,6 +45,7 @@ from lrc_ray.finalists import TEST_PREFIX
 from lrc_ray.search_space import (
     Choice, Fixed, LogUniform, QUniform, RandInt, SearchSpace, SweepSettings, Uniform, config_with_values, grid_points,
 )
+from lrc_ray.storage import Location, location
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ EPOCH = "epoch"  # pre-training epochs finished (ASHA's time attribute)
 SWEEP_FILE = "lrc_ray_sweep.json"  # what `results` needs beyond Tune's own files
 FINALISTS_FILE = "lrc_ray_finalists.json"  # the finalists' plan and the name of their Tune experiment
 OPTUNA_JOURNAL = "optuna_journal.log"  # the searcher's Optuna studies, by default (optuna-dashboard reads it)
+LOCAL_JOURNALS = Path(".lrc_ray/optuna")  # the default journals of sweeps kept on object stores
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class SweepContext:
 
     base: dict  # the run config before the trial's values, with absolute paths
     space_params: dict  # dotted key -> fixed value, merged under the trial's values
-    root: str  # the stage outputs' root (`stages`): the sweep's experiment directory
+    root: str  # the stage outputs' root (`stages`): the sweep's experiment directory (a path or URI)
     workers: int
     use_gpu: bool
     parts: tuple[str, ...] = ("validation",)  # the held-out parts a trial scores
@@ -159,7 +161,7 @@ def run_sweep(
     space: SearchSpace,
     *,
     base: RunConfig,
-    storage: Path,
+    storage: Location,
     name: str,
     num_samples: int | None = None,
     resume: bool = False,
@@ -177,7 +179,7 @@ def run_sweep(
     stopping). Trials score the validation volumes; `parts` SPLIT_PARTS also scores the test
     volumes (for benchmarks that measure the truth a search is judged by: a search never reads them).
     """
-    experiment = storage / name
+    experiment = storage.join(name)
     settings = space.sweep
     # Per-epoch probe reports lack the searched metric by design (only fine-tuning reports it);
     # Tune's check would refuse them. The metric name is checked against the data's organs instead.
@@ -186,12 +188,13 @@ def run_sweep(
                            workers=settings.workers_per_trial, use_gpu=settings.use_gpu, parts=parts)
     trainable, concurrency = _trainable(run_trial, context, settings)
     if resume:  # the searcher comes back with its storage and studies
-        if not tune.Tuner.can_restore(str(experiment)):
+        if not tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.filesystem):
             raise UserInputError(f"--resume: no sweep to resume at {experiment}")
         logger.info("resuming %s with up to %d trial(s) at a time", experiment, concurrency)
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, restart_errored=True)
+        tuner = tune.Tuner.restore(experiment.path, trainable=trainable, resume_unfinished=True, restart_errored=True,
+                                   storage_filesystem=experiment.filesystem)
         return tuner.fit()
-    if experiment.exists() and any(experiment.iterdir()):
+    if experiment.listdir():
         raise UserInputError(f"--name {name}: {experiment} already holds a sweep; pass --resume to continue it or pick another name")
     if search == "grid":
         trials = len(grid_points(space))  # also refuses continuous parameters, by name
@@ -201,8 +204,7 @@ def run_sweep(
     else:
         trials = num_samples or settings.num_samples
         scheduler = early_stopping(settings, _largest_epochs(space, base))
-        optuna_storage = optuna_storage or str(experiment / OPTUNA_JOURNAL)
-        experiment.mkdir(parents=True, exist_ok=True)  # where the default journal goes
+        optuna_storage = optuna_storage or default_optuna_journal(experiment, name)
         studies = storage_for_new_studies(optuna_storage, study_names(space, name))
         searcher = make_searcher(space, partial(trial_run_key, context), trials, storage=studies, study_name=name)
         logger.info("Optuna studies of the sweep: %s (watch them live: optuna-dashboard %s)", optuna_storage,
@@ -210,8 +212,8 @@ def run_sweep(
         param_space = tune_param_space(space)
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                       max_concurrent_trials=concurrency, reuse_actors=_reuse_actors(settings))
-    experiment.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(experiment / SWEEP_FILE, {
+    experiment.makedirs()
+    experiment.join(SWEEP_FILE).write_json({
         "source": space.source, "description": space.description, "metric": settings.metric, "mode": settings.mode,
         "base": base.to_dict(), "fixed": fixed_values(space), "searched": sorted(tune_param_space(space)),
         "space_yaml": Path(space.source).read_text() if Path(space.source).is_file() else None,
@@ -223,19 +225,33 @@ def run_sweep(
     return tuner.fit()
 
 
-def run_finalists(settings: SweepSettings, *, base: RunConfig, fixed: dict, runs: list[dict], experiment: Path, name: str):
+def default_optuna_journal(experiment: Location, name: str) -> str:
+    """The searcher's journal file when no --optuna-storage is given: in the sweep's directory when
+    that is local; an object store cannot append to a file, so otherwise one on this machine
+    (LOCAL_JOURNALS), named by the sweep's name and URI."""
+    if experiment.is_local:
+        experiment.local_path.mkdir(parents=True, exist_ok=True)
+        return str(experiment.local_path / OPTUNA_JOURNAL)
+    digest = hashlib.blake2b(experiment.uri.encode(), digest_size=4).hexdigest()
+    LOCAL_JOURNALS.mkdir(parents=True, exist_ok=True)
+    return str((LOCAL_JOURNALS / f"{name}-{digest}.log").resolve())
+
+
+def run_finalists(settings: SweepSettings, *, base: RunConfig, fixed: dict, runs: list[dict], experiment: Location,
+                  name: str):
     """Run (or continue, when `experiment/name` holds them) the finalist trials: trial i runs
     `runs[i]` (trial values) to the end and scores the validation and the test volumes. They share
     the sweep's stage outputs (`experiment`), so equal inputs are not computed again. Returns
     the ResultGrid."""
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    context = SweepContext(base=base.to_dict(), space_params=fixed, root=str(experiment), workers=settings.workers_per_trial,
+    context = SweepContext(base=base.to_dict(), space_params=fixed, root=experiment.uri, workers=settings.workers_per_trial,
                            use_gpu=settings.use_gpu, parts=SPLIT_PARTS, probe=False, runs=tuple(runs))
     trainable, concurrency = _trainable(run_finalist, context, settings)
-    path = experiment / name
-    if tune.Tuner.can_restore(str(path)):
+    path = experiment.join(name)
+    if tune.Tuner.can_restore(path.path, storage_filesystem=path.filesystem):
         logger.info("continuing the finalists %s with up to %d trial(s) at a time", path, concurrency)
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True).fit()
+        return tune.Tuner.restore(path.path, trainable=trainable, resume_unfinished=True, restart_errored=True,
+                                  storage_filesystem=path.filesystem).fit()
     logger.info("finalists %s: %d trial(s), up to %d at a time", path, len(runs), concurrency)
     tuner = tune.Tuner(
         trainable,
@@ -279,8 +295,8 @@ def _reuse_actors(settings: SweepSettings) -> bool:
     return settings.workers_per_trial == 0
 
 
-def _run_config(settings: SweepSettings, storage: Path, name: str) -> tune.RunConfig:
-    return tune.RunConfig(name=name, storage_path=str(storage),
+def _run_config(settings: SweepSettings, storage: Location, name: str) -> tune.RunConfig:
+    return tune.RunConfig(name=name, storage_path=storage.path, storage_filesystem=storage.filesystem,
                           failure_config=tune.FailureConfig(max_failures=settings.max_failures))
 
 
@@ -312,6 +328,7 @@ def _largest_epochs(space: SearchSpace, base: RunConfig) -> int:
 def run_trial(trial_values: dict, context: SweepContext) -> None:
     """One Tune trial: the run stages of the module's description, reported to Tune."""
     config = trial_config(context, trial_values)
+    locks.install()  # object-store keys are locked cluster-wide
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the progress shown
     # Lines per epoch that Tune's table already says: checkpoint written, data stream started and finished.
     for chatty in ("ray.train._internal.storage", "ray.data._internal.execution.streaming_executor"):
@@ -319,7 +336,7 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
     extract = ray_data_extract()
     data = stages.run_data(config.data, extract=extract)
     probe = stages.probe_source(config, data) if context.probe else None
-    pretrained = stages.pretrain(config, data, root=Path(context.root), workers=context.workers, extract=extract,
+    pretrained = stages.pretrain(config, data, root=context.root, workers=context.workers, extract=extract,
                                  pretrain_fn=partial(_pretrain_with_ray, context=context, probe=probe))
     history, pretrain_seconds = (pretrained.history if pretrained else []), 0.0
     if pretrained is not None and pretrained.reused:  # another trial pre-trained these settings: replay for ASHA
@@ -357,7 +374,7 @@ def trial_config(context: SweepContext, trial_values: dict) -> RunConfig:
     return config_with_values(context.base, {**context.space_params, **trial_values}, source="trial config")
 
 
-def _pretrain_with_ray(config: RunConfig, data: stages.PretrainingData, checkpoint: Path, *, context: SweepContext,
+def _pretrain_with_ray(config: RunConfig, data: stages.PretrainingData, checkpoint: Location, *, context: SweepContext,
                        probe) -> list[dict]:
     """The stages' `PretrainFn` in a trial: a Ray Train run of the trial's workers (or the same loop
     in the trial's process), reporting each epoch to Tune; saves the online network at `checkpoint`.
@@ -366,8 +383,8 @@ def _pretrain_with_ray(config: RunConfig, data: stages.PretrainingData, checkpoi
     from lrc_ray.engine.checkpoint import save_checkpoint
 
     outcome = pretrain_with_ray_train(
-        config, parquet_dir=str(data.entry.path), selection=data.selection, num_slices=data.num_slices,
-        storage_path=str(checkpoint.parent.parent), name=checkpoint.parent.name, workers=context.workers,
+        config, parquet_dir=data.entry.uri, selection=data.selection, num_slices=data.num_slices,
+        storage=checkpoint.parent.parent, name=checkpoint.parent.name, workers=context.workers,
         use_gpu=context.use_gpu, num_classes=data.num_classes, probe=probe, report_to_tune=True,
     )
     save_checkpoint(checkpoint, state_dict=outcome.state_dict, config=config.to_dict(), epoch=outcome.epoch,
@@ -395,10 +412,11 @@ def _finetune_task(config: RunConfig, data: stages.RunData, pretrained: stages.P
     """Stages 3 and 4; with `torch_threads`, torch computes on that many threads meanwhile."""
     import torch
 
+    locks.install()  # in a task of its own: object-store keys are locked cluster-wide
     threads_before = torch.get_num_threads()
     torch.set_num_threads(torch_threads or threads_before)
     try:
-        return stages.finetune_and_evaluate(config, data, pretrained, root=Path(root), parts=parts)
+        return stages.finetune_and_evaluate(config, data, pretrained, root=root, parts=parts)
     finally:  # the process may run the next trial's pre-training, which leaves a CPU to Ray Data
         torch.set_num_threads(threads_before)
 
@@ -419,28 +437,31 @@ def _first_line(error: BaseException) -> str:
     return ray_error_message(error)[:300]
 
 
-def read_trials(experiment: Path) -> list:
+def read_trials(experiment: Location) -> list:
     """Every trial of a sweep (finished, stopped, failed or interrupted), read with Tune's own
     `ExperimentAnalysis`, as plain `TrialRecord`s."""
-    if not (experiment / SWEEP_FILE).is_file():
+    experiment = location(experiment)
+    if not experiment.join(SWEEP_FILE).is_file():
         raise UserInputError(f"{experiment}: not an lrc-ray sweep (no {SWEEP_FILE}); pass the directory that `lrc-ray tune` printed")
     return read_tune_experiment(experiment)
 
 
-def read_tune_experiment(path: Path) -> list:
-    """Every trial of a Tune experiment directory, as plain `TrialRecord`s."""
+def read_tune_experiment(path: Location) -> list:
+    """Every trial of a Tune experiment directory (a path or URI), as plain `TrialRecord`s."""
     from ray.tune import ExperimentAnalysis
 
     from lrc_ray.results import TrialRecord
 
+    path = location(path)
     try:
-        analysis = ExperimentAnalysis(str(path))
+        analysis = ExperimentAnalysis(path.path, storage_filesystem=path.filesystem)
     except Exception as exc:  # Tune raises several types for a missing or empty experiment state
         raise UserInputError(f"{path}: no trials recorded yet ({ray_error_message(exc)})") from None
     records = []
     for trial in analysis.trials:
         error = None
-        error_file = Path(trial.path) / "error.txt"  # synced to storage; readable without Ray running
+        # synced to storage; readable without Ray running
+        error_file = path.join(os.path.relpath(trial.path, path.path), "error.txt")
         if trial.status == "ERROR" and error_file.is_file():
             error = user_error_line(error_file.read_text())
         records.append(TrialRecord(

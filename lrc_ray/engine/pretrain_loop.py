@@ -28,6 +28,7 @@ from lrc_ray.engine.input_path import (
 )
 from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
 from lrc_ray.engine.splits import ProbeSource
+from lrc_ray.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def run_pretraining(
     step_model = where.prepare(pretrainer)
     probe_data = None
     if where.rank == 0 and probe is not None:
-        table = read_parquet_dir(Path(probe.parquet_dir), columns=["image", "label", "height", "width"])
+        table = read_parquet_dir(probe.parquet_dir, columns=["image", "label", "height", "width"])
         probe_data = probe_slices(table, train_case=probe.train_case, validation_cases=probe.validation_cases,
                                   num_classes=probe.num_classes)
 
@@ -182,7 +183,8 @@ class LocalRun(Surroundings):
     """This process, on the CPU: every epoch's weights, config and history go to `checkpoint` (the
     `engine.checkpoint` format), so the file is always the last finished epoch's."""
 
-    def __init__(self, config: RunConfig, arrays: dict[str, np.ndarray], checkpoint: Path, *, progress: bool) -> None:
+    def __init__(self, config: RunConfig, arrays: dict[str, np.ndarray], checkpoint: Path | Location, *,
+                 progress: bool) -> None:
         self.config, self.arrays, self.checkpoint, self.progress = config, arrays, checkpoint, progress
 
     def slices(self, config: RunConfig, *, with_labels: bool):

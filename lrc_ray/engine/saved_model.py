@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from lrc_ray import __version__
-from lrc_ray.atomic import atomic_write_path
 from lrc_ray.config import RunConfig, config_from_dict
 from lrc_ray.data.slices import SliceParams
 from lrc_ray.engine.checkpoint import CHECKPOINT_KIND, read_torch_file
 from lrc_ray.engine.export import preprocessing
 from lrc_ray.errors import UserInputError
 from lrc_ray.models.networks import SegmentationNetwork
+from lrc_ray.storage import Location, local_output, location
 
 MODEL_KIND = "lrc_ray.segmentation.v1"
 
@@ -48,9 +48,11 @@ def slicing_for(config: RunConfig) -> SliceParams:
     return SliceParams(window_hu=tuple(data.window_hu), size=data.size, spacing_mm=data.spacing_mm)
 
 
-def save_model(path: str | Path, model: SegmentationNetwork, *, config: RunConfig, labels: dict[int, str]) -> Path:
-    """Write `model` with its config, label names and preprocessing to `path`, atomically."""
-    path = Path(path)
+def save_model(path: str | Path | Location, model: SegmentationNetwork, *, config: RunConfig,
+               labels: dict[int, str]) -> Path | Location:
+    """Write `model` with its config, label names and preprocessing to `path` (a local path or a
+    URI), whole; returns it (a Path when local)."""
+    place = location(path)
     payload = {
         "kind": MODEL_KIND,
         "state_dict": {name: value.detach().cpu() for name, value in model.state_dict().items()},
@@ -60,12 +62,12 @@ def save_model(path: str | Path, model: SegmentationNetwork, *, config: RunConfi
         "lrc_ray_version": __version__,
         "torch_version": str(torch.__version__),
     }
-    with atomic_write_path(path) as tmp:
+    with local_output(place) as tmp:
         torch.save(payload, tmp)
-    return path
+    return place.local_path if place.is_local else place
 
 
-def load_model(path: str | Path) -> SavedModel:
+def load_model(path: str | Path | Location) -> SavedModel:
     """Read a file written by `save_model` and rebuild its network.
 
     Raises:
@@ -73,7 +75,7 @@ def load_model(path: str | Path) -> SavedModel:
             lrc_ray segmentation model (e.g. a pre-training checkpoint), or its weights do not fit
             the network its config describes (another architecture or version).
     """
-    path = Path(path)
+    path = location(path)
     if not path.is_file():
         raise UserInputError(f"{path}: model not found; expected the model.pt that `lrc-ray finetune --out DIR` writes")
     payload = read_torch_file(path, what="lrc_ray model")

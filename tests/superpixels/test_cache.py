@@ -33,7 +33,7 @@ def test_key_is_stable_and_changes_with_every_parameter():
 
 
 def test_fingerprint_follows_content_not_timestamps(dataset_copy, tmp_path):
-    root = open_cache_root(tmp_path / "cache")
+    root = open_cache_root(tmp_path / "cache").local_path
     dataset = load_msd_dataset(dataset_copy)
     first = dataset_fingerprint(dataset, root)
     assert first == dataset_fingerprint(dataset, root)
@@ -69,7 +69,7 @@ def _write_part(directory, rows: int) -> None:
 
 
 def test_entry_appears_only_when_committed(tmp_path):
-    root = open_cache_root(tmp_path / "cache")
+    root = open_cache_root(tmp_path / "cache").local_path
     with staging_dir(root, "k1") as staged:
         _write_part(staged, 3)
         assert find_entry(root, "k1") is None, "a staging directory is no entry"
@@ -79,7 +79,7 @@ def test_entry_appears_only_when_committed(tmp_path):
 
 
 def test_failed_build_leaves_nothing(tmp_path):
-    root = open_cache_root(tmp_path / "cache")
+    root = open_cache_root(tmp_path / "cache").local_path
     with pytest.raises(RuntimeError, match="wrote 2 slices, expected 5"):
         with staging_dir(root, "k2") as staged:
             _write_part(staged, 2)
@@ -89,7 +89,7 @@ def test_failed_build_leaves_nothing(tmp_path):
 
 
 def test_stale_staging_directories_are_removed_by_the_next_build(tmp_path):
-    root = open_cache_root(tmp_path / "cache")
+    root = open_cache_root(tmp_path / "cache").local_path
     stale = root / ".tmp-k3-999999-deadbeef"
     stale.mkdir()
     (stale / "part-0.parquet").write_bytes(b"half written")
@@ -98,7 +98,7 @@ def test_stale_staging_directories_are_removed_by_the_next_build(tmp_path):
 
 
 def test_overwrite_replaces_an_entry(tmp_path):
-    root = open_cache_root(tmp_path / "cache")
+    root = open_cache_root(tmp_path / "cache").local_path
     for rows in (2, 4):
         with staging_dir(root, "k4") as staged:
             _write_part(staged, rows)
