@@ -22,16 +22,14 @@ CHECKPOINT_KIND = "lrc_ray.pretrained.v1"
 def save_checkpoint(path: str | Path | Location, *, state_dict: dict, config: dict, epoch: int,
                     history: list[dict]) -> Path | Location:
     """Write the checkpoint whole at `path` (a local path or a URI); returns it (a Path when local)."""
+    return save_torch_file(path, CHECKPOINT_KIND, state_dict=state_dict, config=config, epoch=epoch, history=history)
+
+
+def save_torch_file(path: str | Path | Location, kind: str, **fields) -> Path | Location:
+    """`torch.save` of `fields` tagged with `kind` and the code and torch versions, published whole
+    at `path` (a local path or a URI); returns it (a Path when local)."""
     place = location(path)
-    payload = {
-        "kind": CHECKPOINT_KIND,
-        "state_dict": state_dict,
-        "config": config,
-        "epoch": epoch,
-        "history": history,
-        "lrc_ray_version": __version__,
-        "torch_version": str(torch.__version__),
-    }
+    payload = {"kind": kind, **fields, "lrc_ray_version": __version__, "torch_version": str(torch.__version__)}
     with local_output(place) as tmp:
         torch.save(payload, tmp)
     return place.local_path if place.is_local else place

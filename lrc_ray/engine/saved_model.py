@@ -18,16 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from lrc_ray import __version__
 from lrc_ray.config import RunConfig, config_from_dict
 from lrc_ray.data.slices import SliceParams
-from lrc_ray.engine.checkpoint import CHECKPOINT_KIND, read_torch_file
+from lrc_ray.engine.checkpoint import CHECKPOINT_KIND, read_torch_file, save_torch_file
 from lrc_ray.engine.export import preprocessing
 from lrc_ray.errors import UserInputError
 from lrc_ray.models.networks import SegmentationNetwork
-from lrc_ray.storage import Location, local_output, location
+from lrc_ray.storage import Location, location
 
 MODEL_KIND = "lrc_ray.segmentation.v1"
 
@@ -52,19 +51,13 @@ def save_model(path: str | Path | Location, model: SegmentationNetwork, *, confi
                labels: dict[int, str]) -> Path | Location:
     """Write `model` with its config, label names and preprocessing to `path` (a local path or a
     URI), whole; returns it (a Path when local)."""
-    place = location(path)
-    payload = {
-        "kind": MODEL_KIND,
-        "state_dict": {name: value.detach().cpu() for name, value in model.state_dict().items()},
-        "config": config.to_dict(),
-        "labels": {str(value): name for value, name in sorted(labels.items())},
-        "preprocessing": preprocessing(config),
-        "lrc_ray_version": __version__,
-        "torch_version": str(torch.__version__),
-    }
-    with local_output(place) as tmp:
-        torch.save(payload, tmp)
-    return place.local_path if place.is_local else place
+    return save_torch_file(
+        path, MODEL_KIND,
+        state_dict={name: value.detach().cpu() for name, value in model.state_dict().items()},
+        config=config.to_dict(),
+        labels={str(value): name for value, name in sorted(labels.items())},
+        preprocessing=preprocessing(config),
+    )
 
 
 def load_model(path: str | Path | Location) -> SavedModel:
