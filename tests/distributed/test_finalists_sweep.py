@@ -1,6 +1,6 @@
 """Finalists end to end on a local 2-CPU Ray, through the command line: a tiny sweep with finalists,
-SIGKILLed during the finalists, continued, its finalists table read; a label fraction without a
-finished trial; the finalists' bad inputs."""
+SIGKILLed during the finalists, continued, its finalists table read; the finalists' bad inputs.
+(A label fraction without a finished trial: tests/test_finalists.py, on the plan and the printout.)"""
 
 from __future__ import annotations
 
@@ -96,21 +96,6 @@ def test_a_sweep_killed_during_its_finalists_continues_them_and_reports_the_choi
     assert _finished_finalists(experiment) == after
     assert pd.read_csv(experiment / "results" / "finalists.csv")[["validation_mean", "test_mean"]].equals(
         table[["validation_mean", "test_mean"]])
-
-
-def test_a_label_fraction_without_a_finished_trial_is_named_and_the_others_get_finalists(tmp_path, tiny_sweep_space):
-    """One trial for two fractions: the second fraction has none; the first still gets its finalists."""
-    space = _space_file(tmp_path / "one.yaml", tiny_sweep_space, finalists={"top": 1, "seeds": 1}, num_samples=1,
-                        space={"pretrain.method": {"choice": ["scratch"]},
-                               "finetune.label_fraction": {"choice": [0.5, 1.0]}})
-    completed = _lrc_ray("tune", str(space), "--storage", str(tmp_path / "store"), cwd=tmp_path)
-    assert completed.returncode == 2, completed.stderr[-3000:]
-    assert completed.stderr.strip().splitlines()[-1] == (
-        "lrc-ray: error: finalists: no trial finished with dice_mean at label fraction 1; no finalists there "
-        "(resume the sweep, or give it more trials)")
-    assert "label fraction 0.5: chose scratch (scratch)" in completed.stdout
-    table = pd.read_csv(tmp_path / "store" / "one" / "results" / "finalists.csv")
-    assert list(table["label_fraction"]) == [0.5] and list(table["runs"]) == [1]
 
 
 @pytest.mark.parametrize(
