@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lrc_ray import api
+from lrc_ray import api, stages
 from lrc_ray.augment.two_views import TwoViewAugment
 from lrc_ray.config import NORMS, RunConfig
 from lrc_ray.data.phantom import generate_case
@@ -153,7 +153,7 @@ def moco_training(norms: list[str], epochs: int, workdir: Path) -> None:
             {name: torch.from_numpy(arrays[name][rows]) for name in ("image", "regions")},
             arrays["row_key"][rows], arrays["n_regions"][rows], epoch=0)
         run = DiagnosedRun(config, arrays, held)
-        probe = api.probe_source(config, data.entry)
+        probe = stages.probe_source(config, stages.run_data(config.data))
         run.show(0, {"probe_dice": linear_probe_dice(run.pretrainer(None).online.backbone, probe_slices(
             read_entry_table(data.entry), train_case=probe.train_case, validation_cases=probe.validation_cases,
             num_classes=probe.num_classes), seed=config.seed)}, None)
