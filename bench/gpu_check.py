@@ -261,7 +261,7 @@ def sweep_space(args, workdir: Path, option) -> Path:
 
 def sweep_stage(args, workdir: Path, option, entry: dict) -> None:
     experiment = api.tune(space=sweep_space(args, workdir, option), data=workdir / "data", storage=workdir / "sweeps",
-                          name="gpu_sweep")
+                          name="gpu_sweep").local_path  # a local sweep
     trials = []
     for lines in trial_reports(experiment).values():
         epochs = [line for line in lines if "steps" in line and not line.get("replayed")]

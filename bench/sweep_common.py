@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lrc_ray import api
 from lrc_ray.distributed.tune import run_sweep
+from lrc_ray.storage import location
 from lrc_ray.search_space import SearchSpace, run_config_for
 
 
@@ -20,7 +21,7 @@ def base_config(space: SearchSpace, data_dir: Path, cache_root: Path):
 def timed_sweep(space: SearchSpace, *, base, storage: Path, name: str, search: str, num_samples=None, **options) -> float:
     """Wall seconds of `run_sweep` (`options`: its other keywords, e.g. resume, parts)."""
     started = time.perf_counter()
-    run_sweep(space, base=base, storage=storage, name=name, search=search, num_samples=num_samples, **options)
+    run_sweep(space, base=base, storage=location(storage), name=name, search=search, num_samples=num_samples, **options)
     return time.perf_counter() - started
 
 
