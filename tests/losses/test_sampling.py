@@ -102,6 +102,17 @@ def test_seeded_reproducibility():
     assert not torch.equal(first.view1_index, other.view1_index)
 
 
+def test_one_map_for_both_views_draws_what_two_equal_maps_draw():
+    # Without augmentation both views are one tensor, whose bins and counts are computed once.
+    view1, _ = random_region_maps(5)
+    seeds = torch.arange(view1.shape[0]) + 3
+    shared = sample_region_pixels(view1, view1, regions_per_image=3, pixels_per_region=4, seeds=seeds)
+    apart = sample_region_pixels(view1, view1.clone(), regions_per_image=3, pixels_per_region=4, seeds=seeds)
+    for name in ("view1_index", "view2_index", "region_ids"):
+        assert torch.equal(getattr(shared, name), getattr(apart, name)), name
+    assert not torch.equal(shared.view1_index, shared.view2_index), "each view draws its own pixels"
+
+
 def test_an_image_draws_the_same_alone_or_in_any_batch():
     # What makes 2 data-parallel workers with batch B draw exactly what 1 worker with batch 2B draws.
     view1, view2 = random_region_maps(6, batch=5)
