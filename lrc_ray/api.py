@@ -15,7 +15,7 @@ from lrc_ray.data.slices import DEFAULT_WINDOW_HU
 from lrc_ray.config import DataConfig, RunConfig, config_from_dict, save_config
 from lrc_ray.errors import TrainingError, UserInputError
 from lrc_ray.stages import PretrainingData, check_batch_fits, pretrains
-from lrc_ray.storage import Location, checked_location, location, upload_dir
+from lrc_ray.storage import Location, check_writable, checked_location, location, upload_dir
 from lrc_ray.superpixels.cache import CacheEntry
 from lrc_ray.superpixels.felzenszwalb import FelzenszwalbParams
 
@@ -251,7 +251,6 @@ def predict(
             model; a scan that is not a readable 3D NIfTI file; an `out` that is not writable.
             Nothing is written then.
     """
-    from lrc_ray.atomic import check_writable_dir
     from lrc_ray.engine.predict import output_paths, scans_of_files, segment_file, write_label_names
     from lrc_ray.engine.saved_model import load_model
 
@@ -262,7 +261,7 @@ def predict(
     scans = scans_of_files(images) if images else [(case.case_id, case.image_path) for case in load_dataset(data).cases]
     saved = load_model(model)
     outputs = output_paths(scans, out)
-    check_writable_dir(out, "--out")
+    check_writable(location(out), "--out")
     if address is not None or len(scans) >= RAY_DATA_MIN_SCANS:
         from lrc_ray.distributed.predict import segment_with_ray_data
 
@@ -321,7 +320,7 @@ def tune(
         raise UserInputError(f"--optuna-storage: only a tpe search keeps an Optuna study, not --search {search}")
     name = name or Path(space).stem
     storage = checked_location(storage or DEFAULT_STORAGE)
-    _check_writable(storage)
+    check_writable(storage, "--storage")
     experiment = storage.join(name)
     if resume and not experiment.join(SWEEP_FILE).is_file():
         raise UserInputError(f"--resume: no sweep to resume at {experiment}")
@@ -573,19 +572,6 @@ def _built_in_data(space, base: RunConfig) -> Path:
                             slices=spec.slices, seed=0)
         logger.info("wrote the built-in synthetic data set to %s", data_dir)
     return data_dir
-
-
-def _check_writable(directory: Location) -> None:
-    """Write and remove one small file, so a read-only place stops the sweep before it starts."""
-    probe = directory.join(f".write-test-{os.getpid()}")
-    try:
-        directory.makedirs()
-        probe.write_bytes(b"lrc_ray")
-        if probe.read_bytes() != b"lrc_ray":  # e.g. a store that keeps checksum framing in the object
-            raise UserInputError(f"--storage {directory}: a written file read back changed; the store alters what it keeps")
-        probe.delete()
-    except OSError as exc:
-        raise UserInputError(f"--storage {directory}: not writable ({exc.strerror or exc})") from None
 
 
 def _read_json(place: Location) -> dict:

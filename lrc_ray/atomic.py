@@ -5,12 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
-
-from lrc_ray.errors import UserInputError
 
 
 @contextlib.contextmanager
@@ -30,16 +27,3 @@ def atomic_write_path(path: str | Path) -> Iterator[Path]:
 def write_json_atomic(path: str | Path, payload: object) -> None:
     with atomic_write_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def check_writable_dir(directory: str | Path, option: str) -> None:
-    """Create `directory` if needed and check that files can be written in it.
-
-    Raises UserInputError naming `option` and the directory when it cannot be.
-    """
-    try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise UserInputError(f"{option} {directory}: not writable ({exc.strerror or exc})") from None

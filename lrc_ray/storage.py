@@ -218,6 +218,20 @@ def storage_error(place: Location, exc: OSError) -> UserInputError:
 # --- directories of files: staging and publication ---------------------------------------------
 
 
+def check_writable(directory: Location, option: str) -> None:
+    """Write, read back and remove one small file, so a read-only place stops a command before it
+    starts (UserInputError naming `option`); a store that changes what it keeps is refused too."""
+    probe = directory.join(f".write-test-{os.getpid()}")
+    try:
+        directory.makedirs()
+        probe.write_bytes(b"lrc_ray")
+        if probe.read_bytes() != b"lrc_ray":  # e.g. a store that keeps checksum framing in the object
+            raise UserInputError(f"{option} {directory}: a written file read back changed; the store alters what it keeps")
+        probe.delete()
+    except OSError as exc:
+        raise UserInputError(f"{option} {directory}: not writable ({exc.strerror or exc})") from None
+
+
 def staging_location(root: Location, prefix: str) -> Location:
     """A fresh temporary directory under `root` whose name starts with `prefix`."""
     place = root.join(f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}")
