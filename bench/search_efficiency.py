@@ -5,11 +5,13 @@ The truth is each distinct setting's mean test Dice over run seeds: the quick-st
 parameter a choice) is run at run seeds 0, 1, ..., `--grid-seeds` - 1, every trial scored on the
 validation and the test volumes, one trial at a time in one local Ray of 2 CPUs. The grids, the
 data and the super-pixel cache are kept in `--workdir`, so a later run reuses them: a finished
-grid is read as it is, an interrupted one is resumed. About 21 minutes a grid on a quiet 2-core
+grid is read as it is, an interrupted one is resumed. About 8 minutes a grid on a quiet 2-core
 machine. Then TPE + ASHA + finalists, random + ASHA + finalists and today's rule are replayed
-for `--seeds` search seeds and printed side by side with the landscape.
+for `--seeds` search seeds and printed side by side with the landscape. The replays search on
+seed 0's grid and read the finalists from seeds 1..F; the default 6 grids keep 3 seeds for a
+truth that shares no trained model with them (`search_simulation.py`).
 
-    .venv/bin/python bench/search_efficiency.py --workdir DIR [--grid-seeds 3] [--seeds 40]
+    .venv/bin/python bench/search_efficiency.py --workdir DIR [--grid-seeds 6] [--seeds 40]
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", type=Path, default=Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml")
     parser.add_argument("--workdir", type=Path, default=None, help="where grids, data and cache are kept (default: a new temp dir)")
-    parser.add_argument("--grid-seeds", type=int, default=3, help="run seeds of the truth grids, 0..N-1 (at least 3)")
+    parser.add_argument("--grid-seeds", type=int, default=6, help="run seeds of the grids, 0..N-1 (at least 3)")
     parser.add_argument("--seeds", type=int, default=40, help="search seeds replayed")
     parser.add_argument("--samples", type=int, default=None, help="search trials (default: the space's num_samples)")
     parser.add_argument("--top", type=int, default=None, help="finalists per label fraction (default: the space's)")
@@ -59,7 +61,7 @@ def main() -> None:
                   f"wall this run {wall:.0f} s{' (resumed)' if resume else ''}", flush=True)
     print(f"grids kept in {sweeps}\n")
     report([sweeps / name for name in names], seeds=args.seeds, samples=args.samples, top=args.top,
-           finalist_seeds=args.finalist_seeds)
+           finalist_seeds=args.finalist_seeds, procedure=args.space)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,18 @@ plans them and reads their results.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from lrc_ray.results import PARAMETER_COLUMNS, SweepInfo, TrialRecord, flatten, trial_config
+from lrc_ray import search_space
 from lrc_ray.stages import finetuned_model, run_keys
 
 SCRATCH = "scratch"
+METHOD_KEY = "pretrain.method"
 TEST_PREFIX = "test_"  # a finalist reports its test scores as the validation ones with this prefix
 
 
@@ -64,6 +66,19 @@ class FinalistPlan:
     def from_dict(cls, raw: dict) -> "FinalistPlan":
         return cls(top=raw["top"], seeds=tuple(raw["seeds"]), runs=tuple(FinalistRun(**run) for run in raw["runs"]),
                    missing=tuple(raw["missing"]))
+
+
+def space_to_search(space: search_space.SearchSpace) -> search_space.SearchSpace:
+    """The space the search explores: without `scratch` among the methods when finalists follow.
+    They re-run scratch at every label fraction anyway, and it has no knobs, so a search trial
+    on it would buy nothing: a quarter of the quick-start's four trials per fraction."""
+    method = space.params.get(METHOD_KEY)
+    if space.finalists is None or not isinstance(method, search_space.Choice) or SCRATCH not in method.values:
+        return space
+    others = tuple(value for value in method.values if value != SCRATCH)
+    if not others:
+        return space
+    return replace(space, params={**space.params, METHOD_KEY: search_space.Choice(others)})
 
 
 def search_finished(records: list[TrialRecord], *, expected: int) -> bool:
@@ -111,7 +126,7 @@ def plan_finalists(records: list[TrialRecord], info: SweepInfo, *, top: int, see
         ranked = [_setting_values(group[0]) for group in _ranked_settings(finished, info)[:top]]
         roles = [SCRATCH if _method(info, values) == SCRATCH else f"search #{rank}" for rank, values in enumerate(ranked, 1)]
         if SCRATCH not in roles:  # the baseline, fine-tuned as the best setting is
-            ranked.append({**ranked[0], "pretrain.method": SCRATCH})
+            ranked.append({**ranked[0], METHOD_KEY: SCRATCH})
             roles.append(SCRATCH)
         for values, role in zip(ranked, roles):
             for seed in finalist_seeds:

@@ -9,10 +9,11 @@ from scipy import stats
 
 from lrc_ray.config import RunConfig, load_config
 from lrc_ray.finalists import (
-    SCRATCH, FinalistPlan, choices, finalists_table, fresh_seeds, plan_finalists, search_finished, t_interval,
-    write_finalists,
+    SCRATCH, FinalistPlan, choices, finalists_table, fresh_seeds, plan_finalists, search_finished, space_to_search,
+    t_interval, write_finalists,
 )
 from lrc_ray.results import SweepInfo, TrialRecord, write_results
+from lrc_ray.search_space import Choice, Fixed, parse_search_space
 
 BASE = RunConfig().replace(data={"test_cases": 1}).to_dict()
 INFO = SweepInfo(metric="dice_mean", mode="max", base=BASE, fixed={"pretrain.epochs": 2})
@@ -88,6 +89,24 @@ def test_minimising_metrics_rank_the_other_way():
     info = SweepInfo(metric="dice_mean", mode="min", base=BASE, fixed={})
     plan = plan_finalists(_search(), info, top=1, seeds=1)
     assert [run.setting["pretrain.method"] for run in plan.runs if run.label_fraction == 1.0] == ["scratch"]
+
+
+def _space(method, finalists=True):
+    raw = {"base": {"data": {"test_cases": 1}}, "space": {"pretrain.method": method, "data.scale": {"choice": [50, 200]}}}
+    return parse_search_space(raw | ({"finalists": {"top": 1, "seeds": 2}} if finalists else {}), source="space")
+
+
+def test_the_search_leaves_scratch_to_the_finalists():
+    searched = space_to_search(_space({"choice": ["scratch", "lrc", "global"]}))
+    assert searched.params["pretrain.method"] == Choice(("lrc", "global"))
+    assert searched.params["data.scale"] == Choice((50, 200))
+
+
+def test_scratch_is_searched_when_no_finalists_run_it_or_it_is_all_there_is():
+    for space in (_space({"choice": ["scratch", "lrc"]}, finalists=False), _space({"choice": ["scratch"]}),
+                  _space("scratch"), _space({"choice": ["lrc", "global"]})):
+        assert space_to_search(space) == space
+    assert space_to_search(_space("scratch")).params["pretrain.method"] == Fixed("scratch")
 
 
 def test_an_interrupted_search_gets_no_finalists_yet():

@@ -41,7 +41,7 @@ from lrc_ray.distributed.search import make_searcher, storage_for_new_studies, s
 from lrc_ray.distributed.superpixels import ray_data_extract
 from lrc_ray.engine.splits import SPLIT_PARTS
 from lrc_ray.errors import UserInputError
-from lrc_ray.finalists import TEST_PREFIX
+from lrc_ray.finalists import TEST_PREFIX, space_to_search
 from lrc_ray.search_space import (
     Choice, Fixed, LogUniform, QUniform, RandInt, SearchSpace, SweepSettings, Uniform, config_with_values, grid_points,
 )
@@ -206,10 +206,11 @@ def run_sweep(
         scheduler = early_stopping(settings, _largest_epochs(space, base))
         optuna_storage = optuna_storage or default_optuna_journal(experiment, name)
         studies = storage_for_new_studies(optuna_storage, study_names(space, name))
-        searcher = make_searcher(space, partial(trial_run_key, context), trials, storage=studies, study_name=name)
+        searched = space_to_search(space)
+        searcher = make_searcher(searched, partial(trial_run_key, context), trials, storage=studies, study_name=name)
         logger.info("Optuna studies of the sweep: %s (watch them live: optuna-dashboard %s)", optuna_storage,
                     optuna_storage)
-        param_space = tune_param_space(space)
+        param_space = tune_param_space(searched)
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                       max_concurrent_trials=concurrency, reuse_actors=_reuse_actors(settings))
     experiment.makedirs()

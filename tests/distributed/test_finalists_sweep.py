@@ -75,6 +75,8 @@ def test_a_sweep_killed_during_its_finalists_continues_them_and_reports_the_choi
     table = pd.read_csv(experiment / "results" / "finalists.csv")
     assert (table["runs"] == table["planned"]).all() and (table["planned"] == 2).all()
     assert set(table["label_fraction"]) == {0.5, 1.0} and "scratch" in set(table["role"])
+    searched = {json.loads(params.read_text())["pretrain.method"] for params in experiment.glob("run_trial_*/params.json")}
+    assert searched == {"lrc"}, "the finalists run scratch, so the search spends its trials on the other methods"
     assert table["test_mean"].between(0, 1).all() and table["validation_low"].notna().all()
     assert table.groupby("label_fraction")["chosen"].sum().tolist() == [1, 1]
     assert (experiment / "results" / "finalists.md").read_text().startswith("Finalists: dice_mean")
