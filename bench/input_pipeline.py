@@ -9,7 +9,7 @@ then each batch is augmented (two views, batched, on the device) or not (`augmen
 view is the slice itself), and the loss's region/pixel sampling runs on it
 (`losses.sample_region_pixels`, as the loss calls it). Nothing else: no network.
 
-Printed: slices/s over the epochs after the first, for both modes, with and without
+Printed: slices/s over the epochs after the first (at least 5 s of them), for both modes, with and without
 augmentation, at one torch thread (a worker's core; Ray Data's decode tasks run on the other
 CPUs, as on a cluster node), plus the device mode's one-time read. The target for the path
 without augmentation is >= 1000 slices/s per worker core at 256 px; the last line gives the
@@ -40,9 +40,12 @@ from lrc_ray.engine.pretrain_loop import Surroundings
 from lrc_ray.losses import sample_region_pixels
 
 
-def feed_rate(config: RunConfig, data, device: torch.device, *, mode: str, augment: bool, epochs: int) -> dict:
-    """Slices/s of the input path in `mode` over the epochs after the first, and the seconds the
-    slices took to come in (the device mode's one-time read; the stream mode's first epoch)."""
+def feed_rate(config: RunConfig, data, device: torch.device, *, mode: str, augment: bool, epochs: int,
+              min_seconds: float = 5.0) -> dict:
+    """Slices/s of the input path in `mode` over the epochs after the first (at least `epochs`,
+    and as many more as `min_seconds` of measurement take: a device-mode epoch of the default
+    data lasts a fifth of a second), and the seconds the slices took to come in (the device
+    mode's one-time read; the stream mode's first epoch)."""
     chosen = config.replace(pretrain={"input_mode": mode})
     settings = chosen.pretrain
     dataset = ray_dataset(str(data.entry.path), data.selection, config.data.size)
@@ -53,8 +56,8 @@ def feed_rate(config: RunConfig, data, device: torch.device, *, mode: str, augme
     ready = time.perf_counter() - started
     maker = TwoViewBatches(TwoViewAugment(config.augment, output_size=config.data.size) if augment else None,
                            seed=config.seed, with_labels=False)
-    rates = []
-    for epoch in range(epochs):
+    first_rate, measured_slices, measured_seconds, epoch = None, 0, 0.0, 0
+    while epoch < epochs or measured_seconds < min_seconds:
         started, count = time.perf_counter(), 0
         for batch in slices.batches(maker, epoch):
             sample_region_pixels(batch["regions1"], batch["regions2"], regions_per_image=settings.regions_per_image,
@@ -63,9 +66,14 @@ def feed_rate(config: RunConfig, data, device: torch.device, *, mode: str, augme
             count += len(batch["sample_seeds"])
         if device.type == "cuda":
             torch.cuda.synchronize()
-        rates.append(count / (time.perf_counter() - started))
-    later = rates[1:] or rates
-    return {"rate": sum(later) / len(later), "ready_seconds": ready, "first_epoch_rate": rates[0]}
+        seconds = time.perf_counter() - started
+        if first_rate is None:
+            first_rate = count / seconds
+        else:
+            measured_slices, measured_seconds = measured_slices + count, measured_seconds + seconds
+        epoch += 1
+    return {"rate": measured_slices / measured_seconds, "ready_seconds": ready, "first_epoch_rate": first_rate,
+            "epochs": epoch}
 
 
 def main() -> None:
@@ -98,8 +106,8 @@ def main() -> None:
                 result = feed_rate(config, data, device, mode=mode, augment=augment, epochs=args.epochs)
                 rows[(mode, augment)] = result
                 print(f"mode {mode:6} augment {'on ' if augment else 'off'}: {result['rate']:7.0f} slices/s "
-                      f"(first epoch {result['first_epoch_rate']:.0f}; slices ready after {result['ready_seconds']:.1f} s)",
-                      flush=True)
+                      f"(epochs 2-{result['epochs']}; first epoch {result['first_epoch_rate']:.0f}; slices ready after "
+                      f"{result['ready_seconds']:.1f} s)", flush=True)
     for augment in (False, True):
         device_rate, stream_rate = rows[("device", augment)]["rate"], rows[("stream", augment)]["rate"]
         print(f"augment {'on ' if augment else 'off'}: device / stream = {device_rate / stream_rate:.2f}")

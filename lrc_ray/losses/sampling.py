@@ -137,7 +137,7 @@ def sample_region_pixels(
     if num_ids is None:
         num_ids = max([-1] + [int(region_map.max()) for region_map in maps if region_map.numel()]) + 1
     # Bin 0 of each image holds its ignored pixels; id r goes to bin r + 1. Views that are one map
-    # (no augmentation) share their bins and counts: a fifth of the sampling's time at 256 px.
+    # (no augmentation) share their bins, counts and candidate pixels, and draw only their own pixels.
     bins = [_pixel_bins(region_maps_view1, num_ids)]
     counts = [_bin_counts(bins[0], region_maps_view1.shape[0], num_ids)]
     if region_maps_view2 is region_maps_view1:
@@ -146,9 +146,10 @@ def sample_region_pixels(
         bins.append(_pixel_bins(region_maps_view2, num_ids))
         counts.append(_bin_counts(bins[1], region_maps_view2.shape[0], num_ids))
     slot_ids = _draw_shared_regions(counts[0][:, 1:] > 0, counts[1][:, 1:] > 0, regions_per_image, seeds)
+    candidates = [_drawn_region_pixels(bins[0], counts[0], slot_ids)]
+    candidates.append(candidates[0] if bins[1] is bins[0] else _drawn_region_pixels(bins[1], counts[1], slot_ids))
     view_indices = [
-        _draw_pixels(pixel_bins, count, slot_ids, pixels_per_region, seeds, view)
-        for view, (pixel_bins, count) in enumerate(zip(bins, counts))
+        _draw_pixels(pixels, pixels_per_region, seeds, view) for view, pixels in enumerate(candidates)
     ]
     sample_ids = slot_ids.repeat_interleave(pixels_per_region, dim=1)
     return RegionSamples(
@@ -198,15 +199,20 @@ def _key_threshold(pixels_per_region: int, region_pixels: Tensor) -> Tensor:
     return (kept_on_average / region_pixels.clamp(min=1).double()).clamp(max=1.0)
 
 
-def _draw_pixels(
-    pixel_bins: Tensor, counts: Tensor, slot_ids: Tensor, pixels_per_region: int, seeds: Tensor, view: int
-) -> Tensor:
-    """M pixels per slot within the slot's region: without replacement where it has >= M pixels,
-    else each of its n pixels floor(M/n) or ceil(M/n) times.
+@dataclass(frozen=True)
+class _RegionPixels:
+    """The pixels of one view that lie in a drawn region: the candidates of its pixel draw."""
 
-    Shape: pixel_bins (B, P) and counts (B, N + 1) from `_pixel_bins` and `_bin_counts`, slot_ids
-    (B, S) -> flat pixel indices (B, S*M); padded slots (id -1) get index 0.
-    """
+    flat_index: Tensor  # (K,) flat index b*P + p into the view's (B, P) pixels
+    image: Tensor  # (K,) its image b
+    slot: Tensor  # (K,) its slot b*S + s
+    region_pixels: Tensor  # (B, S) pixels of each slot's region in the view; 0 for padded slots
+    valid_slot: Tensor  # (B, S) bool: the slot holds a region
+    num_pixels: int  # P
+
+
+def _drawn_region_pixels(pixel_bins: Tensor, counts: Tensor, slot_ids: Tensor) -> _RegionPixels:
+    """Shape: pixel_bins (B, P) and counts (B, N + 1) from `_pixel_bins` and `_bin_counts`, slot_ids (B, S)."""
     batch, num_pixels = pixel_bins.shape
     slots = slot_ids.shape[1]
     device = pixel_bins.device
@@ -222,8 +228,20 @@ def _draw_pixels(
     in_drawn_region = _flat_nonzero(drawn.view(-1).index_select(0, pixel_bins.reshape(-1)))
     image = in_drawn_region // num_pixels
     candidate_bins = pixel_bins.reshape(-1)[in_drawn_region].long()
-    candidate_slot = slot_of_bin.view(-1)[candidate_bins] + image * slots  # image * S + slot
-    keys = keyed_uniform(seeds[image], _PIXEL_STREAMS[view], in_drawn_region - image * num_pixels)
+    slot = slot_of_bin.view(-1)[candidate_bins] + image * slots  # image * S + slot
+    return _RegionPixels(in_drawn_region, image, slot, region_pixels, valid_slot, num_pixels)
+
+
+def _draw_pixels(pixels: _RegionPixels, pixels_per_region: int, seeds: Tensor, view: int) -> Tensor:
+    """M pixels per slot within the slot's region: without replacement where it has >= M pixels,
+    else each of its n pixels floor(M/n) or ceil(M/n) times.
+
+    Shape: the candidates of (B, S) slots -> flat pixel indices (B, S*M); padded slots get index 0.
+    """
+    batch, slots = pixels.region_pixels.shape
+    device = pixels.flat_index.device
+    region_pixels, candidate_slot = pixels.region_pixels, pixels.slot
+    keys = keyed_uniform(seeds[pixels.image], _PIXEL_STREAMS[view], pixels.flat_index - pixels.image * pixels.num_pixels)
     for threshold in (_key_threshold(pixels_per_region, region_pixels), torch.ones_like(region_pixels, dtype=torch.float64)):
         kept = _flat_nonzero(keys < threshold.view(-1)[candidate_slot])
         kept_slot = candidate_slot[kept]
@@ -238,9 +256,9 @@ def _draw_pixels(
     first_m = torch.arange(pixels_per_region, device=device).view(1, 1, -1)
     offset = first_m % region_pixels.clamp(min=1).unsqueeze(-1)
     position = (run_start + offset).clamp(max=max(order.numel() - 1, 0))
-    flat_pixel = in_drawn_region[order[position]] if order.numel() else torch.zeros_like(position)
-    index = flat_pixel - torch.arange(batch, device=device).view(batch, 1, 1) * num_pixels
-    return torch.where(valid_slot.unsqueeze(-1), index, torch.zeros_like(index)).reshape(batch, -1)
+    flat_pixel = pixels.flat_index[order[position]] if order.numel() else torch.zeros_like(position)
+    index = flat_pixel - torch.arange(batch, device=device).view(batch, 1, 1) * pixels.num_pixels
+    return torch.where(pixels.valid_slot.unsqueeze(-1), index, torch.zeros_like(index)).reshape(batch, -1)
 
 
 # Two primitives differ in speed by device.

@@ -46,7 +46,7 @@ def _finished_finalists(experiment: Path) -> dict[int, tuple[float, float]]:
 
 def test_a_sweep_killed_during_its_finalists_continues_them_and_reports_the_choice(tmp_path, tiny_sweep_space,
                                                                                   sigkill_when):
-    space = _space_file(tmp_path / "tiny.yaml", tiny_sweep_space, finalists={"top": 2, "seeds": 2}, num_samples=4,
+    space = _space_file(tmp_path / "tiny.yaml", tiny_sweep_space, finalists={"top": 2, "seeds": 3}, num_samples=4,
                         space={"pretrain.method": {"choice": ["scratch", "lrc"]},
                                "finetune.label_fraction": {"choice": [0.5, 1.0]}})
     experiment = tmp_path / "store" / "tiny"
@@ -54,7 +54,7 @@ def test_a_sweep_killed_during_its_finalists_continues_them_and_reports_the_choi
     sigkill_when(command, cwd=tmp_path, ready=lambda: bool(_finished_finalists(experiment)), within=480)
     before = _finished_finalists(experiment)
     plan = json.loads((experiment / "lrc_ray_finalists.json").read_text())
-    assert plan["seeds"] == [1, 2], "seeds the search (seed 0) did not use"
+    assert plan["seeds"] == [1, 2, 3], "seeds the search (seed 0) did not use"
     assert len(before) < len(plan["runs"]), "killed during the finalists"
 
     # The interrupted finalists can be read.
@@ -73,7 +73,7 @@ def test_a_sweep_killed_during_its_finalists_continues_them_and_reports_the_choi
     assert "runner-up" in resumed.stdout and "chosen configuration" in resumed.stdout
 
     table = pd.read_csv(experiment / "results" / "finalists.csv")
-    assert (table["runs"] == table["planned"]).all() and (table["planned"] == 2).all()
+    assert (table["runs"] == table["planned"]).all() and (table["planned"] == 3).all()
     assert set(table["label_fraction"]) == {0.5, 1.0} and "scratch" in set(table["role"])
     searched = {json.loads(params.read_text())["pretrain.method"] for params in experiment.glob("run_trial_*/params.json")}
     assert searched == {"lrc"}, "the finalists run scratch, so the search spends its trials on the other methods"
@@ -84,8 +84,8 @@ def test_a_sweep_killed_during_its_finalists_continues_them_and_reports_the_choi
     for fraction in ("0.5", "1"):
         config = load_config(experiment / "results" / f"best_config_label_fraction_{fraction}.yaml")
         numbers = json.loads((experiment / "results" / f"best_config_label_fraction_{fraction}.json").read_text())
-        assert config.finetune.label_fraction == numbers["label_fraction"] and numbers["seeds"] == [1, 2]
-        assert numbers["test"]["mean"] is not None and len(numbers["test"]["per_seed"]) == 2
+        assert config.finetune.label_fraction == numbers["label_fraction"] and numbers["seeds"] == [1, 2, 3]
+        assert numbers["test"]["mean"] is not None and len(numbers["test"]["per_seed"]) == 3
         # the chosen setting's model, kept beside its config: the seed with its best validation Dice
         model = load_model(experiment / "results" / f"best_config_label_fraction_{fraction}.pt")
         assert model.config.finetune.label_fraction == config.finetune.label_fraction
