@@ -144,7 +144,10 @@ def sigkill_when():
     (its local Ray included, nothing else): an interrupted run, for the resume tests."""
 
     def run(command: list[str], *, cwd: Path, ready, within: float) -> None:
-        process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # Tune uploads its trials' results and state every 10 s or more by default; `ready` would
+        # see the first finished trial only then, when the short runs of these tests may all have ended.
+        env = os.environ | {"TUNE_GLOBAL_CHECKPOINT_S": "1"}
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)
         try:
             deadline = time.monotonic() + within

@@ -11,6 +11,9 @@
 - Each TPE keeps its study in an Optuna storage (`open_storage`: a journal file in the sweep's
   directory, or a database URL), where optuna-dashboard shows the sweep live and `optuna.load_study`
   reads it; a resumed sweep goes on in the same studies.
+- Tune sees them through `SweepSearch`, which keeps the sweep's trials-at-a-time limit and, on
+  resume, squares the searchers with Tune's restored trials and the studies (a SIGKILL leaves
+  these three from different moments).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class SweepOptunaSearch(OptunaSearch):
       sweep's trials (`bench/search_simulation.py`).
     - The per-epoch probe reports, which lack the searched metric, are not passed on: Optuna's
       intermediate values feed only pruners, and OptunaSearch runs a no-op pruner (ASHA stops).
+    - After a restore it catches up with the study, which is written as trials end, not at Tune's
+      checkpoints, and with the trials Tune restored (`catch_up_with_study`).
     """
 
     def __init__(self, *, run_key: Callable[[dict], str], max_redraws: int = 20, **kwargs) -> None:
@@ -73,24 +78,35 @@ class SweepOptunaSearch(OptunaSearch):
         return values
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.metric in result:
+        if self.metric in result and self._is_running(trial_id):
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._is_running(trial_id):
+            self._record_outcome(trial_id, (result or {}).get(self.metric))
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    def _is_running(self, trial_id: str) -> bool:
+        """Whether Optuna still waits for this trial: not one the study already has the outcome of
+        (a restored sweep runs again the trials that ended after its checkpoint; they compute the
+        same), nor one proposed after this searcher's checkpoint (`catch_up_with_study`)."""
+        return trial_id in self._ot_trials and trial_id not in self._completed_trials
+
+    def _record_outcome(self, trial_id: str, value: float | None) -> None:
         key = self._key_of_trial.get(trial_id)
         if key is not None and key not in self._finished_keys:
             self._finished_keys.add(key)
-            self._outcome[key] = (result or {}).get(self.metric)
-        super().on_trial_complete(trial_id, result=result, error=error)
+            self._outcome[key] = value
 
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        self.fail_lost_trials()
-
-    def fail_lost_trials(self) -> None:
-        """After a restore: a stored trial still running that this searcher (as checkpointed) never
-        proposed was proposed after the checkpoint, and Tune will not run it; mark it failed (Optuna
-        then ignores it) rather than leave it running in the study forever.
+    def catch_up_with_study(self, tune_trials: set[str] | None = None) -> None:
+        """After a restore, take from the study what happened after this searcher's checkpoint,
+        and from Tune which trials it will run (`tune_trials`, when known):
+        - a trial it proposed that has finished there is finished here too (Tune, restored from
+          the same checkpoint or an older one, runs it again: its reports are not told twice);
+        - a trial it proposed that Tune does not have (Tune's state is older than this
+          checkpoint) will not run: it is marked failed, not counted as running forever;
+        - a trial still running there that it never proposed was proposed after the checkpoint;
+          it is marked failed (Optuna then ignores it) rather than left running in the study forever.
 
         Raises:
             UserInputError: the study is no longer in its storage (a journal file on a node that is gone).
@@ -103,10 +119,27 @@ class SweepOptunaSearch(OptunaSearch):
             raise lost_studies(exc.filename) from None
         if self._ot_study.study_name not in stored:
             raise lost_studies(f"study {self._ot_study.study_name!r}")
-        known = {trial.number for trial in self._ot_trials.values()}
-        for trial in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if trial.number not in known:
-                self._ot_study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        trial_of_number = {trial.number: trial_id for trial_id, trial in self._ot_trials.items()}
+        for trial in self._ot_study.get_trials(deepcopy=False):
+            trial_id = trial_of_number.get(trial.number)
+            if trial_id is None:
+                if trial.state == optuna.trial.TrialState.RUNNING:
+                    self._ot_study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            elif trial_id in self._completed_trials:
+                continue
+            elif trial.state.is_finished():
+                self._record_outcome(trial_id, trial.value)
+                self._completed_trials.add(trial_id)
+            elif tune_trials is not None and trial_id not in tune_trials:
+                self._forget(trial_id)
+
+    def _forget(self, trial_id: str) -> None:
+        """A proposal that will never run: failed in the study, and its run free to be proposed again."""
+        self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.FAIL)
+        self._completed_trials.add(trial_id)
+        key = self._key_of_trial.pop(trial_id)
+        if key not in self._finished_keys and key not in self._key_of_trial.values():
+            del self._outcome[key]
 
 
 class StratifiedSearch(Searcher):
@@ -114,7 +147,7 @@ class StratifiedSearch(Searcher):
     n mod V, so each value gets its share of the trials, and each searcher sees only the space
     without the key and only its own trials' results."""
 
-    def __init__(self, searchers: dict[Any, Searcher], *, key: str, metric: str, mode: str) -> None:
+    def __init__(self, searchers: dict[Any, SweepOptunaSearch], *, key: str, metric: str, mode: str) -> None:
         super().__init__(metric=metric, mode=mode)
         self._searchers = searchers
         self._key = key
@@ -135,12 +168,60 @@ class StratifiedSearch(Searcher):
         return {**suggested, self._key: value}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self._searchers[self._value_of_trial[trial_id]].on_trial_result(trial_id, result)
+        value = self._value_of_trial.get(trial_id)  # None: proposed after this searcher's checkpoint
+        if value is not None:
+            self._searchers[value].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         value = self._value_of_trial.get(trial_id)
         if value is not None:
             self._searchers[value].on_trial_complete(trial_id, result=result, error=error)
+
+    def catch_up_with_study(self, tune_trials: set[str] | None = None) -> None:
+        for searcher in self._searchers.values():
+            searcher.catch_up_with_study(tune_trials)
+
+
+class SweepSearch(Searcher):
+    """The sweep's search (`SweepOptunaSearch`, or a `StratifiedSearch` of them) as Tune sees it.
+
+    - It keeps Tune's max_concurrent_trials (`set_max_concurrency`: Tune's ConcurrencyLimiter then
+      passes everything through), counting the trials Tune runs. More would not only crowd the
+      cluster: a trial in its own process holds a CPU while its Ray Data reads wait for one.
+    - Resumed, it counts the trials Tune restored unfinished (`trials_tune_restored`; Tune runs
+      them again), and its search catches up with them and with the studies. Tune's own limiter
+      comes back from a file of its own, which a SIGKILL during Tune's upload leaves older or newer
+      than Tune's trial states: it counted a trial that had ended as running, and the resumed
+      sweep proposed nothing more, forever.
+    """
+
+    def __init__(self, search: SweepOptunaSearch | StratifiedSearch, *, metric: str, mode: str) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self._search = search  # not `searcher`: Tune would take this for a wrapper and restore the search alone
+        self._running: set[str] = set()
+        self._max_concurrent = 0  # 0: no limit
+
+    def set_search_properties(self, metric, mode, config: dict, **spec) -> bool:
+        return self._search.set_search_properties(metric, mode, config, **spec)
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        self._max_concurrent = max_concurrent
+        return True
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self._max_concurrent and len(self._running) >= self._max_concurrent:
+            return None
+        suggested = self._search.suggest(trial_id)
+        if suggested is not None and suggested != Searcher.FINISHED:
+            self._running.add(trial_id)
+        return suggested
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._search.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._running.discard(trial_id)
+        self._search.on_trial_complete(trial_id, result=result, error=error)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as handle:
@@ -149,9 +230,26 @@ class StratifiedSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as handle:
             self.__dict__.update(pickle.load(handle))
-        for searcher in self._searchers.values():
-            if isinstance(searcher, SweepOptunaSearch):
-                searcher.fail_lost_trials()
+        self.resume(trials_tune_restored(checkpoint_path))
+
+    def resume(self, tune_trials: dict[str, str] | None) -> None:
+        """Square the restored state with the trials Tune restored (trial id -> status; None where
+        not known) and with the studies."""
+        if tune_trials is not None:  # Tune runs its unfinished and failed trials again
+            self._running = {trial_id for trial_id, status in tune_trials.items() if status != "TERMINATED"}
+        self._search.catch_up_with_study(None if tune_trials is None else set(tune_trials))
+
+
+def trials_tune_restored(checkpoint_path: str) -> dict[str, str] | None:
+    """trial id -> status of the trials in the experiment state Tune resumes from: Tune restores
+    its searcher from the directory it has just copied that state into. None where no state lies
+    beside the checkpoint (a searcher restored by hand)."""
+    from ray.tune import ExperimentAnalysis
+
+    directory = Path(checkpoint_path).parent
+    if not any(directory.glob("experiment_state-*.json")):
+        return None
+    return {trial.trial_id: trial.status for trial in ExperimentAnalysis(str(directory)).trials}
 
 
 def lost_studies(what: str) -> UserInputError:
@@ -161,7 +259,7 @@ def lost_studies(what: str) -> UserInputError:
 
 
 def make_searcher(space: SearchSpace, run_key: Callable[[dict], str], trials: int, *, sampler: str = "tpe",
-                  storage: optuna.storages.BaseStorage | None = None, study_name: str = "sweep") -> Searcher:
+                  storage: optuna.storages.BaseStorage | None = None, study_name: str = "sweep") -> SweepSearch:
     """The sweep's searcher: TPE (seeded from the space) or, for comparison, random sampling; one
     per label fraction when the space searches several (`StratifiedSearch`, `trials` shared among
     them). `run_key` maps a trial's values to its run (equal for runs that would compute the same).
@@ -172,15 +270,17 @@ def make_searcher(space: SearchSpace, run_key: Callable[[dict], str], trials: in
     values = label_fractions(space)
     names = study_names(space, study_name)
     if values is None:
-        return _optuna_search(space, run_key, trials, sampler=sampler, seed=settings.seed, storage=storage,
-                              study_name=names[0])
-    share = math.ceil(trials / len(values))
-    searchers = {}
-    for index, (value, name) in enumerate(zip(values, names)):
-        seed = int(np.random.SeedSequence([settings.seed, index]).generate_state(1)[0])
-        searchers[value] = _optuna_search(space, partial(_with_condition, run_key, value), share, sampler=sampler,
-                                          seed=seed, storage=storage, study_name=name)
-    return StratifiedSearch(searchers, key=CONDITION_KEY, metric=settings.metric, mode=settings.mode)
+        search = _optuna_search(space, run_key, trials, sampler=sampler, seed=settings.seed, storage=storage,
+                                study_name=names[0])
+    else:
+        share = math.ceil(trials / len(values))
+        searchers = {}
+        for index, (value, name) in enumerate(zip(values, names)):
+            seed = int(np.random.SeedSequence([settings.seed, index]).generate_state(1)[0])
+            searchers[value] = _optuna_search(space, partial(_with_condition, run_key, value), share, sampler=sampler,
+                                              seed=seed, storage=storage, study_name=name)
+        search = StratifiedSearch(searchers, key=CONDITION_KEY, metric=settings.metric, mode=settings.mode)
+    return SweepSearch(search, metric=settings.metric, mode=settings.mode)
 
 
 def study_names(space: SearchSpace, name: str) -> list[str]:

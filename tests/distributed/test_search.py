@@ -10,10 +10,11 @@ import pytest
 
 import ray
 from ray import tune
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from lrc_ray.distributed.search import (
-    StratifiedSearch, SweepOptunaSearch, make_searcher, open_storage, storage_for_new_studies, study_names,
+    StratifiedSearch, SweepOptunaSearch, SweepSearch, make_searcher, open_storage, storage_for_new_studies, study_names,
 )
 from lrc_ray.errors import UserInputError
 from lrc_ray.search_space import parse_search_space
@@ -32,6 +33,11 @@ def _searcher(choices=(1, 2), run_key=lambda values: str(values["x"]), **kwargs)
     searcher = SweepOptunaSearch(metric="dice_mean", mode="max", run_key=run_key, **kwargs)
     assert searcher.set_search_properties(None, None, {"x": tune.choice(list(choices))})
     return searcher
+
+
+def _sweep_search(**kwargs) -> SweepSearch:
+    """`_searcher` as Tune sees it (`make_searcher` wraps every search so)."""
+    return SweepSearch(_searcher(**kwargs), metric="dice_mean", mode="max")
 
 
 def test_optuna_search_ignores_reports_without_the_metric():
@@ -147,14 +153,14 @@ def _stratified(space, trials=6, **kwargs):
 
 def test_a_space_of_several_label_fractions_gets_one_search_per_fraction_dealt_in_turn():
     searcher = _stratified(_fraction_space((0.25, 0.5, 1.0)), trials=9)
-    assert isinstance(searcher, StratifiedSearch)
+    assert isinstance(searcher._search, StratifiedSearch)
     fractions = []
     for number in range(9):
         values = searcher.suggest(f"t{number}")
         fractions.append(values["finetune.label_fraction"])
         searcher.on_trial_complete(f"t{number}", {"dice_mean": 0.5})
     assert fractions == [0.25, 0.5, 1.0] * 3, "every fraction gets its share"
-    inner = searcher._searchers
+    inner = searcher._search._searchers
     assert [len(inner[fraction]._key_of_trial) for fraction in (0.25, 0.5, 1.0)] == [3, 3, 3]
     assert all("finetune.label_fraction" not in trial.params for s in inner.values() for trial in s._ot_study.trials), \
         "the fraction is a condition, not a dimension of each search"
@@ -166,7 +172,7 @@ def test_each_fraction_learns_only_from_its_own_trials():
     high = searcher.suggest("b")
     searcher.on_trial_complete("b", {"dice_mean": 0.9})
     searcher.on_trial_complete("a", {"dice_mean": 0.2})
-    inner = searcher._searchers
+    inner = searcher._search._searchers
     assert [trial.value for trial in inner[0.25]._ot_study.trials] == [0.2]
     assert [trial.value for trial in inner[1.0]._ot_study.trials] == [0.9]
     assert low["finetune.label_fraction"] == 0.25 and high["finetune.label_fraction"] == 1.0
@@ -190,15 +196,15 @@ def test_the_stratified_search_saves_and_restores_its_state(tmp_path):
     restored = _stratified(_fraction_space(), trials=4)
     restored.restore(str(tmp_path / "state"))
     assert restored.suggest("b")["finetune.label_fraction"] == 1.0, "dealing continues where it stopped"
-    assert [t.value for t in restored._searchers[0.25]._ot_study.trials] == [0.4]
+    assert [t.value for t in restored._search._searchers[0.25]._ot_study.trials] == [0.4]
     pickle.dumps(restored)  # Tune pickles the searcher with the Tuner
 
 
 def test_one_fraction_is_one_search_and_random_sampling_is_stratified_too():
     one = parse_search_space({"space": {"pretrain.method": {"choice": ["lrc", "global"]},
                                         "finetune.label_fraction": 0.5}}, source="one")
-    assert isinstance(make_searcher(one, _run_key, 4), SweepOptunaSearch)
-    assert isinstance(_stratified(_fraction_space(), sampler="random"), StratifiedSearch)
+    assert isinstance(make_searcher(one, _run_key, 4)._search, SweepOptunaSearch)
+    assert isinstance(_stratified(_fraction_space(), sampler="random")._search, StratifiedSearch)
     with pytest.raises(Exception, match="tpe or random"):
         make_searcher(one, _run_key, 4, sampler="grid")
 
@@ -254,30 +260,112 @@ def test_a_bad_optuna_storage_is_one_line(tmp_path, url, message):
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
+def _study_states(storage, name="tiny"):
+    return [(t.state.name, t.value) for t in optuna.load_study(study_name=name, storage=storage).trials]
+
+
+def _restored(tmp_path, make, *, limit: int = 0, proposed=("a", "b"), after=lambda searcher: None,
+              tune_trials: dict[str, str] | None):
+    """`make()` as Tune runs it behind its ConcurrencyLimiter: `proposed`, a checkpoint, `after`
+    it, then, as a resumed Tune does, a fresh one restored from that checkpoint (the limiter's
+    state and the searcher's as they were, the studies as they are) and told the trials Tune restored."""
+    limiter = ConcurrencyLimiter(make(), max_concurrent=limit) if limit else make()
+    for trial_id in proposed:
+        assert limiter.suggest(trial_id) is not None
+    state = limiter.get_state() if limit else None
+    (limiter.searcher if limit else limiter).save(str(tmp_path / "state"))
+    after(limiter)
+    restored = ConcurrencyLimiter(make(), max_concurrent=limit) if limit else make()
+    if limit:
+        restored.set_state(state)
+    search = restored.searcher if limit else restored
+    search.restore(str(tmp_path / "state"))
+    search.resume(tune_trials)
+    return restored
+
+
 def test_a_restored_searcher_fails_the_stored_trials_it_never_proposed(tmp_path):
     """Killed between a proposal and Tune's next checkpoint: the proposal is in the study, but
     neither Tune nor the checkpointed searcher knows it; after the restore it is failed, not left
     running, and the trials the searcher knows are told as they finish."""
     storage = storage_for_new_studies(str(tmp_path / "journal.log"), ["tiny"])
-    searcher = _searcher(choices=(1, 2, 3), run_key=str, storage=storage, study_name="tiny", seed=0)
-    searcher.suggest("known")
-    searcher.save(str(tmp_path / "state"))
-    searcher.suggest("lost")  # after the checkpoint
-    restored = _searcher(choices=(1, 2, 3), run_key=str, storage=storage, study_name="tiny", seed=0)
-    restored.restore(str(tmp_path / "state"))
+    make = lambda: _sweep_search(choices=(1, 2, 3), run_key=str, storage=storage, study_name="tiny", seed=0)  # noqa: E731
+    restored = _restored(tmp_path, make, proposed=("known",), after=lambda searcher: searcher.suggest("lost"),
+                         tune_trials={"known": "RUNNING"})
     restored.on_trial_complete("known", {"dice_mean": 0.6})
-    states = [(t.number, t.state.name, t.value) for t in optuna.load_study(study_name="tiny", storage=storage).trials]
-    assert states == [(0, "COMPLETE", 0.6), (1, "FAIL", None)]
+    assert _study_states(storage) == [("COMPLETE", 0.6), ("FAIL", None)]
+
+
+def test_a_restored_searcher_does_not_tell_again_what_the_study_recorded_after_its_checkpoint(tmp_path):
+    """Killed after a trial ended (the study records it at once) but before Tune's next checkpoint:
+    the resumed Tune runs it again, and its reports must not be told to Optuna twice (Optuna
+    raises UpdateFinishedTrialError on a finished trial, which ended the resumed sweep)."""
+    storage = storage_for_new_studies(str(tmp_path / "journal.log"), ["tiny"])
+    make = lambda: _sweep_search(choices=(1,), run_key=str, storage=storage, study_name="tiny", seed=0)  # noqa: E731
+    restored = _restored(tmp_path, make, proposed=("ended",),
+                         after=lambda searcher: searcher.on_trial_complete("ended", {"dice_mean": 0.6}),
+                         tune_trials={"ended": "RUNNING"})
+    restored.on_trial_result("ended", {"dice_mean": 0.6, "training_iteration": 2})
+    restored.on_trial_complete("ended", {"dice_mean": 0.6})
+    restored.suggest("next")  # a repeat of the ended run, told the outcome the study has
+    assert _study_states(storage)[:2] == [("COMPLETE", 0.6), ("COMPLETE", 0.6)]
+
+
+def test_a_resumed_sweep_counts_the_trials_tune_restored_not_its_old_limiter(tmp_path):
+    """Tune's ConcurrencyLimiter comes back from a file of its own, which can be older than Tune's
+    trial states: it counted `a`, which had ended, as running, and the resumed sweep proposed
+    nothing more, forever. The sweep's searcher counts the trials Tune restored unfinished."""
+    storage = storage_for_new_studies(str(tmp_path / "journal.log"), ["tiny"])
+    make = lambda: _sweep_search(choices=(1, 2, 3), run_key=str, storage=storage, study_name="tiny", seed=0)  # noqa: E731
+    restored = _restored(tmp_path, make, limit=2, after=lambda limiter: limiter.on_trial_complete("a", {"dice_mean": 0.5}),
+                         tune_trials={"a": "TERMINATED", "b": "RUNNING"})
+    assert restored.suggest("c") is not None, "a ended: one trial (b) runs"
+    assert restored.suggest("d") is None, "b and c run: the limit holds"
+    restored.on_trial_complete("b", {"dice_mean": 0.4})
+    assert restored.suggest("d") is not None
+
+
+def test_a_trial_tune_runs_again_counts_against_the_limit(tmp_path):
+    """A trial that ended after Tune's checkpoint runs again: with one trial at a time nothing
+    else may start beside it (in its own process it holds the CPU its Ray Data reads wait for)."""
+    storage = storage_for_new_studies(str(tmp_path / "journal.log"), ["tiny"])
+    make = lambda: _sweep_search(choices=(1, 2, 3), run_key=str, storage=storage, study_name="tiny", seed=0)  # noqa: E731
+    restored = _restored(tmp_path, make, limit=1, proposed=("a",),
+                         after=lambda limiter: limiter.on_trial_complete("a", {"dice_mean": 0.5}),
+                         tune_trials={"a": "RUNNING"})
+    assert restored.suggest("b") is None
+    restored.on_trial_complete("a", {"dice_mean": 0.5})
+    assert restored.suggest("b") is not None
+
+
+def test_a_proposal_missing_from_the_trials_tune_restored_is_failed_not_counted_as_running(tmp_path):
+    """Tune's trial states can also be older than the searcher's checkpoint: `b` was proposed, but
+    Tune will never run it."""
+    storage = storage_for_new_studies(str(tmp_path / "journal.log"), ["tiny"])
+    make = lambda: _sweep_search(choices=(1, 2, 3), run_key=str, storage=storage, study_name="tiny", seed=0)  # noqa: E731
+    restored = _restored(tmp_path, make, limit=2, tune_trials={"a": "RUNNING"})
+    assert restored.suggest("c") is not None and restored.suggest("d") is None, "a and c run"
+    assert [state for state, _ in _study_states(storage)][:3] == ["RUNNING", "FAIL", "RUNNING"]
+
+
+def test_the_stratified_search_keeps_one_limit_over_its_fractions(tmp_path):
+    space = _fraction_space()
+    storage = storage_for_new_studies(str(tmp_path / "journal.log"), study_names(space, "tiny"))
+    restored = _restored(tmp_path, lambda: _stratified(space, trials=6, storage=storage, study_name="tiny"), limit=2,
+                         after=lambda limiter: limiter.on_trial_complete("b", {"dice_mean": 0.5}),
+                         tune_trials={"a": "RUNNING", "b": "TERMINATED"})
+    assert restored.suggest("c")["finetune.label_fraction"] == 0.25
+    assert restored.suggest("d") is None, "a (0.25) and c (0.25) run"
 
 
 def test_a_restored_searcher_whose_study_is_gone_says_so(tmp_path):
     journal = tmp_path / "journal.log"
-    searcher = _searcher(run_key=str, storage=storage_for_new_studies(str(journal), ["tiny"]), study_name="tiny")
+    searcher = _sweep_search(run_key=str, storage=storage_for_new_studies(str(journal), ["tiny"]), study_name="tiny")
     searcher.suggest("a")
     searcher.save(str(tmp_path / "state"))
     journal.unlink()  # the head that held it is gone
     with pytest.raises(UserInputError, match=f"--resume: the sweep's Optuna studies are gone \\({journal} is missing"):
-        _searcher(run_key=str).restore(str(tmp_path / "state"))
+        _sweep_search(run_key=str).restore(str(tmp_path / "state"))
     journal.write_text("")  # a new, empty journal in its place
     with pytest.raises(UserInputError, match="--resume: the sweep's Optuna studies are gone \\(study 'tiny' is missing"):
-        _searcher(run_key=str).restore(str(tmp_path / "state"))
+        _sweep_search(run_key=str).restore(str(tmp_path / "state"))

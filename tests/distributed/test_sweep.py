@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from lrc_ray.config import load_config
+from lrc_ray.distributed.search import trials_tune_restored
 from lrc_ray.distributed.train import FAULT_ENV
 
 pytestmark = pytest.mark.ray
@@ -65,6 +66,8 @@ def test_sweep_survives_sigkill_and_resumes_keeping_finished_trials(tmp_path, ti
 
     table = pd.read_parquet(experiment / "results" / "results.parquet")
     assert len(table) == 4
+    # What a resumed searcher reads beside its checkpoint: the trials of Tune's newest state.
+    assert set(trials_tune_restored(str(experiment / "searcher-state.pkl"))) == set(table["trial_id"])
     _check_the_stored_studies(experiment, table)
     by_liver = _lrc_ray("results", str(experiment), "--metric", "dice/liver", "--out", str(tmp_path / "liver"), cwd=tmp_path)
     assert by_liver.returncode == 0 and "best dice/liver first" in by_liver.stdout
