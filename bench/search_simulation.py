@@ -59,7 +59,9 @@ from lrc_ray.distributed.tune import (
     EPOCH, PROBE_METRIC, SWEEP_FILE, SweepContext, early_stopping, fixed_values, trial_config, trial_run_key,
     tune_param_space,
 )
-from lrc_ray.finalists import choices, finalists_table, fresh_seeds, plan_finalists, space_to_search, test_metric
+from lrc_ray.finalists import (
+    choices, finalists_table, fresh_seeds, plan_finalists, setting_values, space_to_search, test_metric,
+)
 from lrc_ray.results import SweepInfo, TrialRecord
 from lrc_ray.search_space import label_fractions, load_search_space, parse_search_space
 from lrc_ray.stages import run_keys
@@ -157,20 +159,36 @@ def replay_finalists(space, base: dict, grids: dict[int, Grid], records, *, top:
     chosen setting per label fraction (by mean validation Dice) and the finalists' compute."""
     info = SweepInfo(metric="dice_mean", mode=space.sweep.mode, base=base, fixed=fixed_values(space))
     plan = plan_finalists(records, info, top=top, seeds=seeds, fractions=label_fractions(space))
-    outcomes, trained, finetuned, compute = {}, set(), set(), 0.0
+    tally, outcomes = FinalRuns(space, base, grids), {}
     for run in plan.runs:
-        grid = grids[run.seed]
-        pre_key, ft_key = keys(space, {**base, "seed": run.seed}, run.values)
-        if pre_key is not None and (run.seed, pre_key) not in trained:
-            compute += sum(seconds for seconds, _, _ in grid.pretrainings[pre_key])  # finalists run no probe
-            trained.add((run.seed, pre_key))
-        outcome = grid.finetunings[ft_key]
-        if (run.seed, ft_key) not in finetuned:
-            compute += outcome["seconds"] + outcome["validation_seconds"] + outcome["test_seconds"]
-            finetuned.add((run.seed, ft_key))
+        outcome = tally.run(run.seed, run.values)
         outcomes[run.index] = {"dice_mean": outcome["validation"], test_metric("dice_mean"): outcome["test"]}
     found = choices(finalists_table(plan, outcomes, info))
-    return {choice.label_fraction: choice.chosen["setting"] for choice in found}, compute
+    return {choice.label_fraction: choice.chosen["setting"] for choice in found}, tally.seconds
+
+
+class FinalRuns:
+    """Runs to the end that score the validation and the test volumes (finalists, or every setting),
+    read from the grids, and their compute: each pre-training and fine-tuning counted once, as
+    equal inputs share their stage outputs; no probe (only the search's pre-trainings run it)."""
+
+    def __init__(self, space, base: dict, grids: dict[int, Grid]) -> None:
+        self._space, self._base, self._grids = space, base, grids
+        self._done: set = set()
+        self.seconds = 0.0
+
+    def run(self, seed: int, values: dict) -> dict:
+        """The fine-tuning outcome of `values` at run seed `seed`."""
+        grid = self._grids[seed]
+        pre_key, ft_key = keys(self._space, {**self._base, "seed": seed}, values)
+        if pre_key is not None and (seed, pre_key) not in self._done:
+            self.seconds += sum(seconds for seconds, _, _ in grid.pretrainings[pre_key])
+            self._done.add((seed, pre_key))
+        outcome = grid.finetunings[ft_key]
+        if (seed, ft_key) not in self._done:
+            self.seconds += outcome["seconds"] + outcome["validation_seconds"] + outcome["test_seconds"]
+            self._done.add((seed, ft_key))
+        return outcome
 
 
 def todays_rule(space, records) -> dict:
@@ -178,8 +196,7 @@ def todays_rule(space, records) -> dict:
     sign = -1.0 if space.sweep.mode == "max" else 1.0
     chosen = {}
     for record in sorted((r for r in records if "dice_mean" in r.metrics), key=lambda r: sign * r.metrics["dice_mean"]):
-        setting = {key: value for key, value in record.values.items() if key != "seed"}
-        chosen.setdefault(record.values["finetune.label_fraction"], setting)
+        chosen.setdefault(record.values["finetune.label_fraction"], setting_values(record))
     return chosen
 
 
@@ -296,23 +313,13 @@ def every_setting_choice(space, base: dict, grids: dict[int, Grid], seeds: tuple
     What a choice by validation Dice can reach on these volumes at these seeds."""
     from lrc_ray.search_space import grid_points
 
-    means, trained, finetuned, compute = {}, set(), set(), 0.0
+    tally, means = FinalRuns(space, base, grids), {}
     for values in grid_points(space):
-        fraction, validations = values["finetune.label_fraction"], []
-        for seed in seeds:
-            pre_key, ft_key = keys(space, {**base, "seed": seed}, values)
-            if pre_key is not None and pre_key not in trained:
-                compute += sum(seconds for seconds, _, _ in grids[seed].pretrainings[pre_key])
-                trained.add(pre_key)
-            outcome = grids[seed].finetunings[ft_key]
-            if ft_key not in finetuned:
-                compute += outcome["seconds"] + outcome["validation_seconds"] + outcome["test_seconds"]
-                finetuned.add(ft_key)
-            validations.append(outcome["validation"])
-        means.setdefault(fraction, []).append((float(np.mean(validations)), values))
+        validation = np.mean([tally.run(seed, values)["validation"] for seed in seeds])
+        means.setdefault(values["finetune.label_fraction"], []).append((float(validation), values))
     sign = -1.0 if space.sweep.mode == "max" else 1.0
     chosen = {fraction: min(ranked, key=lambda item: sign * item[0])[1] for fraction, ranked in means.items()}
-    return chosen, compute
+    return chosen, tally.seconds
 
 
 def arrangements(grid_seeds: list[int], finalist_seeds: int) -> list[tuple[int, list[int]]]:

@@ -123,7 +123,7 @@ def plan_finalists(records: list[TrialRecord], info: SweepInfo, *, top: int, see
         if not finished:
             missing.append(fraction)
             continue
-        ranked = [_setting_values(group[0]) for group in _ranked_settings(finished, info)[:top]]
+        ranked = [setting_values(group[0]) for group in _ranked_settings(finished, info)[:top]]
         roles = [SCRATCH if _method(info, values) == SCRATCH else f"search #{rank}" for rank, values in enumerate(ranked, 1)]
         if SCRATCH not in roles:  # the baseline, fine-tuned as the best setting is
             ranked.append({**ranked[0], METHOD_KEY: SCRATCH})
@@ -154,7 +154,8 @@ def _method(info: SweepInfo, values: dict[str, Any]) -> str:
     return trial_config(info, values).pretrain.method
 
 
-def _setting_values(record: TrialRecord) -> dict[str, Any]:
+def setting_values(record: TrialRecord) -> dict[str, Any]:
+    """A trial's setting: its values without the run seed."""
     return {key: value for key, value in record.values.items() if key != "seed"}
 
 
