@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 from functools import partial
@@ -249,7 +250,15 @@ def trials_tune_restored(checkpoint_path: str) -> dict[str, str] | None:
     directory = Path(checkpoint_path).parent
     if not any(directory.glob("experiment_state-*.json")):
         return None
-    return {trial.trial_id: trial.status for trial in ExperimentAnalysis(str(directory)).trials}
+    # Tune copies only its state files there, not the trials' results, which are not needed here:
+    # ExperimentAnalysis would warn of each one missing.
+    analysis_logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_logger.level
+    analysis_logger.setLevel(logging.ERROR)
+    try:
+        return {trial.trial_id: trial.status for trial in ExperimentAnalysis(str(directory)).trials}
+    finally:
+        analysis_logger.setLevel(level)
 
 
 def lost_studies(what: str) -> UserInputError:
