@@ -182,6 +182,16 @@ class StratifiedSearch(Searcher):
         for searcher in self._searchers.values():
             searcher.catch_up_with_study(tune_trials)
 
+    # Tune holds this search unwrapped in the sweeps started before `SweepSearch`; they resume so.
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__dict__.copy(), handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            self.__dict__.update(pickle.load(handle))
+        self.catch_up_with_study(trials_tune_restored(checkpoint_path))
+
 
 class SweepSearch(Searcher):
     """The sweep's search (`SweepOptunaSearch`, or a `StratifiedSearch` of them) as Tune sees it.

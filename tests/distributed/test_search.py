@@ -200,6 +200,17 @@ def test_the_stratified_search_saves_and_restores_its_state(tmp_path):
     pickle.dumps(restored)  # Tune pickles the searcher with the Tuner
 
 
+def test_a_stratified_search_held_unwrapped_still_resumes(tmp_path):
+    """Sweeps started before `SweepSearch` pickled the StratifiedSearch itself with their Tuner."""
+    searcher = _stratified(_fraction_space(), trials=4)._search
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", {"dice_mean": 0.4})
+    searcher.save(str(tmp_path / "state"))
+    restored = _stratified(_fraction_space(), trials=4)._search
+    restored.restore(str(tmp_path / "state"))
+    assert restored.suggest("b")["finetune.label_fraction"] == 1.0
+
+
 def test_one_fraction_is_one_search_and_random_sampling_is_stratified_too():
     one = parse_search_space({"space": {"pretrain.method": {"choice": ["lrc", "global"]},
                                         "finetune.label_fraction": 0.5}}, source="one")
