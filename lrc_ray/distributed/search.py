@@ -23,7 +23,7 @@ import math
 import pickle
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 import optuna
@@ -99,7 +99,7 @@ class SweepOptunaSearch(OptunaSearch):
             self._finished_keys.add(key)
             self._outcome[key] = value
 
-    def catch_up_with_study(self, tune_trials: set[str] | None = None) -> None:
+    def catch_up_with_study(self, tune_trials: Collection[str] | None = None) -> None:
         """After a restore, take from the study what happened after this searcher's checkpoint,
         and from Tune which trials it will run (`tune_trials`, when known):
         - a trial it proposed that has finished there is finished here too (Tune, restored from
@@ -143,7 +143,19 @@ class SweepOptunaSearch(OptunaSearch):
             del self._outcome[key]
 
 
-class StratifiedSearch(Searcher):
+class PickledSearcher(Searcher):
+    """A searcher whose checkpoint is its whole state (its searches, with their studies)."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__dict__.copy(), handle)
+
+    def load(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            self.__dict__.update(pickle.load(handle))
+
+
+class StratifiedSearch(PickledSearcher):
     """One searcher per value of a condition key (the label fraction); trial n goes to value
     n mod V, so each value gets its share of the trials, and each searcher sees only the space
     without the key and only its own trials' results."""
@@ -178,22 +190,17 @@ class StratifiedSearch(Searcher):
         if value is not None:
             self._searchers[value].on_trial_complete(trial_id, result=result, error=error)
 
-    def catch_up_with_study(self, tune_trials: set[str] | None = None) -> None:
+    def catch_up_with_study(self, tune_trials: Collection[str] | None = None) -> None:
         for searcher in self._searchers.values():
             searcher.catch_up_with_study(tune_trials)
 
-    # Tune holds this search unwrapped in the sweeps started before `SweepSearch`; they resume so.
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as handle:
-            pickle.dump(self.__dict__.copy(), handle)
-
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as handle:
-            self.__dict__.update(pickle.load(handle))
+        # Tune holds this search unwrapped in the sweeps started before `SweepSearch`; they resume so.
+        self.load(checkpoint_path)
         self.catch_up_with_study(trials_tune_restored(checkpoint_path))
 
 
-class SweepSearch(Searcher):
+class SweepSearch(PickledSearcher):
     """The sweep's search (`SweepOptunaSearch`, or a `StratifiedSearch` of them) as Tune sees it.
 
     - It keeps Tune's max_concurrent_trials (`set_max_concurrency`: Tune's ConcurrencyLimiter then
@@ -234,13 +241,8 @@ class SweepSearch(Searcher):
         self._running.discard(trial_id)
         self._search.on_trial_complete(trial_id, result=result, error=error)
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as handle:
-            pickle.dump(self.__dict__.copy(), handle)
-
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as handle:
-            self.__dict__.update(pickle.load(handle))
+        self.load(checkpoint_path)
         self.resume(trials_tune_restored(checkpoint_path))
 
     def resume(self, tune_trials: dict[str, str] | None) -> None:
@@ -248,7 +250,7 @@ class SweepSearch(Searcher):
         not known) and with the studies."""
         if tune_trials is not None:  # Tune runs its unfinished and failed trials again
             self._running = {trial_id for trial_id, status in tune_trials.items() if status != "TERMINATED"}
-        self._search.catch_up_with_study(None if tune_trials is None else set(tune_trials))
+        self._search.catch_up_with_study(tune_trials)
 
 
 def trials_tune_restored(checkpoint_path: str) -> dict[str, str] | None:
