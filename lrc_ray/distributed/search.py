@@ -11,9 +11,12 @@
 - Each TPE keeps its study in an Optuna storage (`open_storage`: a journal file in the sweep's
   directory, or a database URL), where optuna-dashboard shows the sweep live and `optuna.load_study`
   reads it; a resumed sweep goes on in the same studies.
-- Tune sees them through `SweepSearch`, which keeps the sweep's trials-at-a-time limit and, on
-  resume, squares the searchers with Tune's restored trials and the studies (a SIGKILL leaves
-  these three from different moments).
+- Tune runs them through `search_algorithm` (as it runs a grid and the finalists, `ListedSearch`):
+  `SweepSearch` keeps the trials-at-a-time limit and `SweepGenerator` the count of trials, and
+  on resume both square themselves with the trials Tune restored, and the searches with the
+  studies: a SIGKILL leaves Tune's trial states, its count, its limiter, the searcher's state and
+  the studies from different moments (Tune uploads its files one by one, every 10 s or more; a
+  study is written as each trial ends).
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ import math
 import pickle
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import optuna
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from lrc_ray.errors import UserInputError
@@ -47,7 +50,7 @@ class SweepOptunaSearch(OptunaSearch):
     - The per-epoch probe reports, which lack the searched metric, are not passed on: Optuna's
       intermediate values feed only pruners, and OptunaSearch runs a no-op pruner (ASHA stops).
     - After a restore it catches up with the study, which is written as trials end, not at Tune's
-      checkpoints, and with the trials Tune restored (`catch_up_with_study`).
+      checkpoints, and with the trials Tune restored (`catch_up`).
     """
 
     def __init__(self, *, run_key: Callable[[dict], str], max_redraws: int = 20, **kwargs) -> None:
@@ -90,7 +93,7 @@ class SweepOptunaSearch(OptunaSearch):
     def _is_running(self, trial_id: str) -> bool:
         """Whether Optuna still waits for this trial: not one the study already has the outcome of
         (a restored sweep runs again the trials that ended after its checkpoint; they compute the
-        same), nor one proposed after this searcher's checkpoint (`catch_up_with_study`)."""
+        same), nor one proposed after this searcher's checkpoint (`catch_up`)."""
         return trial_id in self._ot_trials and trial_id not in self._completed_trials
 
     def _record_outcome(self, trial_id: str, value: float | None) -> None:
@@ -99,7 +102,7 @@ class SweepOptunaSearch(OptunaSearch):
             self._finished_keys.add(key)
             self._outcome[key] = value
 
-    def catch_up_with_study(self, tune_trials: Collection[str] | None = None) -> None:
+    def catch_up(self, tune_trials: dict[str, RestoredTrial] | None = None) -> None:
         """After a restore, take from the study what happened after this searcher's checkpoint,
         and from Tune which trials it will run (`tune_trials`, when known):
         - a trial it proposed that has finished there is finished here too (Tune, restored from
@@ -190,20 +193,20 @@ class StratifiedSearch(PickledSearcher):
         if value is not None:
             self._searchers[value].on_trial_complete(trial_id, result=result, error=error)
 
-    def catch_up_with_study(self, tune_trials: Collection[str] | None = None) -> None:
+    def catch_up(self, tune_trials: dict[str, RestoredTrial] | None = None) -> None:
         for searcher in self._searchers.values():
-            searcher.catch_up_with_study(tune_trials)
+            searcher.catch_up(tune_trials)
 
     def restore(self, checkpoint_path: str) -> None:
         # Tune holds this search unwrapped in the sweeps started before `SweepSearch`; they resume so.
         self.load(checkpoint_path)
-        self.catch_up_with_study(trials_tune_restored(checkpoint_path))
+        self.catch_up(trials_tune_restored(Path(checkpoint_path).parent))
 
 
 class SweepSearch(PickledSearcher):
-    """The sweep's search (`SweepOptunaSearch`, or a `StratifiedSearch` of them) as Tune sees it.
+    """A search (`SweepOptunaSearch`, a `StratifiedSearch` of them, a `ListedSearch`) as Tune sees it.
 
-    - It keeps Tune's max_concurrent_trials (`set_max_concurrency`: Tune's ConcurrencyLimiter then
+    - It keeps the trials-at-a-time limit (`set_max_concurrency`: Tune's ConcurrencyLimiter then
       passes everything through), counting the trials Tune runs. More would not only crowd the
       cluster: a trial in its own process holds a CPU while its Ray Data reads wait for one.
     - Resumed, it counts the trials Tune restored unfinished (`trials_tune_restored`; Tune runs
@@ -213,7 +216,8 @@ class SweepSearch(PickledSearcher):
       sweep proposed nothing more, forever.
     """
 
-    def __init__(self, search: SweepOptunaSearch | StratifiedSearch, *, metric: str, mode: str) -> None:
+    def __init__(self, search: SweepOptunaSearch | StratifiedSearch | ListedSearch, *, metric: str | None = None,
+                 mode: str | None = None) -> None:
         super().__init__(metric=metric, mode=mode)
         self._search = search  # not `searcher`: Tune would take this for a wrapper and restore the search alone
         self._running: set[str] = set()
@@ -243,24 +247,77 @@ class SweepSearch(PickledSearcher):
 
     def restore(self, checkpoint_path: str) -> None:
         self.load(checkpoint_path)
-        self.resume(trials_tune_restored(checkpoint_path))
+        self.resume(trials_tune_restored(Path(checkpoint_path).parent))
 
-    def resume(self, tune_trials: dict[str, str] | None) -> None:
-        """Square the restored state with the trials Tune restored (trial id -> status; None where
-        not known) and with the studies."""
+    def resume(self, tune_trials: dict[str, RestoredTrial] | None) -> None:
+        """Square the restored state with the trials Tune restored (None where not known) and
+        with the studies."""
         if tune_trials is not None:  # Tune runs its unfinished and failed trials again
-            self._running = {trial_id for trial_id, status in tune_trials.items() if status != "TERMINATED"}
-        self._search.catch_up_with_study(tune_trials)
+            self._running = {trial_id for trial_id, trial in tune_trials.items() if trial.status != "TERMINATED"}
+        self._search.catch_up(tune_trials)
 
 
-def trials_tune_restored(checkpoint_path: str) -> dict[str, str] | None:
-    """trial id -> status of the trials in the experiment state Tune resumes from: Tune restores
-    its searcher from the directory it has just copied that state into. None where no state lies
-    beside the checkpoint (a searcher restored by hand)."""
+class ListedSearch(Searcher):
+    """Proposes each configuration of a list once, in order: a grid, the finalists. Through
+    `search_algorithm`, so a resumed run proposes just those Tune's restored trials lack."""
+
+    def __init__(self, configs: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self._configs = configs
+        self._proposed: set[int] = set()  # indices into configs
+
+    def set_search_properties(self, metric, mode, config: dict, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict | None:
+        index = next((index for index in range(len(self._configs)) if index not in self._proposed), None)
+        if index is None:
+            return Searcher.FINISHED
+        self._proposed.add(index)
+        return dict(self._configs[index])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass  # nothing to learn
+
+    def catch_up(self, tune_trials: dict[str, RestoredTrial] | None = None) -> None:
+        if tune_trials is not None:
+            self._proposed = {index for index, config in enumerate(self._configs)
+                              if any(config.items() <= trial.config.items() for trial in tune_trials.values())}
+
+
+class SweepGenerator(SearchGenerator):
+    """Tune's SearchGenerator, whose count of the trials created comes back from a file of its own
+    on resume: older than Tune's trial states, Tune would create trials beyond the sweep's number;
+    newer, it would end the sweep short. Resumed, the count is that of the trials Tune restored."""
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        restored = trials_tune_restored(dirpath)
+        if restored is not None:
+            self._counter = len(restored)
+            self._finished = False  # the searcher says so again when it is
+
+
+def search_algorithm(search: SweepOptunaSearch | StratifiedSearch | ListedSearch, *, metric: str | None = None,
+                     mode: str | None = None, max_concurrent: int) -> SweepGenerator:
+    """What Tune runs `search` as: `SweepSearch` keeps `max_concurrent` trials at a time (behind
+    Tune's ConcurrencyLimiter, which passes it all through but sets Tune's pending-trial limit)."""
+    return SweepGenerator(ConcurrencyLimiter(SweepSearch(search, metric=metric, mode=mode),
+                                             max_concurrent=max_concurrent))
+
+
+class RestoredTrial(NamedTuple):
+    status: str  # Tune's: TERMINATED, ERROR, RUNNING, PENDING, PAUSED
+    config: dict[str, Any]
+
+
+def trials_tune_restored(directory: Path | str) -> dict[str, RestoredTrial] | None:
+    """trial id -> status and config of the trials in the experiment state Tune resumes from: Tune
+    restores its search from `directory`, into which it has just copied that state. None where no
+    state lies there (a searcher restored by hand)."""
     from ray.tune import ExperimentAnalysis
 
-    directory = Path(checkpoint_path).parent
-    if not any(directory.glob("experiment_state-*.json")):
+    if not any(Path(directory).glob("experiment_state-*.json")):
         return None
     # Tune copies only its state files there, not the trials' results, which are not needed here:
     # ExperimentAnalysis would warn of each one missing.
@@ -268,7 +325,8 @@ def trials_tune_restored(checkpoint_path: str) -> dict[str, str] | None:
     level = analysis_logger.level
     analysis_logger.setLevel(logging.ERROR)
     try:
-        return {trial.trial_id: trial.status for trial in ExperimentAnalysis(str(directory)).trials}
+        return {trial.trial_id: RestoredTrial(trial.status, dict(trial.config))
+                for trial in ExperimentAnalysis(str(directory)).trials}
     finally:
         analysis_logger.setLevel(level)
 
@@ -280,7 +338,8 @@ def lost_studies(what: str) -> UserInputError:
 
 
 def make_searcher(space: SearchSpace, run_key: Callable[[dict], str], trials: int, *, sampler: str = "tpe",
-                  storage: optuna.storages.BaseStorage | None = None, study_name: str = "sweep") -> SweepSearch:
+                  storage: optuna.storages.BaseStorage | None = None,
+                  study_name: str = "sweep") -> SweepOptunaSearch | StratifiedSearch:
     """The sweep's searcher: TPE (seeded from the space) or, for comparison, random sampling; one
     per label fraction when the space searches several (`StratifiedSearch`, `trials` shared among
     them). `run_key` maps a trial's values to its run (equal for runs that would compute the same).
@@ -291,17 +350,15 @@ def make_searcher(space: SearchSpace, run_key: Callable[[dict], str], trials: in
     values = label_fractions(space)
     names = study_names(space, study_name)
     if values is None:
-        search = _optuna_search(space, run_key, trials, sampler=sampler, seed=settings.seed, storage=storage,
-                                study_name=names[0])
-    else:
-        share = math.ceil(trials / len(values))
-        searchers = {}
-        for index, (value, name) in enumerate(zip(values, names)):
-            seed = int(np.random.SeedSequence([settings.seed, index]).generate_state(1)[0])
-            searchers[value] = _optuna_search(space, partial(_with_condition, run_key, value), share, sampler=sampler,
-                                              seed=seed, storage=storage, study_name=name)
-        search = StratifiedSearch(searchers, key=CONDITION_KEY, metric=settings.metric, mode=settings.mode)
-    return SweepSearch(search, metric=settings.metric, mode=settings.mode)
+        return _optuna_search(space, run_key, trials, sampler=sampler, seed=settings.seed, storage=storage,
+                              study_name=names[0])
+    share = math.ceil(trials / len(values))
+    searchers = {}
+    for index, (value, name) in enumerate(zip(values, names)):
+        seed = int(np.random.SeedSequence([settings.seed, index]).generate_state(1)[0])
+        searchers[value] = _optuna_search(space, partial(_with_condition, run_key, value), share, sampler=sampler,
+                                          seed=seed, storage=storage, study_name=name)
+    return StratifiedSearch(searchers, key=CONDITION_KEY, metric=settings.metric, mode=settings.mode)
 
 
 def study_names(space: SearchSpace, name: str) -> list[str]:

@@ -37,7 +37,9 @@ from lrc_ray.config import RunConfig
 from lrc_ray.distributed import locks
 from lrc_ray.distributed.cluster import TRIAL_SLOT
 from lrc_ray.distributed.runtime import cluster_autoscales, ray_error_message, user_error_line
-from lrc_ray.distributed.search import make_searcher, storage_for_new_studies, study_names
+from lrc_ray.distributed.search import (
+    ListedSearch, make_searcher, search_algorithm, storage_for_new_studies, study_names,
+)
 from lrc_ray.distributed.superpixels import ray_data_extract
 from lrc_ray.engine.splits import SPLIT_PARTS
 from lrc_ray.errors import UserInputError
@@ -197,10 +199,11 @@ def run_sweep(
     if experiment.listdir():
         raise UserInputError(f"--name {name}: {experiment} already holds a sweep; pass --resume to continue it or pick another name")
     if search == "grid":
-        trials = len(grid_points(space))  # also refuses continuous parameters, by name
-        param_space = {key: tune.grid_search(list(spec.values)) for key, spec in space.params.items() if isinstance(spec, Choice)}
-        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency,
-                                      reuse_actors=_reuse_actors(settings))
+        points = [{key: value for key, value in point.items() if isinstance(space.params[key], Choice)}
+                  for point in grid_points(space)]  # grid_points also refuses continuous parameters, by name
+        trials, param_space = len(points), None
+        tune_config = tune.TuneConfig(search_alg=search_algorithm(ListedSearch(points), max_concurrent=concurrency),
+                                      num_samples=trials, reuse_actors=_reuse_actors(settings))
     else:
         trials = num_samples or settings.num_samples
         scheduler = early_stopping(settings, _largest_epochs(space, base))
@@ -211,8 +214,10 @@ def run_sweep(
         logger.info("Optuna studies of the sweep: %s (watch them live: optuna-dashboard %s)", optuna_storage,
                     optuna_storage)
         param_space = tune_param_space(searched)
-        tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
-                                      max_concurrent_trials=concurrency, reuse_actors=_reuse_actors(settings))
+        tune_config = tune.TuneConfig(
+            search_alg=search_algorithm(searcher, metric=settings.metric, mode=settings.mode, max_concurrent=concurrency),
+            scheduler=scheduler, num_samples=trials, reuse_actors=_reuse_actors(settings),
+        )
     experiment.makedirs()
     experiment.join(SWEEP_FILE).write_json({
         "source": space.source, "description": space.description, "metric": settings.metric, "mode": settings.mode,
@@ -254,10 +259,11 @@ def run_finalists(settings: SweepSettings, *, base: RunConfig, fixed: dict, runs
         return tune.Tuner.restore(path.path, trainable=trainable, resume_unfinished=True, restart_errored=True,
                                   storage_filesystem=path.filesystem).fit()
     logger.info("finalists %s: %d trial(s), up to %d at a time", path, len(runs), concurrency)
+    finalists = ListedSearch([{"finalist": index} for index in range(len(runs))])
     tuner = tune.Tuner(
         trainable,
-        param_space={"finalist": tune.grid_search(list(range(len(runs))))},
-        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, reuse_actors=_reuse_actors(settings)),
+        tune_config=tune.TuneConfig(search_alg=search_algorithm(finalists, max_concurrent=concurrency),
+                                    num_samples=len(runs), reuse_actors=_reuse_actors(settings)),
         run_config=_run_config(settings, experiment, name),
     )
     return tuner.fit()

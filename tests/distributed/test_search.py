@@ -10,11 +10,12 @@ import pytest
 
 import ray
 from ray import tune
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from lrc_ray.distributed.search import (
-    StratifiedSearch, SweepOptunaSearch, SweepSearch, make_searcher, open_storage, storage_for_new_studies, study_names,
+    ListedSearch, RestoredTrial, StratifiedSearch, SweepOptunaSearch, SweepSearch, make_searcher, open_storage,
+    search_algorithm, storage_for_new_studies, study_names,
 )
 from lrc_ray.errors import UserInputError
 from lrc_ray.search_space import parse_search_space
@@ -153,14 +154,14 @@ def _stratified(space, trials=6, **kwargs):
 
 def test_a_space_of_several_label_fractions_gets_one_search_per_fraction_dealt_in_turn():
     searcher = _stratified(_fraction_space((0.25, 0.5, 1.0)), trials=9)
-    assert isinstance(searcher._search, StratifiedSearch)
+    assert isinstance(searcher, StratifiedSearch)
     fractions = []
     for number in range(9):
         values = searcher.suggest(f"t{number}")
         fractions.append(values["finetune.label_fraction"])
         searcher.on_trial_complete(f"t{number}", {"dice_mean": 0.5})
     assert fractions == [0.25, 0.5, 1.0] * 3, "every fraction gets its share"
-    inner = searcher._search._searchers
+    inner = searcher._searchers
     assert [len(inner[fraction]._key_of_trial) for fraction in (0.25, 0.5, 1.0)] == [3, 3, 3]
     assert all("finetune.label_fraction" not in trial.params for s in inner.values() for trial in s._ot_study.trials), \
         "the fraction is a condition, not a dimension of each search"
@@ -172,7 +173,7 @@ def test_each_fraction_learns_only_from_its_own_trials():
     high = searcher.suggest("b")
     searcher.on_trial_complete("b", {"dice_mean": 0.9})
     searcher.on_trial_complete("a", {"dice_mean": 0.2})
-    inner = searcher._search._searchers
+    inner = searcher._searchers
     assert [trial.value for trial in inner[0.25]._ot_study.trials] == [0.2]
     assert [trial.value for trial in inner[1.0]._ot_study.trials] == [0.9]
     assert low["finetune.label_fraction"] == 0.25 and high["finetune.label_fraction"] == 1.0
@@ -196,26 +197,15 @@ def test_the_stratified_search_saves_and_restores_its_state(tmp_path):
     restored = _stratified(_fraction_space(), trials=4)
     restored.restore(str(tmp_path / "state"))
     assert restored.suggest("b")["finetune.label_fraction"] == 1.0, "dealing continues where it stopped"
-    assert [t.value for t in restored._search._searchers[0.25]._ot_study.trials] == [0.4]
+    assert [t.value for t in restored._searchers[0.25]._ot_study.trials] == [0.4]
     pickle.dumps(restored)  # Tune pickles the searcher with the Tuner
-
-
-def test_a_stratified_search_held_unwrapped_still_resumes(tmp_path):
-    """Sweeps started before `SweepSearch` pickled the StratifiedSearch itself with their Tuner."""
-    searcher = _stratified(_fraction_space(), trials=4)._search
-    searcher.suggest("a")
-    searcher.on_trial_complete("a", {"dice_mean": 0.4})
-    searcher.save(str(tmp_path / "state"))
-    restored = _stratified(_fraction_space(), trials=4)._search
-    restored.restore(str(tmp_path / "state"))
-    assert restored.suggest("b")["finetune.label_fraction"] == 1.0
 
 
 def test_one_fraction_is_one_search_and_random_sampling_is_stratified_too():
     one = parse_search_space({"space": {"pretrain.method": {"choice": ["lrc", "global"]},
                                         "finetune.label_fraction": 0.5}}, source="one")
-    assert isinstance(make_searcher(one, _run_key, 4)._search, SweepOptunaSearch)
-    assert isinstance(_stratified(_fraction_space(), sampler="random")._search, StratifiedSearch)
+    assert isinstance(make_searcher(one, _run_key, 4), SweepOptunaSearch)
+    assert isinstance(_stratified(_fraction_space(), sampler="random"), StratifiedSearch)
     with pytest.raises(Exception, match="tpe or random"):
         make_searcher(one, _run_key, 4, sampler="grid")
 
@@ -291,7 +281,8 @@ def _restored(tmp_path, make, *, limit: int = 0, proposed=("a", "b"), after=lamb
         restored.set_state(state)
     search = restored.searcher if limit else restored
     search.restore(str(tmp_path / "state"))
-    search.resume(tune_trials)
+    search.resume(None if tune_trials is None else {trial_id: RestoredTrial(status, {})
+                                                    for trial_id, status in tune_trials.items()})
     return restored
 
 
@@ -362,7 +353,8 @@ def test_a_proposal_missing_from_the_trials_tune_restored_is_failed_not_counted_
 def test_the_stratified_search_keeps_one_limit_over_its_fractions(tmp_path):
     space = _fraction_space()
     storage = storage_for_new_studies(str(tmp_path / "journal.log"), study_names(space, "tiny"))
-    restored = _restored(tmp_path, lambda: _stratified(space, trials=6, storage=storage, study_name="tiny"), limit=2,
+    restored = _restored(tmp_path, lambda: SweepSearch(_stratified(space, trials=6, storage=storage, study_name="tiny")),
+                         limit=2,
                          after=lambda limiter: limiter.on_trial_complete("b", {"dice_mean": 0.5}),
                          tune_trials={"a": "RUNNING", "b": "TERMINATED"})
     assert restored.suggest("c")["finetune.label_fraction"] == 0.25
@@ -380,3 +372,40 @@ def test_a_restored_searcher_whose_study_is_gone_says_so(tmp_path):
     journal.write_text("")  # a new, empty journal in its place
     with pytest.raises(UserInputError, match="--resume: the sweep's Optuna studies are gone \\(study 'tiny' is missing"):
         _sweep_search(run_key=str).restore(str(tmp_path / "state"))
+
+
+# --- ListedSearch and SweepGenerator: a grid, the finalists, the count of trials ---------------
+
+
+def test_a_listed_search_proposes_each_config_once_then_finishes():
+    search = ListedSearch([{"finalist": 0}, {"finalist": 1}])
+    assert [search.suggest("a"), search.suggest("b"), search.suggest("c")] == [{"finalist": 0}, {"finalist": 1},
+                                                                               Searcher.FINISHED]
+
+
+def test_a_resumed_listed_search_proposes_what_tunes_restored_trials_lack():
+    """Killed mid-upload, the searcher's state can be older or newer than Tune's trial states: the
+    trials Tune restored (their configs) say what is left, neither run twice nor never."""
+    search = ListedSearch([{"finalist": index} for index in range(4)])
+    search.suggest("a")  # as checkpointed: one proposed
+    search.catch_up({"a": RestoredTrial("TERMINATED", {"finalist": 0}),
+                     "c": RestoredTrial("RUNNING", {"finalist": 2, "other": "keys"})})
+    assert [search.suggest("d"), search.suggest("e"), search.suggest("f")] == [{"finalist": 1}, {"finalist": 3},
+                                                                               Searcher.FINISHED]
+
+
+def test_a_resumed_generator_counts_the_trials_tune_restored(tmp_path, monkeypatch):
+    """Tune's SearchGenerator keeps its count of created trials in a file of its own; older than
+    Tune's trial states it would create trials beyond the sweep's number, newer it would end the
+    sweep short. Resumed, it counts the trials Tune restored."""
+    from lrc_ray.distributed import search as search_module
+
+    generator = search_algorithm(ListedSearch([{"finalist": index} for index in range(4)]), max_concurrent=1)
+    generator._total_samples = 4  # Tune's num_samples
+    generator._counter = 3  # a count newer than Tune's trial states
+    generator.save_to_dir(str(tmp_path), session_str="s")
+    restored = search_algorithm(ListedSearch([{"finalist": index} for index in range(4)]), max_concurrent=1)
+    tune_trials = {"a": RestoredTrial("TERMINATED", {"finalist": 0}), "b": RestoredTrial("TERMINATED", {"finalist": 1})}
+    monkeypatch.setattr(search_module, "trials_tune_restored", lambda directory: tune_trials)
+    restored.restore_from_dir(str(tmp_path))
+    assert restored._counter == 2 and not restored.is_finished()

@@ -66,8 +66,11 @@ def test_sweep_survives_sigkill_and_resumes_keeping_finished_trials(tmp_path, ti
 
     table = pd.read_parquet(experiment / "results" / "results.parquet")
     assert len(table) == 4
-    # What a resumed searcher reads beside its checkpoint: the trials of Tune's newest state.
-    assert set(trials_tune_restored(str(experiment / "searcher-state.pkl"))) == set(table["trial_id"])
+    # What a resumed search reads where Tune restores it from: the trials of Tune's newest state.
+    restored = trials_tune_restored(experiment)
+    assert set(restored) == set(table["trial_id"]) and {trial.status for trial in restored.values()} == {"TERMINATED"}
+    assert all(restored[row.trial_id].config == {"pretrain.method": row.method, "finetune.label_fraction": row.label_fraction}
+               for row in table.itertuples())
     _check_the_stored_studies(experiment, table)
     by_liver = _lrc_ray("results", str(experiment), "--metric", "dice/liver", "--out", str(tmp_path / "liver"), cwd=tmp_path)
     assert by_liver.returncode == 0 and "best dice/liver first" in by_liver.stdout
