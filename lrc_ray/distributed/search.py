@@ -246,8 +246,7 @@ class SweepSearch(PickledSearcher):
         self._search.on_trial_complete(trial_id, result=result, error=error)
 
     def restore(self, checkpoint_path: str) -> None:
-        self.load(checkpoint_path)
-        self.resume(trials_tune_restored(Path(checkpoint_path).parent))
+        self.load(checkpoint_path)  # `SweepGenerator` then squares it with Tune's trials (`resume`)
 
     def resume(self, tune_trials: dict[str, RestoredTrial] | None) -> None:
         """Square the restored state with the trials Tune restored (None where not known) and
@@ -286,13 +285,16 @@ class ListedSearch(Searcher):
 
 
 class SweepGenerator(SearchGenerator):
-    """Tune's SearchGenerator, whose count of the trials created comes back from a file of its own
-    on resume: older than Tune's trial states, Tune would create trials beyond the sweep's number;
-    newer, it would end the sweep short. Resumed, the count is that of the trials Tune restored."""
+    """Tune's SearchGenerator, resumed from the trials Tune restored (read once, here). Its count of
+    the trials created comes back from a file of its own: older than Tune's trial states, Tune
+    would create trials beyond the sweep's number; newer, it would end the sweep short. So the
+    count is that of the restored trials, and its `SweepSearch` resumes from them too."""
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
         restored = trials_tune_restored(dirpath)
+        sweep_search = self.searcher.searcher  # behind the ConcurrencyLimiter (`search_algorithm`)
+        sweep_search.resume(restored)
         if restored is not None:
             self._counter = len(restored)
             self._finished = False  # the searcher says so again when it is

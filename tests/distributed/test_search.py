@@ -361,6 +361,13 @@ def test_the_stratified_search_keeps_one_limit_over_its_fractions(tmp_path):
     assert restored.suggest("d") is None, "a (0.25) and c (0.25) run"
 
 
+def _resumed(search: SweepSearch, checkpoint) -> SweepSearch:
+    """Restored as Tune resumes it, where no Tune state lies beside the checkpoint."""
+    search.restore(str(checkpoint))
+    search.resume(None)
+    return search
+
+
 def test_a_restored_searcher_whose_study_is_gone_says_so(tmp_path):
     journal = tmp_path / "journal.log"
     searcher = _sweep_search(run_key=str, storage=storage_for_new_studies(str(journal), ["tiny"]), study_name="tiny")
@@ -368,10 +375,10 @@ def test_a_restored_searcher_whose_study_is_gone_says_so(tmp_path):
     searcher.save(str(tmp_path / "state"))
     journal.unlink()  # the head that held it is gone
     with pytest.raises(UserInputError, match=f"--resume: the sweep's Optuna studies are gone \\({journal} is missing"):
-        _sweep_search(run_key=str).restore(str(tmp_path / "state"))
+        _resumed(_sweep_search(run_key=str), tmp_path / "state")
     journal.write_text("")  # a new, empty journal in its place
     with pytest.raises(UserInputError, match="--resume: the sweep's Optuna studies are gone \\(study 'tiny' is missing"):
-        _sweep_search(run_key=str).restore(str(tmp_path / "state"))
+        _resumed(_sweep_search(run_key=str), tmp_path / "state")
 
 
 # --- ListedSearch and SweepGenerator: a grid, the finalists, the count of trials ---------------
