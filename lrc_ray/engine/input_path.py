@@ -9,8 +9,10 @@ Two modes (`pretrain.input_mode`), one batch maker:
   gathers its slices, augments them and samples them without leaving the device.
 - `stream`: each rank reads its own split of the slices every epoch (Ray Data map tasks decode
   them on the node's spare CPUs), in windows of `STREAM_WINDOW_ROWS` rows that it permutes
-  and cuts into batches; each batch is copied to the device from pinned memory. A window that
-  holds the whole data set gives exactly the device mode's batches.
+  and cuts into batches; each batch is copied to the device from pinned memory. A reader
+  thread keeps the next windows ready and goes on into the next epoch while this one's last
+  steps run, so the reads overlap the model's steps. A window that holds the whole data set
+  gives exactly the device mode's batches.
 - `auto`: device when the slices take at most `DEVICE_MEMORY_SHARE` of the device's free
   memory (the rest is for the model), else stream.
 A slice's augmentation and its sampled pixels are keyed by (seed, epoch, the slice's row key),
@@ -20,6 +22,8 @@ so they are the same in both modes, in any batch, on any rank.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -37,6 +41,10 @@ logger = logging.getLogger(__name__)
 # step of full.yaml's network at batch 64 needs about 20 GB of activations besides.
 DEVICE_MEMORY_SHARE = 0.5
 STREAM_WINDOW_ROWS = 1024  # rows a streaming rank permutes at once: 256 MB of 256 px slices
+# Windows a streaming rank's reader thread keeps ready (each pinned where there is a GPU). With
+# Ray Data's own prefetch of 2 windows, a rank holds up to 5 windows, 1.3 GB of 256 px slices.
+READ_AHEAD_WINDOWS = 2
+READER_CLOSE_SECONDS = 10.0
 
 
 def choose_input_mode(requested: str, *, num_slices: int, size: int, free_bytes: int) -> str:
@@ -153,6 +161,9 @@ class DeviceResidentSlices:
             slices = {name: values.index_select(0, index) for name, values in self.slices.items()}
             yield maker.make(slices, self.row_keys[rows], self.n_regions[rows], epoch)
 
+    def close(self) -> None:
+        """Nothing to stop (the stream mode has a reader thread)."""
+
 
 class StreamedSlices:
     """This rank's split of the slices, read anew every epoch, permuted window by window.
@@ -164,34 +175,54 @@ class StreamedSlices:
         steps_per_epoch: batches every rank makes an epoch (its rows // batch size, equal on all
             ranks since Ray Data splits rows equally); a split that runs short is an error, not
             a hang in the next collective.
+        epochs: the run's epochs: the reader reads ahead into the next epoch up to the last one.
     """
 
     mode = "stream"
 
     def __init__(self, windows: Callable[[int], Iterator[dict[str, np.ndarray]]], device: torch.device, *,
-                 batch_size: int, steps_per_epoch: int, world_size: int = 1, rank: int = 0,
+                 batch_size: int, steps_per_epoch: int, epochs: int = 1, world_size: int = 1, rank: int = 0,
                  with_labels: bool = False) -> None:
-        self.windows, self.device, self.batch_size = windows, device, batch_size
+        self.windows, self.device, self.batch_size, self.epochs = windows, device, batch_size, epochs
         self.steps_per_epoch, self.world_size, self.rank = steps_per_epoch, world_size, rank
         self.names = ("image", "regions") + (("label",) if with_labels else ())
+        self._reader: WindowReader | None = None
+        self._read_for: tuple[int, int] | None = None  # (seed, epoch) the reader was last asked for
 
     def batches(self, maker: TwoViewBatches, epoch: int) -> Iterator[dict]:
         made = 0
-        for rows in self._permuted_rows(maker.seed, epoch):
+        for rows in self._ready_windows(maker.seed, epoch):
             for start in range(0, len(rows["row_key"]) - self.batch_size + 1, self.batch_size):
                 if made == self.steps_per_epoch:
                     return
-                batch = {name: values[start : start + self.batch_size] for name, values in rows.items()}
-                slices = {name: _pinned(batch[name]).to(self.device, non_blocking=True) for name in self.names}
-                yield maker.make(slices, batch["row_key"], batch["n_regions"], epoch)
+                slices = {name: rows[name][start : start + self.batch_size].to(self.device, non_blocking=True)
+                          for name in self.names}
+                end = start + self.batch_size
+                yield maker.make(slices, rows["row_key"][start:end], rows["n_regions"][start:end], epoch)
                 made += 1
         if made < self.steps_per_epoch:
             raise RuntimeError(f"rank {self.rank}'s split of the slices gave {made} batches in epoch {epoch}, "
                                f"expected {self.steps_per_epoch}")
 
-    def _permuted_rows(self, seed: int, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """Windows sorted by row key and permuted; the rows left over after the last whole batch
-        of a window lead the next one."""
+    def close(self) -> None:
+        """Stop the reader thread (it stops by itself after the last epoch)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def _ready_windows(self, seed: int, epoch: int) -> Iterator[dict]:
+        """Epoch `epoch`'s permuted windows from the reader, which read them ahead when this epoch
+        follows the last one asked for; any other epoch (a first, a repeat) starts a new reader."""
+        if self._reader is None or self._read_for != (seed, epoch - 1) or epoch >= self._reader.last:
+            self.close()
+            self._reader = WindowReader(lambda read_epoch: self._permuted_rows(seed, read_epoch),
+                                        first=epoch, last=max(epoch + 1, self.epochs), depth=READ_AHEAD_WINDOWS)
+        self._read_for = (seed, epoch)
+        return self._reader.windows(epoch)
+
+    def _permuted_rows(self, seed: int, epoch: int) -> Iterator[dict]:
+        """Windows sorted by row key and permuted, the image arrays as (pinned) tensors; the rows
+        left over after the last whole batch of a window lead the next one."""
         carry: dict[str, np.ndarray] | None = None
         for index, window in enumerate(self.windows(epoch)):
             if carry is not None:
@@ -201,7 +232,68 @@ class StreamedSlices:
             rows = {name: values[order] for name, values in window.items()}
             whole = len(order) // self.batch_size * self.batch_size
             carry = {name: values[whole:] for name, values in rows.items()}
-            yield {name: values[:whole] for name, values in rows.items()}
+            yield {name: (_pinned(values[:whole]) if name in self.names else values[:whole])
+                   for name, values in rows.items()}
+
+
+class WindowReader:
+    """A thread that reads epochs `first` .. `last` - 1 of windows, in order, keeping up to
+    `depth` of them ready: Ray Data's start of an epoch and its reads overlap the steps.
+
+    Args:
+        read_epoch: epoch -> its windows.
+    """
+
+    _END = object()  # an epoch's last item
+
+    def __init__(self, read_epoch: Callable[[int], Iterator[dict]], *, first: int, last: int, depth: int) -> None:
+        self.last = last
+        self._ready: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(read_epoch, first, last), daemon=True,
+                                        name="lrc-ray-stream-reader")
+        self._thread.start()
+
+    def windows(self, epoch: int) -> Iterator[dict]:
+        """Epoch `epoch`'s windows; what an earlier epoch left unread is skipped. A read's error is raised here."""
+        while True:
+            item_epoch, item = self._ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item_epoch < epoch:
+                continue
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        # A read waiting on other ranks (a split's next epoch, after a failure) may never end: the
+        # thread is a daemon, and is left to the process's end after a while.
+        self._thread.join(timeout=READER_CLOSE_SECONDS)
+        if self._thread.is_alive():
+            logger.warning("the stream's reader thread is still reading; left to stop with the process")
+
+    def _read(self, read_epoch, first: int, last: int) -> None:
+        try:
+            for epoch in range(first, last):
+                for window in read_epoch(epoch):
+                    if not self._put((epoch, window)):
+                        return
+                if not self._put((epoch, self._END)):
+                    return
+        except BaseException as error:  # the consumer raises it, in its own thread
+            self._put((first, error))
+
+    def _put(self, item) -> bool:
+        """Queue `item` unless the reader is closed first (then False)."""
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
 
 def _pinned(array: np.ndarray) -> Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import closing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,30 +103,32 @@ def run_pretraining(
         probe_data = probe_slices(table, train_case=probe.train_case, validation_cases=probe.validation_cases,
                                   num_classes=probe.num_classes)
 
-    slices = where.slices(config, with_labels=settings.uses_supervised)
     batches = TwoViewBatches(TwoViewAugment(config.augment, output_size=config.data.size), seed=config.seed,
                              with_labels=settings.uses_supervised)
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    for epoch in range(start_epoch, settings.epochs):
-        where.before_epoch(epoch)
-        metrics = pretrain_one_epoch(pretrainer, slices.batches(batches, epoch), optimizer, epoch=epoch,
-                                     progress=where.progress, step_model=step_model, autocast_dtype=autocast,
-                                     total=getattr(slices, "steps_per_epoch", None))
-        metrics = mean_over_ranks(metrics, device) | {
-            "epoch": epoch + 1, "run_start_epoch": start_epoch, "input_mode": slices.mode, "ended_at": time.time(),
-        }
-        if probe_data is not None:
-            started = time.perf_counter()
-            metrics["probe_dice"] = linear_probe_dice(pretrainer.online.backbone, probe_data, seed=config.seed)
-            metrics["probe_seconds"] = time.perf_counter() - started
-        history.append(metrics)
-        logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                     if isinstance(v, float)))
-        state = None
-        if where.rank == 0:
-            state = {"pretrainer": pretrainer.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "history": history}
-        where.report(metrics, state)
+    # closing: the stream mode's reader thread stops with the loop, whatever ends it.
+    with closing(where.slices(config, with_labels=settings.uses_supervised)) as slices:
+        for epoch in range(start_epoch, settings.epochs):
+            where.before_epoch(epoch)
+            metrics = pretrain_one_epoch(pretrainer, slices.batches(batches, epoch), optimizer, epoch=epoch,
+                                         progress=where.progress, step_model=step_model, autocast_dtype=autocast,
+                                         total=getattr(slices, "steps_per_epoch", None))
+            metrics = mean_over_ranks(metrics, device) | {
+                "epoch": epoch + 1, "run_start_epoch": start_epoch, "input_mode": slices.mode,
+                "ended_at": time.time(),
+            }
+            if probe_data is not None:
+                started = time.perf_counter()
+                metrics["probe_dice"] = linear_probe_dice(pretrainer.online.backbone, probe_data, seed=config.seed)
+                metrics["probe_seconds"] = time.perf_counter() - started
+            history.append(metrics)
+            logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                         if isinstance(v, float)))
+            state = None
+            if where.rank == 0:
+                state = {"pretrainer": pretrainer.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                         "history": history}
+            where.report(metrics, state)
     if where.rank != 0:
         return None
     online = {key: value.detach().cpu() for key, value in pretrainer.online.state_dict().items()}
@@ -163,7 +166,8 @@ def input_slices(config: RunConfig, where: Surroundings, num_slices: int, *, wit
     shape = dict(batch_size=settings.batch_size, world_size=where.world_size, rank=where.rank, with_labels=with_labels)
     if mode == "device":
         return DeviceResidentSlices(read_whole(), where.device, **shape)
-    return StreamedSlices(windows, where.device, steps_per_epoch=stream_rows // settings.batch_size, **shape)
+    return StreamedSlices(windows, where.device, steps_per_epoch=stream_rows // settings.batch_size,
+                          epochs=settings.epochs, **shape)
 
 
 def slices_from_arrays(arrays: dict[str, np.ndarray], config: RunConfig, where: Surroundings, *,

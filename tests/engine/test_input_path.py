@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -108,6 +110,69 @@ def test_a_split_that_runs_short_is_an_error_not_a_hang(arrays):
     stream = StreamedSlices(windows_of(arrays, 4), CPU, batch_size=4, steps_per_epoch=len(arrays["row_key"]) // 4 + 1)
     with pytest.raises(RuntimeError, match=r"rank 0's split of the slices gave \d+ batches in epoch 0, expected"):
         list(stream.batches(maker(augment=False), 0))
+
+
+class RecordedWindows:
+    """`windows_of`, noting each epoch the stream starts to read; `fail_at` raises in that epoch's read."""
+
+    def __init__(self, arrays, rows: int, fail_at: int | None = None) -> None:
+        self.arrays, self.rows, self.fail_at = arrays, rows, fail_at
+        self.started = {epoch: threading.Event() for epoch in range(4)}
+
+    def __call__(self, epoch):
+        self.started[epoch].set()
+        if epoch == self.fail_at:
+            raise OSError("s3://bucket/cache/part-0.parquet: connection reset")
+        yield from windows_of(self.arrays, self.rows)(epoch)
+
+
+def test_the_stream_reads_the_next_epoch_while_this_one_is_trained_and_stops_after_the_last(arrays):
+    count = len(arrays["row_key"])
+    windows = RecordedWindows(arrays, 5)
+    stream = StreamedSlices(windows, CPU, batch_size=4, steps_per_epoch=count // 4, epochs=2)
+    first_epoch = stream.batches(maker(augment=False), 0)
+    for _ in range(count // 4):  # up to the last step of epoch 0, which is still running
+        next(first_epoch)
+    assert windows.started[1].wait(timeout=30), "epoch 1 is read while epoch 0's last step runs"
+    assert list(first_epoch) == []
+    reader = stream._reader
+    last_epoch = list(stream.batches(maker(augment=False), 1))
+    assert stream._reader is reader, "epoch 1 came from the reader that read ahead"
+    reader._thread.join(timeout=30)
+    assert not reader._thread.is_alive() and not windows.started[2].is_set(), "nothing read beyond the last epoch"
+    fresh = StreamedSlices(windows_of(arrays, 5), CPU, batch_size=4, steps_per_epoch=count // 4, epochs=2)
+    assert_batches_equal(last_epoch, list(fresh.batches(maker(augment=False), 1)))
+    stream.close()
+    fresh.close()
+
+
+def test_an_epoch_asked_again_or_out_of_order_is_read_again_with_the_same_batches(arrays):
+    count = len(arrays["row_key"])
+    stream = StreamedSlices(windows_of(arrays, count), CPU, batch_size=4, steps_per_epoch=count // 4, epochs=3)
+    device = DeviceResidentSlices(arrays, CPU, batch_size=4)
+    for epoch in (1, 1, 0, 2):
+        assert_batches_equal(list(stream.batches(maker(), epoch)), list(device.batches(maker(), epoch)))
+    stream.close()
+    assert stream._reader is None
+
+
+def test_a_failed_read_is_raised_in_the_training_thread(arrays):
+    count = len(arrays["row_key"])
+    windows = RecordedWindows(arrays, 5, fail_at=1)
+    stream = StreamedSlices(windows, CPU, batch_size=4, steps_per_epoch=count // 4, epochs=2)
+    assert len(list(stream.batches(maker(augment=False), 0))) == count // 4
+    with pytest.raises(OSError, match="part-0.parquet: connection reset"):
+        list(stream.batches(maker(augment=False), 1))
+    stream.close()
+
+
+def test_closing_the_stream_mid_epoch_stops_its_reader(arrays):
+    count = len(arrays["row_key"])
+    stream = StreamedSlices(windows_of(arrays, 4), CPU, batch_size=4, steps_per_epoch=count // 4, epochs=50)
+    next(stream.batches(maker(augment=False), 0))
+    reader = stream._reader
+    stream.close()
+    assert not reader._thread.is_alive()
 
 
 def test_without_augmentation_each_view_is_the_slice_itself(arrays):
