@@ -265,7 +265,9 @@ def sweep_stage(args, workdir: Path, option, entry: dict) -> None:
     trials = []
     for lines in trial_reports(experiment).values():
         epochs = [line for line in lines if "steps" in line and not line.get("replayed")]
-        trial = {"method": lines[0]["config"].get("pretrain.method"), "dice_mean": lines[-1].get("dice_mean")}
+        # No dice_mean: ASHA stopped the trial before it fine-tuned (errors are listed below).
+        trial = {"method": lines[0]["config"].get("pretrain.method"), "pretrain_epochs": len(epochs),
+                 "dice_mean": lines[-1].get("dice_mean")}
         if len(epochs) > 1:
             wall = epochs[-1]["ended_at"] - epochs[0]["ended_at"]
             trial["slices_per_s_wall"] = round(sum(e["steps"] for e in epochs[1:]) * option[1] / wall, 1)
@@ -380,6 +382,10 @@ def main() -> None:
     print(f"fastest option {fastest['option']}: {fastest['slices_per_s']:.0f} slices/s = "
           f"{fastest['slices_per_s'] / BASELINE_STEP_RATE[1]:.2f}x the {BASELINE_STEP_RATE[0]:.0f}-"
           f"{BASELINE_STEP_RATE[1]:.0f} of 2026-11-27 (target >= 2x)")
+    for trial in report.get("sweep_2_trials", {}).get("trials", []):
+        dice = "- (stopped by ASHA)" if trial["dice_mean"] is None else f"{trial['dice_mean']:.3f}"
+        print(f"sweep trial {trial['method']}: {trial['pretrain_epochs']} pre-training epochs, "
+              f"{trial.get('slices_per_s_wall')} slices/s (wall), Dice {dice}")
     measured = {mode: run for mode, run in runs.items() if run.get("slices_per_s_wall")}
     for mode, run in measured.items():
         print(f"Ray Train {mode:6} ({best[0]}): {run['slices_per_s_wall']:.0f} slices/s (loop only "
