@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 DEVICE_MEMORY_SHARE = 0.5
 STREAM_WINDOW_ROWS = 1024  # rows a streaming rank permutes at once: 256 MB of 256 px slices
 # Windows a streaming rank's reader thread keeps ready (each pinned where there is a GPU). With
-# Ray Data's own prefetch of 2 windows, a rank holds up to 5 windows, 1.3 GB of 256 px slices.
+# Ray Data's own prefetch of 2, the window being permuted (and its copy) and the one in use, a
+# rank holds up to 7 windows: 1.8 GB of host memory at 256 px.
 READ_AHEAD_WINDOWS = 2
 READER_CLOSE_SECONDS = 10.0
 
