@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import closing
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
