@@ -4,7 +4,7 @@ reach it.
 `ray start` turns token authentication on (Ray >= 2.59), and the job CLI sends the token only
 with RAY_AUTH_MODE=token. The head gets its own token file and temp dir in the working area
 (not ~/.ray or /tmp/ray), runs as `ray start --block` in its own process group, and is stopped
-by signalling that process (it drains and stops what it started), never by `ray stop`, which
+by signalling that process (it stops what it started), never by `ray stop`, which
 would stop every Ray on the machine. `env.sh` holds the variables that both the job CLI and
 lrc-ray run on the head need:
 
@@ -86,6 +86,10 @@ def local_up(
         "RAY_AUTH_TOKEN_PATH": str(token),
         # Jobs run `lrc-ray` from the environment the head was started in.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # On SIGTERM, Ray >= 2.60 drains the node (for Serve's proxies) until it is idle, or 30 s;
+        # Ray Data's detached autoscaling actor keeps it busy after any job that read data, so
+        # `cluster down` waited the whole 30 s. This head serves no traffic: stop at once.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     }
     command = [
         str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
@@ -143,7 +147,7 @@ def local_down(workdir: Path, *, timeout: float = 60) -> bool:
 
 
 def _stop(pid: int, timeout: float = 60) -> bool:
-    """SIGTERM to `ray start --block` (it drains and stops its processes), then SIGKILL to its
+    """SIGTERM to `ray start --block` (it stops its processes), then SIGKILL to its
     process group for anything left."""
     try:
         os.kill(pid, signal.SIGTERM)

@@ -33,3 +33,5 @@ def head():
     finally:
         local_down(workdir)
         assert not (workdir / "head.json").exists()
+        # Ray's drain on SIGTERM waited 30 s for a node that a detached Ray Data actor kept busy.
+        assert "Draining for up to" not in (workdir / "head.log").read_text()
