@@ -112,7 +112,7 @@ def run_pretraining(
             where.before_epoch(epoch)
             metrics = pretrain_one_epoch(pretrainer, slices.batches(batches, epoch), optimizer, epoch=epoch,
                                          progress=where.progress, step_model=step_model, autocast_dtype=autocast,
-                                         total=getattr(slices, "steps_per_epoch", None))
+                                         total=slices.steps_per_epoch)
             metrics = mean_over_ranks(metrics, device) | {
                 "epoch": epoch + 1, "run_start_epoch": start_epoch, "input_mode": slices.mode,
                 "ended_at": time.time(),
