@@ -19,6 +19,7 @@ import pytest
 
 from lrc_ray.data.msd import load_msd_dataset
 from lrc_ray.data.phantom import ORGAN_LABELS, write_synthetic_dataset
+from lrc_ray.distributed.cluster import free_port
 
 TINY = dict(cases=2, unlabeled=1, size=48, slices=6, seed=3)
 
@@ -184,7 +185,7 @@ class S3Server:
         config.write_text(json.dumps({"identities": [{
             "name": "lrc", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        ports = {name: _free_port() for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+        ports = {name: free_port() for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                                                   "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")}
         self.endpoint = f"127.0.0.1:{ports['s3.port']}"
         self.log = workdir / "weed.log"
@@ -234,14 +235,6 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,9 @@ def local_up(
     temp_dir = _ray_temp_dir(workdir)
     temp_dir.mkdir(parents=True, exist_ok=True)
     cpus = num_cpus or os.cpu_count() or 1
+    # The node's agent runs submitted jobs. On Ray's fixed default port a second head on the
+    # machine had no agent, and every job submitted to it failed ("No available agent").
+    agent_port = free_port()
     env = {
         **os.environ,
         "RAY_AUTH_TOKEN_PATH": str(token),
@@ -94,15 +97,16 @@ def local_up(
     command = [
         str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-        "--include-dashboard=true", f"--temp-dir={temp_dir}", f"--num-cpus={cpus}",
-        f"--resources={json.dumps({TRIAL_SLOT: cpus})}", "--disable-usage-stats",
+        "--include-dashboard=true", f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={temp_dir}",
+        f"--num-cpus={cpus}", f"--resources={json.dumps({TRIAL_SLOT: cpus})}", "--disable-usage-stats",
     ]
     log = open(workdir / "head.log", "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = LocalHead(workdir, process.pid, f"http://127.0.0.1:{dashboard_port}", f"127.0.0.1:{port}")
     _write_state(head, temp_dir)
     deadline = time.monotonic() + timeout
-    while not _job_server_answers(head.dashboard_url):
+    # Up when both answer: the job server waits only 10 s for the agent (up 3 s after it here).
+    while not (_answers(f"{head.dashboard_url}/api/version") and _answers(f"http://127.0.0.1:{agent_port}/api/healthz")):
         if process.poll() is not None or time.monotonic() > deadline:
             _stop(process.pid)
             (workdir / "head.json").unlink(missing_ok=True)
@@ -171,14 +175,21 @@ def _ray_temp_dir(workdir: Path) -> Path:
     return temp_dir
 
 
-def _job_server_answers(url: str) -> bool:
+def _answers(url: str) -> bool:
     try:
-        urllib.request.urlopen(f"{url}/api/version", timeout=2)
+        urllib.request.urlopen(url, timeout=2)
         return True
-    except urllib.error.HTTPError:  # 401 without a token: the server is up
-        return True
+    except urllib.error.HTTPError as error:  # 401 without a token: the server is up
+        return error.code == 401
     except (urllib.error.URLError, OSError):
         return False
+
+
+def free_port() -> int:
+    """A port nothing listens on (now) on 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _port_in_use(port: int) -> bool:

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 import ray
+from lrc_ray.distributed.cluster import free_port
 from lrc_ray.distributed.runtime import cluster_autoscales, ray_session
 from lrc_ray.errors import UserInputError
 
@@ -54,7 +55,7 @@ def test_a_dashboard_address_names_the_variable_the_job_cli_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["closed port", "not a GCS"])
-def test_an_address_where_no_gcs_answers_is_refused_within_seconds(monkeypatch, http_server, free_port, kind):
+def test_an_address_where_no_gcs_answers_is_refused_within_seconds(monkeypatch, http_server, kind):
     address = f"127.0.0.1:{free_port()}" if kind == "closed port" else http_server
     message, seconds = _refusal(address, monkeypatch)
     assert message.startswith(f"--address {address}: no Ray cluster answers there (UNAVAILABLE")
@@ -67,7 +68,7 @@ def test_an_address_ray_cannot_parse_is_refused(monkeypatch):
     assert message.startswith("--address nonsense:::") and "\n" not in message
 
 
-def test_the_cli_prints_one_line_and_exits_2(tiny_dataset, tmp_path, free_port):
+def test_the_cli_prints_one_line_and_exits_2(tiny_dataset, tmp_path):
     address = f"127.0.0.1:{free_port()}"
     completed = subprocess.run(
         [sys.executable, "-m", "lrc_ray.cli", "superpixels", "--data", str(tiny_dataset), "--out", str(tmp_path / "c")],

@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lrc_ray.distributed.cluster import client_env, local_up
+from lrc_ray.distributed.cluster import client_env, free_port, local_down, local_up
 
 pytestmark = pytest.mark.ray
 
@@ -55,9 +56,24 @@ def test_the_job_cli_without_the_token_is_refused(head):
     assert listed.returncode != 0
 
 
-def test_a_second_head_in_the_same_workdir_is_refused(head, free_port):
+def test_a_second_head_in_the_same_workdir_is_refused(head):
     with pytest.raises(Exception, match="already running"):
         local_up(head.workdir, num_cpus=1, port=free_port(), dashboard_port=free_port())
+
+
+def test_a_second_head_on_the_machine_takes_jobs_too(head):
+    """Each head's agent, which runs the submitted jobs, listens on a port of its own: on Ray's
+    fixed default the second head's agent could not listen, and every job it was given failed."""
+    workdir = Path(tempfile.mkdtemp(prefix="lrch2_"))
+    second = local_up(workdir, num_cpus=1, port=free_port(), dashboard_port=free_port())
+    try:
+        submitted = subprocess.run(
+            [RAY, "job", "submit", "--address", second.dashboard_url, "--", sys.executable, "-c", "print('on the second head')"],
+            env={**os.environ, **client_env(workdir)}, capture_output=True, text=True, timeout=300,
+        )
+        assert submitted.returncode == 0 and "on the second head" in submitted.stdout, (submitted.stdout + submitted.stderr)[-2000:]
+    finally:
+        local_down(workdir)
 
 
 def test_runtime_env_leaves_data_and_venv_behind(tmp_path):
