@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -144,7 +145,7 @@ class DeviceResidentSlices:
     def __init__(self, arrays: dict[str, np.ndarray], device: torch.device, *, batch_size: int, world_size: int = 1,
                  rank: int = 0, with_labels: bool = False) -> None:
         names = ("image", "regions") + (("label",) if with_labels else ())
-        self.slices = {name: torch.from_numpy(arrays[name]).to(device) for name in names}
+        self.slices = {name: _on_device(arrays[name], device) for name in names}
         self.row_keys, self.n_regions = arrays["row_key"], arrays["n_regions"]
         self.device, self.batch_size, self.world_size, self.rank = device, batch_size, world_size, rank
 
@@ -295,6 +296,14 @@ class WindowReader:
             except queue.Full:
                 continue
         return False
+
+
+def _on_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """`array` on `device`, without a copy on the CPU. Arrow's read-only buffers are taken as they
+    are (nothing writes the slices: a batch gathers copies), without torch's warning about them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array).to(device)
 
 
 def _pinned(array: np.ndarray) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -173,6 +175,24 @@ def test_closing_the_stream_mid_epoch_stops_its_reader(arrays):
     reader = stream._reader
     stream.close()
     assert not reader._thread.is_alive()
+
+
+def test_read_only_slices_are_taken_as_they_are_without_a_warning():
+    """Arrow hands the cache's slices over read-only; torch warns (once a process, so apart)."""
+    code = """
+import warnings
+import numpy as np, torch
+from lrc_ray.engine.input_path import DeviceResidentSlices
+warnings.simplefilter("error", UserWarning)
+arrays = {"image": np.zeros((4, 8, 8), np.uint8), "regions": np.ones((4, 8, 8), np.int16),
+          "row_key": np.arange(4), "n_regions": np.full(4, 2)}
+for values in arrays.values():
+    values.flags.writeable = False
+slices = DeviceResidentSlices(arrays, torch.device("cpu"), batch_size=2)
+assert slices.slices["regions"].data_ptr() == arrays["regions"].ctypes.data, "no copy on the CPU"
+"""
+    taken = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert taken.returncode == 0, taken.stderr[-2000:]
 
 
 def test_without_augmentation_each_view_is_the_slice_itself(arrays):
