@@ -335,9 +335,12 @@ def _largest_epochs(space: SearchSpace, base: RunConfig) -> int:
 def quiet_trial_logs() -> None:
     """A trial's output: Tune's table, its results and real warnings."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the progress shown
-    # Lines per epoch that Tune's table already says: checkpoint written, data stream started and finished.
-    for chatty in ("ray.train._internal.storage", "ray.data._internal.execution.streaming_executor"):
+    # Lines that Tune's table already says (checkpoint written, data stream started and finished)
+    # or that tell a sweep's user nothing (Parquet read estimates, rows written, progress bars off).
+    for chatty in ("ray.train._internal.storage", "ray.data._internal.execution.streaming_executor",
+                   "ray.data._internal.datasource.parquet_datasource", "ray.data.dataset"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     logging.getLogger("ray.data.dataset").addFilter(_not_the_no_free_cpu_alarm)
 
 

@@ -43,8 +43,9 @@ def test_a_trial_shows_ray_datas_warnings_but_not_its_no_free_cpu_alarm(local_ra
     before = warnings_of_a_dataset_started_with_no_free_cpu(monkeypatch)
     assert any("The Dataset job will hang" in message for message in before), before  # Ray's alarm, as Ray words it
 
-    changed = [logging.getLogger(name) for name in ("ray.data.dataset", "ray.train._internal.storage",
-                                                     "ray.data._internal.execution.streaming_executor")]
+    changed = [logging.getLogger(name) for name in (
+        "ray.data.dataset", "ray.train._internal.storage", "ray.data._internal.execution.streaming_executor",
+        "ray.data._internal.datasource.parquet_datasource", "ray.data._internal.progress")]
     saved = [(logger.level, list(logger.filters)) for logger in changed]
     data_context = ray.data.DataContext.get_current()
     progress_bars = data_context.enable_progress_bars
