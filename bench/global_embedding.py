@@ -12,7 +12,7 @@
    slices' keys (equal: every slice gets the same embedding, the branch has collapsed); how often
    a query's nearest key is its own (top-1; chance 1/32); the linear-probe Dice of the backbone.
 
-    .venv/bin/python bench/global_embedding.py [--moco-epochs 4] [--norms group,instance]
+    .venv/bin/python bench/global_embedding.py [--moco-epochs 4] [--norms group,instance] [--set pretrain.lr=1e-4]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from lrc_ray import api, stages
 from lrc_ray.augment.two_views import TwoViewAugment
@@ -38,6 +39,7 @@ from lrc_ray.engine.input_path import TwoViewBatches
 from lrc_ray.engine.pretrain import LrcPretrainer
 from lrc_ray.engine.pretrain_loop import LocalRun, run_pretraining
 from lrc_ray.engine.probe import linear_probe_dice, probe_slices
+from lrc_ray.search_space import config_with_values
 from lrc_ray.models import EncoderDecoder, NetworkParams, pooled_spread_ratio
 from lrc_ray.superpixels.cache import read_entry_table
 
@@ -129,18 +131,19 @@ class DiagnosedRun(LocalRun):
         self.show(metrics["epoch"], metrics, state)
 
 
-def moco_training(norms: list[str], epochs: int, workdir: Path) -> None:
+def moco_training(norms: list[str], epochs: int, workdir: Path, settings: dict[str, object]) -> None:
     data_dir = workdir / "data"
     if not (data_dir / "dataset.json").is_file():
         api.make_synthetic_data(out=data_dir, cases=8, unlabeled=8, size=64, slices=20, seed=0)
-    base = RunConfig().replace(
+    base = config_with_values(RunConfig().replace(
         data={"data_dir": str(data_dir), "cache_root": str(workdir / "cache"), "size": 64, "validation_cases": 2},
         pretrain={"method": "global", "epochs": epochs, "batch_size": 16, "queue_size": 256},
-    )
+    ).to_dict(), settings, source="--set")
     api.build_superpixels(data=data_dir, cache_root=base.data.cache_root, scale=base.data.scale, sigma=base.data.sigma,
                           min_size=base.data.min_size, size=base.data.size)
     print(f"\n2. `global` pre-training on the built-in data (64 px, batch 16, lr {base.pretrain.lr}, momentum "
-          f"{base.pretrain.moco_momentum}, queue {base.pretrain.queue_size}), seed 0; 32 held two-view pairs")
+          f"{base.pretrain.moco_momentum}, queue {base.pretrain.queue_size}{''.join(f', {k} {v}' for k, v in settings.items())}), "
+          "seed 0; 32 held two-view pairs")
     print(f"   {'norm':>8} {'epoch':>5} {'loss':>6} {'spread':>7} {'own key':>8} {'other keys':>11} {'top-1':>6} "
           f"{'probe Dice':>11} {'s':>5}")
     for norm in norms:
@@ -160,17 +163,29 @@ def moco_training(norms: list[str], epochs: int, workdir: Path) -> None:
         run_pretraining(config, run, probe=probe)
 
 
+def _value(text: str) -> object:
+    """A YAML value; 1e-4 too (YAML 1.1 reads it as a string)."""
+    value = yaml.safe_load(text)
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--moco-epochs", type=int, default=0, help="0: only part 1")
     parser.add_argument("--norms", default="group,instance", help="comma-separated, for part 2")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config value for part 2, e.g. pretrain.lr=1e-4 (YAML value; repeatable)")
     args = parser.parse_args()
+    settings = {key: _value(text) for key, _, text in (item.partition("=") for item in args.set)}
     logging.basicConfig(level=logging.WARNING)
     spread_at_initialisation()
     if args.moco_epochs:
         moco_training([n for n in args.norms.split(",") if n], args.moco_epochs,
-                      args.workdir or Path(tempfile.mkdtemp(prefix="global_embedding_")))
+                      args.workdir or Path(tempfile.mkdtemp(prefix="global_embedding_")), settings)
 
 
 if __name__ == "__main__":
