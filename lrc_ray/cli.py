@@ -339,13 +339,15 @@ def _run_cluster_up(args: argparse.Namespace) -> int:
     from lrc_ray.distributed.cluster import local_up
 
     head = local_up(args.workdir, num_cpus=args.num_cpus, port=args.port, dashboard_port=args.dashboard_port)
+    # The commands below name this head's workdir unless it is the default one.
+    workdir = "" if args.workdir == DEFAULT_WORKDIR / "cluster" else f" --workdir {args.workdir}"
     print(f"Ray head running (pid {head.pid}); dashboard and job server at {head.dashboard_url}")
     print(f"for `ray job ...` commands and lrc-ray runs on this head: source {head.env_file}")
-    print("submit a sweep: lrc-ray cluster submit -- lrc-ray tune search_spaces/quickstart.yaml "
+    print(f"submit a sweep: lrc-ray cluster submit{workdir} -- lrc-ray tune search_spaces/quickstart.yaml "
           "--storage $PWD/.lrc_ray/sweeps --name quickstart")
     print(f"  (the same as: source {head.env_file} && ray job submit --runtime-env cluster/runtime_env.yaml "
           "--working-dir . -- lrc-ray tune ...)")
-    print("stop it: lrc-ray cluster down")
+    print(f"stop it: lrc-ray cluster down{workdir}")
     return 0
 
 

@@ -76,6 +76,24 @@ def test_a_second_head_on_the_machine_takes_jobs_too(head):
         local_down(workdir)
 
 
+def test_cluster_up_prints_commands_for_its_own_workdir_and_its_stop_command_stops_it():
+    workdir = Path(tempfile.mkdtemp(prefix="lrch3_"))
+    lrc_ray = [sys.executable, "-m", "lrc_ray.cli", "cluster"]
+    up = subprocess.run([*lrc_ray, "up", "--workdir", str(workdir), "--port", str(free_port()),
+                         "--dashboard-port", str(free_port()), "--num-cpus", "1"], capture_output=True, text=True, timeout=180)
+    try:
+        assert up.returncode == 0, up.stderr[-2000:]
+        stop = next(line for line in up.stdout.splitlines() if line.startswith("stop it: "))
+        assert stop == f"stop it: lrc-ray cluster down --workdir {workdir}"
+        assert f"lrc-ray cluster submit --workdir {workdir} -- " in up.stdout
+        down = subprocess.run([*lrc_ray, *stop.removeprefix("stop it: lrc-ray cluster ").split()],
+                              capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0 and down.stdout.strip() == "stopped the local Ray head", down.stdout + down.stderr
+        assert not (workdir / "head.json").exists()
+    finally:
+        local_down(workdir)
+
+
 def test_runtime_env_leaves_data_and_venv_behind(tmp_path):
     """Ray's own packaging of the working dir, with our excludes: no venv, data or caches uploaded."""
     from ray._private.runtime_env.packaging import create_package
