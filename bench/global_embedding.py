@@ -39,8 +39,8 @@ from lrc_ray.engine.input_path import TwoViewBatches
 from lrc_ray.engine.pretrain import LrcPretrainer
 from lrc_ray.engine.pretrain_loop import LocalRun, run_pretraining
 from lrc_ray.engine.probe import linear_probe_dice, probe_slices
-from lrc_ray.search_space import config_with_values
 from lrc_ray.models import EncoderDecoder, NetworkParams, pooled_spread_ratio
+from lrc_ray.search_space import config_with_values
 from lrc_ray.superpixels.cache import read_entry_table
 
 SEEDS = (0, 1, 2)

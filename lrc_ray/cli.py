@@ -15,6 +15,7 @@ from lrc_ray.errors import TrainingError, UserInputError
 from lrc_ray.superpixels.felzenszwalb import FelzenszwalbParams
 
 DEFAULT_WORKDIR = Path(".lrc_ray")
+CLUSTER_WORKDIR = DEFAULT_WORKDIR / "cluster"  # the local head's, unless --workdir says otherwise
 ADDRESS_HELP = "the Ray cluster's GCS address host:port (default: RAY_ADDRESS, else a local Ray)"
 URI_HELP = ("a path or a URI: s3://BUCKET/PREFIX (endpoint from ?endpoint_override=HOST:PORT&scheme=http or AWS_ENDPOINT_URL), gs://..., file://...")
 
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "writes WORKDIR/env.sh with RAY_ADDRESS (the GCS, for lrc-ray), RAY_API_SERVER_ADDRESS (the job server, for `ray job`), "
         "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH: source it, then run either.",
     )
-    up.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "cluster", help=f"state, token and logs (default {DEFAULT_WORKDIR / 'cluster'})")
+    up.add_argument("--workdir", type=Path, default=CLUSTER_WORKDIR, help=f"state, token and logs (default {CLUSTER_WORKDIR})")
     up.add_argument("--num-cpus", type=int, default=None, help="CPUs the head offers (default: all)")
     up.add_argument("--port", type=int, default=6379, help="GCS port (default 6379)")
     up.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job server port (default 8265)")
@@ -215,12 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit the command after -- as a Ray job to the head `lrc-ray cluster up` started, with its "
         "token and cluster/runtime_env.yaml, the checkout as working dir; waits and streams the logs.",
     )
-    submit.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "cluster", help=f"as given to `up` (default {DEFAULT_WORKDIR / 'cluster'})")
+    submit.add_argument("--workdir", type=Path, default=CLUSTER_WORKDIR, help=f"as given to `up` (default {CLUSTER_WORKDIR})")
     submit.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
     submit.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- lrc-ray tune search_spaces/quickstart.yaml")
     submit.set_defaults(handler=_run_cluster_submit)
     down = cluster.add_parser("down", help="stop the head that `lrc-ray cluster up` started (only that one)")
-    down.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "cluster", help=f"as given to `up` (default {DEFAULT_WORKDIR / 'cluster'})")
+    down.add_argument("--workdir", type=Path, default=CLUSTER_WORKDIR, help=f"as given to `up` (default {CLUSTER_WORKDIR})")
     down.set_defaults(handler=_run_cluster_down)
 
     demo = commands.add_parser(
@@ -340,7 +341,7 @@ def _run_cluster_up(args: argparse.Namespace) -> int:
 
     head = local_up(args.workdir, num_cpus=args.num_cpus, port=args.port, dashboard_port=args.dashboard_port)
     # The commands below name this head's workdir unless it is the default one.
-    workdir = "" if args.workdir == DEFAULT_WORKDIR / "cluster" else f" --workdir {args.workdir}"
+    workdir = "" if args.workdir == CLUSTER_WORKDIR else f" --workdir {args.workdir}"
     print(f"Ray head running (pid {head.pid}); dashboard and job server at {head.dashboard_url}")
     print(f"for `ray job ...` commands and lrc-ray runs on this head: source {head.env_file}")
     print(f"submit a sweep: lrc-ray cluster submit{workdir} -- lrc-ray tune search_spaces/quickstart.yaml "
