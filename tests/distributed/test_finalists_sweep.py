@@ -14,7 +14,9 @@ import pytest
 import yaml
 
 from lrc_ray.config import load_config
+from lrc_ray.distributed.tune import read_tune_experiment
 from lrc_ray.engine.saved_model import load_model
+from lrc_ray.errors import UserInputError
 
 pytestmark = pytest.mark.ray
 
@@ -44,6 +46,18 @@ def _finished_finalists(experiment: Path) -> dict[int, tuple[float, float]]:
     return finished
 
 
+def _recorded_finalists(experiment: Path) -> int:
+    """How many finalist trials Tune's experiment state records as finished: what `lrc-ray results`
+    counts. It is written a moment after a trial's result.json line."""
+    recorded = 0
+    for directory in experiment.glob("finalists-*"):
+        try:
+            recorded += sum("test_dice_mean" in record.metrics for record in read_tune_experiment(directory))
+        except UserInputError:  # no experiment state yet
+            pass
+    return recorded
+
+
 def test_a_sweep_killed_during_its_finalists_continues_them_and_reports_the_choice(tmp_path, tiny_sweep_space,
                                                                                   sigkill_when):
     space = _space_file(tmp_path / "tiny.yaml", tiny_sweep_space, finalists={"top": 2, "seeds": 3}, num_samples=4,
@@ -51,13 +65,14 @@ def test_a_sweep_killed_during_its_finalists_continues_them_and_reports_the_choi
                                "finetune.label_fraction": {"choice": [0.5, 1.0]}})
     experiment = tmp_path / "store" / "tiny"
     command = [sys.executable, "-m", "lrc_ray.cli", "tune", str(space), "--storage", str(tmp_path / "store")]
-    sigkill_when(command, cwd=tmp_path, ready=lambda: bool(_finished_finalists(experiment)), within=480)
+    sigkill_when(command, cwd=tmp_path, ready=lambda: _recorded_finalists(experiment) > 0, within=480)
     before = _finished_finalists(experiment)
     plan = json.loads((experiment / "lrc_ray_finalists.json").read_text())
     assert plan["seeds"] == [1, 2, 3], "seeds the search (seed 0) did not use"
     assert len(before) < len(plan["runs"]), "killed during the finalists"
 
-    # The interrupted finalists can be read.
+    # The interrupted finalists can be read: those Tune recorded (at least the one the kill waited
+    # for), no more than wrote their results.
     interrupted = _lrc_ray("results", str(experiment), "--out", str(tmp_path / "interrupted"), cwd=tmp_path)
     assert interrupted.returncode == 0, interrupted.stderr[-2000:]
     partial = pd.read_csv(tmp_path / "interrupted" / "finalists.csv")
