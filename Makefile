@@ -10,6 +10,9 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS)
 # torch first, at the tested version, in the build the machine's pip finds for it (the Linux
 # wheel on PyPI is the CUDA build); the Dockerfile and cluster/aws-gpu.yaml install the same one.
 TORCH_VERSION := 2.13.0
+# Two pytest-xdist workers: the tests that start Ray on one, the plain tests beside them (groups set
+# in tests/conftest.py). PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: install demo test bench constraints clean
@@ -27,7 +30,7 @@ demo: install
 	$(BIN)/lrc-ray demo
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/superpixels.py

@@ -24,6 +24,14 @@ from lrc_ray.distributed.cluster import free_port
 TINY = dict(cases=2, unlabeled=1, size=48, slices=6, seed=3)
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """`make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`) on two groups: the tests
+    that start Ray (marked `ray`), one after another as in a serial run, and beside them the plain
+    tests, in the CPU time that Ray's start-ups, polls and subprocesses leave idle."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("ray" if item.get_closest_marker("ray") else "plain"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A small MSD-layout data set: 2 labelled + 1 unlabelled volumes of 6 slices of 48x48."""
