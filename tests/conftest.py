@@ -24,12 +24,20 @@ from lrc_ray.distributed.cluster import free_port
 TINY = dict(cases=2, unlabeled=1, size=48, slices=6, seed=3)
 
 
+# Fixtures that start Ray, or a command that does: their tests must be marked `ray`.
+RAY_FIXTURES = {"local_ray", "head", "sigkill_when"}
+
+
 def pytest_collection_modifyitems(items) -> None:
     """`make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`) on two groups: the tests
     that start Ray (marked `ray`), one after another as in a serial run, and beside them the plain
     tests, in the CPU time that Ray's start-ups, polls and subprocesses leave idle."""
     for item in items:
-        item.add_marker(pytest.mark.xdist_group("ray" if item.get_closest_marker("ray") else "plain"))
+        starts_ray = item.get_closest_marker("ray") is not None
+        parametrized = item.callspec.params if hasattr(item, "callspec") else {}  # e.g. a `head` argument
+        if not starts_ray and RAY_FIXTURES & (set(item.fixturenames) - set(parametrized)):
+            raise pytest.UsageError(f"{item.nodeid}: uses a fixture that starts Ray, so it must be marked `ray`")
+        item.add_marker(pytest.mark.xdist_group("ray" if starts_ray else "plain"))
 
 
 @pytest.fixture(scope="session")
