@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from typing import Iterator
 
@@ -35,6 +36,7 @@ def ray_session(
         return
     source = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
+    temp_dir = None
     if address:
         check_gcs_address(address, source=source)
         try:
@@ -50,11 +52,27 @@ def ray_session(
                  logging_level=logging.WARNING, _temp_dir=temp_dir)
         logger.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
     locks.install()
+    failed = True
     try:
         yield
+        failed = False
+    except UserInputError:  # the input was refused: Ray's logs would not say more
+        failed = False
+        raise
     finally:
         locks.uninstall()
         ray.shutdown()
+        if temp_dir is not None:
+            _remove_unless_failed(temp_dir, failed)
+
+
+def _remove_unless_failed(temp_dir: str, failed: bool) -> None:
+    """A local instance's temp dir holds Ray's session logs, 10-20 MB a run: removed after the run,
+    kept and named after one that failed (a crash, a failed training), whose worker logs may tell why."""
+    if failed:
+        logger.warning("Ray's logs of this run are kept in %s", os.path.join(temp_dir, "session_latest", "logs"))
+    else:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def check_gcs_address(address: str, *, source: str, timeout: float = 10) -> None:

@@ -1,0 +1,44 @@
+"""A local Ray instance's temp dir, where Ray writes its session logs: removed after a run (every
+local run left 10-20 MB in /tmp), kept and named after a run that failed."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import ray
+from lrc_ray.distributed.runtime import ray_session
+from lrc_ray.errors import UserInputError
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def session_temp_dir(monkeypatch):
+    """The temp dir `ray_session` makes for its local instance, made here so the test knows it."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="lrs_"))  # short: Ray's socket paths are limited
+    make = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp",
+                        lambda *args, **kwargs: str(temp_dir) if kwargs.get("prefix") == "lrc_ray_" else make(*args, **kwargs))
+    yield temp_dir
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("raised", "kept"), [(None, False), (UserInputError, False), (RuntimeError, True)],
+                         ids=["succeeded", "input refused", "failed"])
+def test_ray_logs_are_removed_after_a_run_and_named_after_a_failed_one(session_temp_dir, caplog, raised, kept):
+    logs = session_temp_dir / "session_latest" / "logs"
+    with caplog.at_level(logging.WARNING, logger="lrc_ray"), pytest.raises(raised) if raised else contextlib.nullcontext():
+        with ray_session(num_cpus=1):
+            assert logs.is_dir() and any(logs.iterdir()), "Ray writes its logs there"
+            if raised:
+                raise raised("in the run")
+    assert not ray.is_initialized()
+    assert logs.is_dir() == kept and session_temp_dir.exists() == kept
+    named = [record.getMessage() for record in caplog.records if "Ray's logs of this run are kept in" in record.getMessage()]
+    assert named == ([f"Ray's logs of this run are kept in {logs}"] if kept else [])
