@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,3 +23,4 @@ def head():
         assert not (workdir / "head.json").exists()
         # Ray's drain on SIGTERM waited 30 s for a node that a detached Ray Data actor kept busy.
         assert "Draining for up to" not in (workdir / "head.log").read_text()
+        shutil.rmtree(workdir, ignore_errors=True)  # kept when an assertion above fails

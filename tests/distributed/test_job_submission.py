@@ -5,6 +5,7 @@ submit a tiny sweep with the project's runtime_env, wait for SUCCEEDED, find the
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,7 @@ def test_a_second_head_on_the_machine_takes_jobs_too(head):
         assert submitted.returncode == 0 and "on the second head" in submitted.stdout, (submitted.stdout + submitted.stderr)[-2000:]
     finally:
         local_down(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_cluster_up_prints_commands_for_its_own_workdir_and_its_stop_command_stops_it():
@@ -92,6 +94,7 @@ def test_cluster_up_prints_commands_for_its_own_workdir_and_its_stop_command_sto
         assert not (workdir / "head.json").exists()
     finally:
         local_down(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_runtime_env_leaves_data_and_venv_behind(tmp_path):
