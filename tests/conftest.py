@@ -25,7 +25,7 @@ TINY = dict(cases=2, unlabeled=1, size=48, slices=6, seed=3)
 
 
 # Fixtures that start Ray, or a command that does: their tests must be marked `ray`.
-RAY_FIXTURES = {"local_ray", "head", "sigkill_when"}
+RAY_FIXTURES = {"local_ray", "head", "head_workdir", "sigkill_when"}
 
 
 def pytest_collection_modifyitems(items) -> None:

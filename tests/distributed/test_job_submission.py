@@ -5,17 +5,15 @@ submit a tiny sweep with the project's runtime_env, wait for SUCCEEDED, find the
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lrc_ray.distributed.cluster import client_env, free_port, local_down, local_up
+from lrc_ray.distributed.cluster import client_env, free_port, local_up
 
 pytestmark = pytest.mark.ray
 
@@ -62,39 +60,31 @@ def test_a_second_head_in_the_same_workdir_is_refused(head):
         local_up(head.workdir, num_cpus=1, port=free_port(), dashboard_port=free_port())
 
 
-def test_a_second_head_on_the_machine_takes_jobs_too(head):
+def test_a_second_head_on_the_machine_takes_jobs_too(head, head_workdir):
     """Each head's agent, which runs the submitted jobs, listens on a port of its own: on Ray's
     fixed default the second head's agent could not listen, and every job it was given failed."""
-    workdir = Path(tempfile.mkdtemp(prefix="lrch2_"))
+    workdir = head_workdir()
     second = local_up(workdir, num_cpus=1, port=free_port(), dashboard_port=free_port())
-    try:
-        submitted = subprocess.run(
-            [RAY, "job", "submit", "--address", second.dashboard_url, "--", sys.executable, "-c", "print('on the second head')"],
-            env={**os.environ, **client_env(workdir)}, capture_output=True, text=True, timeout=300,
-        )
-        assert submitted.returncode == 0 and "on the second head" in submitted.stdout, (submitted.stdout + submitted.stderr)[-2000:]
-    finally:
-        local_down(workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
+    submitted = subprocess.run(
+        [RAY, "job", "submit", "--address", second.dashboard_url, "--", sys.executable, "-c", "print('on the second head')"],
+        env={**os.environ, **client_env(workdir)}, capture_output=True, text=True, timeout=300,
+    )
+    assert submitted.returncode == 0 and "on the second head" in submitted.stdout, (submitted.stdout + submitted.stderr)[-2000:]
 
 
-def test_cluster_up_prints_commands_for_its_own_workdir_and_its_stop_command_stops_it():
-    workdir = Path(tempfile.mkdtemp(prefix="lrch3_"))
+def test_cluster_up_prints_commands_for_its_own_workdir_and_its_stop_command_stops_it(head_workdir):
+    workdir = head_workdir()
     lrc_ray = [sys.executable, "-m", "lrc_ray.cli", "cluster"]
     up = subprocess.run([*lrc_ray, "up", "--workdir", str(workdir), "--port", str(free_port()),
                          "--dashboard-port", str(free_port()), "--num-cpus", "1"], capture_output=True, text=True, timeout=180)
-    try:
-        assert up.returncode == 0, up.stderr[-2000:]
-        stop = next(line for line in up.stdout.splitlines() if line.startswith("stop it: "))
-        assert stop == f"stop it: lrc-ray cluster down --workdir {workdir}"
-        assert f"lrc-ray cluster submit --workdir {workdir} -- " in up.stdout
-        down = subprocess.run([*lrc_ray, *stop.removeprefix("stop it: lrc-ray cluster ").split()],
-                              capture_output=True, text=True, timeout=120)
-        assert down.returncode == 0 and down.stdout.strip() == "stopped the local Ray head", down.stdout + down.stderr
-        assert not (workdir / "head.json").exists()
-    finally:
-        local_down(workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
+    assert up.returncode == 0, up.stderr[-2000:]
+    stop = next(line for line in up.stdout.splitlines() if line.startswith("stop it: "))
+    assert stop == f"stop it: lrc-ray cluster down --workdir {workdir}"
+    assert f"lrc-ray cluster submit --workdir {workdir} -- " in up.stdout
+    down = subprocess.run([*lrc_ray, *stop.removeprefix("stop it: lrc-ray cluster ").split()],
+                          capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0 and down.stdout.strip() == "stopped the local Ray head", down.stdout + down.stderr
+    assert not (workdir / "head.json").exists()
 
 
 def test_runtime_env_leaves_data_and_venv_behind(tmp_path):
