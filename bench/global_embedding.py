@@ -10,7 +10,8 @@
    data at 64 px, as `bench/lrc_evidence.py` runs it. After each epoch, on 32 held two-view pairs:
    the MoCo loss; the spread ratio; the cosine of each query with its own key and with the other
    slices' keys (equal: every slice gets the same embedding, the branch has collapsed); how often
-   a query's nearest key is its own (top-1; chance 1/32); the linear-probe Dice of the backbone.
+   a query's nearest key is its own (top-1; chance 1/32); the same over the epoch's training
+   batches, as pre-training reports it (`global_top1`, chance 1/16); the linear-probe Dice.
 
     .venv/bin/python bench/global_embedding.py [--moco-epochs 4] [--norms group,instance] [--set pretrain.lr=1e-4]
 """
@@ -125,6 +126,7 @@ class DiagnosedRun(LocalRun):
         shown = moco_indicators(self.pretrainer(state), self.held)
         print(f"   {self.config.network.norm:>8} {epoch:>5} {metrics.get('loss', float('nan')):>6.3f} "
               f"{shown['spread']:>7.3f} {shown['own key']:>8.3f} {shown['other keys']:>11.3f} {shown['top-1']:>6.2f} "
+              f"{metrics.get('global_top1', float('nan')):>11.2f} "
               f"{metrics.get('probe_dice', float('nan')):>11.3f} {time.perf_counter() - self.started:>5.0f}", flush=True)
 
     def report(self, metrics: dict, state: dict | None) -> None:
@@ -145,7 +147,7 @@ def moco_training(norms: list[str], epochs: int, workdir: Path, settings: dict[s
           f"{base.pretrain.moco_momentum}, queue {base.pretrain.queue_size}{''.join(f', {k} {v}' for k, v in settings.items())}), "
           "seed 0; 32 held two-view pairs")
     print(f"   {'norm':>8} {'epoch':>5} {'loss':>6} {'spread':>7} {'own key':>8} {'other keys':>11} {'top-1':>6} "
-          f"{'probe Dice':>11} {'s':>5}")
+          f"{'batch top-1':>11} {'probe Dice':>11} {'s':>5}")
     for norm in norms:
         config = base.replace(network={"norm": norm})
         data = api.pretraining_data(config)

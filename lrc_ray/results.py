@@ -80,6 +80,9 @@ def results_table(records: list[TrialRecord], info: SweepInfo) -> pd.DataFrame:
         row[info.metric] = record.metrics.get(info.metric)
         row |= {key: value for key, value in record.metrics.items() if key.startswith("dice/")}
         row["probe_dice"] = _last_probe(record.metrics)
+        # The MoCo methods' last pre-training epoch: how often a view found its partner in the
+        # batch (chance 1 / batch: the global branch collapsed); empty for the other methods.
+        row["global_top1"] = record.metrics.get("global_top1")
         row["epochs"] = int(record.metrics.get("epoch", 0) or 0)
         # Stopped early: ASHA ended the trial before fine-tuning reported the metric.
         row["stopped_early"] = bool(not finished and record.status == "TERMINATED")
@@ -161,9 +164,11 @@ def markdown_table(table: pd.DataFrame, columns: list[str] | None = None) -> str
 
 def summary_columns(table: pd.DataFrame, metric: str) -> list[str]:
     """The columns worth a terminal's width: parameters, the metric, progress, status."""
-    wanted = ["trial_id", *PARAMETER_COLUMNS, metric, "probe_dice", "epochs", "stopped_early", "status"]
+    wanted = ["trial_id", *PARAMETER_COLUMNS, metric, "probe_dice", "global_top1", "epochs", "stopped_early", "status"]
     if "seed" in table.columns and table["seed"].nunique() < 2:
         wanted.remove("seed")  # one seed for all: nothing to compare
+    if "global_top1" in table.columns and table["global_top1"].isna().all():
+        wanted.remove("global_top1")  # no trial ran a MoCo method
     return [column for column in dict.fromkeys(wanted) if column in table.columns]
 
 

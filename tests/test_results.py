@@ -131,6 +131,16 @@ def test_results_table_progress_columns():
     assert table.loc["t3", "error"] is None or pd.isna(table.loc["t3", "error"])
 
 
+def test_the_moco_methods_global_top1_is_a_column_shown_when_a_trial_has_it():
+    records = _records()
+    records[2].metrics["global_top1"] = 0.06  # t2, global+lrc: its global branch collapsed
+    table = results_table(records, _info()).set_index("trial_id")
+    assert table.loc["t2", "global_top1"] == 0.06
+    assert pd.isna(table.loc["t1", "global_top1"]), "lrc has no global branch"
+    assert "global_top1" in summary_columns(table.reset_index(), "dice_mean")
+    assert "global_top1" not in summary_columns(results_table(_records(), _info()), "dice_mean")
+
+
 def test_results_table_nan_probe_is_missing():
     record = TrialRecord("t", "TERMINATED", _values("lrc", 50, 0.25), {"probe_dice": float("nan"), "epoch": 1}, None)
     table = results_table([record], _info())

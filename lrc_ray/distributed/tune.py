@@ -52,6 +52,7 @@ from lrc_ray.storage import Location, location
 logger = logging.getLogger(__name__)
 
 PROBE_METRIC = "probe_dice"
+GLOBAL_TOP1 = "global_top1"  # engine.pretrain.GLOBAL_TOP1, named here: the driver imports no torch
 EPOCH = "epoch"  # pre-training epochs finished (ASHA's time attribute)
 SWEEP_FILE = "lrc_ray_sweep.json"  # what `results` needs beyond Tune's own files
 FINALISTS_FILE = "lrc_ray_finalists.json"  # the finalists' plan and the name of their Tune experiment
@@ -377,7 +378,8 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
     final_metrics |= {
         "label_fraction": config.finetune.label_fraction,
         EPOCH: len(history),
-        **({PROBE_METRIC: history[-1][PROBE_METRIC]} if history and PROBE_METRIC in history[-1] else {}),
+        # The last pre-training epoch's probe and, for the MoCo methods, whether their branch collapsed.
+        **{name: history[-1][name] for name in (PROBE_METRIC, GLOBAL_TOP1) if history and name in history[-1]},
         "pretrained_reused": bool(pretrained and pretrained.reused),
         "finetune_reused": finetuned.reused,
         "finetune_key": finetuned.key,  # its model: <experiment>/finetuned/<key>/model.pt

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from monai.losses import DiceCELoss
@@ -20,15 +20,22 @@ from tqdm import tqdm
 
 from lrc_ray.config import PretrainConfig
 from lrc_ray.errors import TrainingError
-from lrc_ray.losses import ContrastiveSamplingLoss, MoCoV2Loss, momentum_update, sample_region_pixels
+from lrc_ray.losses import ContrastiveSamplingLoss, MoCoV2Loss, in_batch_top1, momentum_update, sample_region_pixels
 from lrc_ray.models.heads import SegmentationHead
 from lrc_ray.models.networks import LrcNetwork, NetworkParams
+
+
+# The watched figure of the global branch (see BatchLosses), also in the sweeps' tables.
+GLOBAL_TOP1 = "global_top1"
 
 
 @dataclass(frozen=True)
 class BatchLosses:
     total: Tensor
     terms: dict[str, Tensor]  # the unweighted parts: "global", "local"
+    # Figures to watch, not optimised: GLOBAL_TOP1, how often a view's query finds its partner's
+    # key among the batch's (chance 1 / batch): near chance, the global branch has collapsed.
+    watched: dict[str, Tensor] = field(default_factory=dict)
 
 
 class LrcPretrainer(nn.Module):
@@ -104,11 +111,13 @@ class LrcPretrainer(nn.Module):
         the last decoder map, the global embeddings, and the sampled pixels' local embeddings with
         their region ids."""
         terms: dict[str, Tensor] = {}
+        watched: dict[str, Tensor] = {}
         if self.moco is not None:
             queries1, queries2 = global_embedding.float().chunk(2)
             keys1, keys2 = self._momentum_keys(torch.cat([batch["image1"], batch["image2"]])).float().chunk(2)
             # Symmetric: each view's query against the other view's key.
             terms["global"] = 0.5 * (self.moco(queries1, keys2) + self.moco(queries2, keys1))
+            watched[GLOBAL_TOP1] = 0.5 * (in_batch_top1(queries1, keys2) + in_batch_top1(queries2, keys1))
             self._pending_keys = torch.cat([keys1, keys2])
         if local is not None:
             embeddings, region_ids = local
@@ -120,7 +129,7 @@ class LrcPretrainer(nn.Module):
             )
         weights = {"global": self.config.w_global, "local": self.config.w_local, "supervised": self.config.w_supervised}
         total = sum(weights[name] * value for name, value in terms.items())
-        return BatchLosses(total=total, terms=terms)
+        return BatchLosses(total=total, terms=terms, watched=watched)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -162,8 +171,8 @@ def pretrain_one_epoch(
     autocast_dtype: torch.dtype | None = None,
     total: int | None = None,
 ) -> dict[str, float]:
-    """One pass over `batches` (already on the model's device); returns the mean total loss and of
-    each term, the steps and the seconds.
+    """One pass over `batches` (already on the model's device); returns the mean total loss, of
+    each term and of each watched figure, the steps and the seconds.
 
     `step_model` is what computes the loss (default: `pretrainer`; a DistributedDataParallel
     wrapper of it under Ray Train). `autocast_dtype` (e.g. bfloat16 on GPU) runs the network in
@@ -185,7 +194,8 @@ def pretrain_one_epoch(
         losses.total.backward()
         optimizer.step()
         pretrainer.after_optimizer_step()
-        for name, value in {"loss": losses.total, **{f"loss_{k}": v for k, v in losses.terms.items()}}.items():
+        for name, value in {"loss": losses.total, **{f"loss_{k}": v for k, v in losses.terms.items()},
+                            **losses.watched}.items():
             sums[name] = sums[name] + value.detach() if name in sums else value.detach().clone()
         steps += 1
         if steps % FINITE_CHECK_STEPS == 0:

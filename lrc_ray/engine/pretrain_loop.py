@@ -27,7 +27,7 @@ from lrc_ray.config import RunConfig
 from lrc_ray.engine.input_path import (
     STREAM_WINDOW_ROWS, DeviceResidentSlices, StreamedSlices, TwoViewBatches, choose_input_mode, free_memory_bytes,
 )
-from lrc_ray.engine.pretrain import LrcPretrainer, build_optimizer, pretrain_one_epoch
+from lrc_ray.engine.pretrain import GLOBAL_TOP1, LrcPretrainer, build_optimizer, pretrain_one_epoch
 from lrc_ray.engine.splits import ProbeSource
 from lrc_ray.storage import Location
 
@@ -131,8 +131,28 @@ def run_pretraining(
             where.report(metrics, state)
     if where.rank != 0:
         return None
+    if history:
+        warn_if_global_branch_collapsed(history[-1], settings.batch_size)
     online = {key: value.detach().cpu() for key, value in pretrainer.online.state_dict().items()}
     return PretrainOutcome(state_dict=online, epoch=len(history) - 1, history=history)
+
+
+# The global (MoCo) branch is called collapsed when a view finds its partner among the batch at
+# most this many times as often as chance (1 / batch); a branch that learned finds it far more
+# often (bench/global_embedding.py prints the figures).
+COLLAPSED_TOP1_OVER_CHANCE = 2.0
+
+
+def warn_if_global_branch_collapsed(metrics: dict, batch_size: int) -> None:
+    """A warning when the last epoch's GLOBAL_TOP1 says the global branch tells no slices apart:
+    its loss alone does not show it (the queue's older keys keep it below chance)."""
+    top1, chance = metrics.get(GLOBAL_TOP1), 1.0 / batch_size
+    if top1 is not None and top1 <= COLLAPSED_TOP1_OVER_CHANCE * chance:
+        logger.warning(
+            "pre-training epoch %d: the global (MoCo) branch has collapsed: a view finds its partner among the "
+            "batch's %.2f of the time, chance %.2f (global_top1), so the global loss teaches nothing (what was "
+            "measured: docs/reference.md#pre-training)",
+            metrics["epoch"] - 1, top1, chance)
 
 
 def compile_networks(pretrainer: LrcPretrainer) -> None:

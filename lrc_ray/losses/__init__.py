@@ -1,7 +1,7 @@
 """Losses of LRC pre-training: region/pixel sampling, the contrastive sampling loss, MoCo v2."""
 
 from lrc_ray.losses.contrastive_sampling import NEGATIVES, ContrastiveSamplingLoss, contrastive_sampling_loss
-from lrc_ray.losses.moco import MoCoV2Loss, moco_infonce_loss, moco_logits, momentum_update
+from lrc_ray.losses.moco import MoCoV2Loss, in_batch_top1, moco_infonce_loss, moco_logits, momentum_update
 from lrc_ray.losses.sampling import RegionSamples, gather_embeddings, sample_region_pixels
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "RegionSamples",
     "contrastive_sampling_loss",
     "gather_embeddings",
+    "in_batch_top1",
     "moco_infonce_loss",
     "moco_logits",
     "momentum_update",

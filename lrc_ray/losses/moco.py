@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lrc_ray.losses.contrastive_sampling import _check_temperature
 
-__all__ = ["MoCoV2Loss", "moco_infonce_loss", "moco_logits", "momentum_update"]
+__all__ = ["MoCoV2Loss", "in_batch_top1", "moco_infonce_loss", "moco_logits", "momentum_update"]
 
 
 def moco_logits(query: Tensor, key: Tensor, queue: Tensor, temperature: float) -> Tensor:
@@ -51,6 +51,21 @@ def moco_infonce_loss(query: Tensor, key: Tensor, queue: Tensor, temperature: fl
     logits = moco_logits(query, key, queue, temperature)
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, target)
+
+
+@torch.no_grad()
+def in_batch_top1(query: Tensor, key: Tensor) -> Tensor:
+    """How often a query's own key is strictly its most similar among the batch's keys.
+
+    MoCo's training accuracy without the queue: a query can tell the queue's older keys apart by
+    their age alone, so a collapsed branch (every slice the same embedding) still beats chance
+    against the queue, not here. Chance is 1/B; a collapsed branch scores about that or less.
+    Shape: query (B, D), key (B, D) -> scalar tensor.
+    """
+    similarity = F.normalize(query.detach(), dim=1) @ F.normalize(key.detach(), dim=1).t()
+    own = similarity.diagonal()
+    others = similarity.masked_fill(torch.eye(len(own), dtype=torch.bool, device=own.device), float("-inf"))
+    return (own > others.amax(dim=1)).float().mean()
 
 
 class MoCoV2Loss(nn.Module):

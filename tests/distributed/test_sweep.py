@@ -152,6 +152,9 @@ def test_in_trial_pretraining_retries_a_killed_trial_from_its_last_epoch(tmp_pat
     trained = [line for lines in reports.values() for line in lines if "dice_mean" not in line and not line.get("replayed")]
     resumed = [line for line in trained if line["run_start_epoch"] == 1]
     assert [line["epoch"] for line in resumed] == [2], "the killed trial trained its second epoch only, once"
+    # The global method's epochs watch its branch (global_top1); its final report carries the last one.
+    assert any("global_top1" in line for line in trained) and not all("global_top1" in line for line in trained)
+    assert all(("global_top1" in lines[-1]) == ("global_top1" in lines[0]) for lines in finished)
 
 
 def test_a_trial_whose_fine_tuning_repeats_an_earlier_one_reuses_its_result(tmp_path, tiny_sweep_space):

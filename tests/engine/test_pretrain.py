@@ -46,6 +46,20 @@ def test_weights_scale_the_terms(batches):
     assert losses.total.item() == pytest.approx(0.25 * losses.terms["global"].item() + 2.0 * losses.terms["local"].item())
 
 
+def test_the_global_branch_watches_how_often_a_view_finds_its_partner(batches):
+    torch.manual_seed(0)
+    pretrainer = LrcPretrainer(_config("global+lrc"), NETWORK)
+    batch = batches[0]
+    # Both views the same image: the momentum encoder starts as a copy of the online one, so each
+    # query equals its partner's key and is nearest it.
+    same_views = batch | {"image2": batch["image1"], "regions2": batch["regions1"]}
+    assert pretrainer.batch_losses(same_views).watched["global_top1"].item() == 1.0
+    metrics = pretrain_one_epoch(pretrainer, batches, build_optimizer(pretrainer, _config("global+lrc")), epoch=0,
+                                 progress=False)
+    assert 0.0 <= metrics["global_top1"] <= 1.0
+    assert "global_top1" not in LrcPretrainer(_config("lrc"), NETWORK).batch_losses(batch).watched
+
+
 def test_scratch_has_nothing_to_train():
     assert not LrcPretrainer(_config("scratch"), NETWORK).trains
 

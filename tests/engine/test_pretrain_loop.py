@@ -14,7 +14,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lrc_ray.config import RunConfig
 from lrc_ray.data.shard import compact_slices
-from lrc_ray.engine.pretrain_loop import DDP_OPTIONS, Surroundings, run_pretraining, slices_from_arrays
+from lrc_ray.engine.pretrain_loop import (
+    DDP_OPTIONS, Surroundings, run_pretraining, slices_from_arrays, warn_if_global_branch_collapsed,
+)
 from lrc_ray.superpixels.selection import RowSelection
 
 TINY = {"features": [4, 4, 8, 8, 16, 4], "global_dim": 8, "global_hidden": 16, "local_dim": 8}
@@ -89,3 +91,18 @@ def test_the_speed_options_give_the_same_loss(arrays):
 
     reference = first_epoch_loss()
     assert first_epoch_loss(channels_last=True) == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize(("metrics", "warned"), [
+    ({"epoch": 3, "global_top1": 0.10}, True),  # chance 1/16 = 0.06: at most twice that
+    ({"epoch": 3, "global_top1": 0.40}, False),
+    ({"epoch": 3, "loss": 1.0}, False),  # a method without the global branch
+])
+def test_a_collapsed_global_branch_is_warned_about(caplog, metrics, warned):
+    with caplog.at_level("WARNING", logger="lrc_ray.engine.pretrain_loop"):
+        warn_if_global_branch_collapsed(metrics, batch_size=16)
+    messages = [record.getMessage() for record in caplog.records]
+    assert bool(messages) == warned
+    if warned:
+        assert "epoch 2: the global (MoCo) branch has collapsed" in messages[0]
+        assert "0.10 of the time, chance 0.06 (global_top1)" in messages[0]

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lrc_ray.losses import MoCoV2Loss, moco_infonce_loss, moco_logits, momentum_update
+from lrc_ray.losses import MoCoV2Loss, in_batch_top1, moco_infonce_loss, moco_logits, momentum_update
 
 
 def unit_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -47,6 +47,16 @@ def test_exact_value_orthogonal_queue():
     queue = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
     expected = math.log(math.exp(1 / t) + queue_size) - 1 / t
     assert moco_infonce_loss(query, query.clone(), queue, t).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_in_batch_top1_counts_the_queries_whose_own_key_is_strictly_nearest():
+    keys = torch.eye(4) * 3.0  # normalised inside
+    assert in_batch_top1(keys + 0.1, keys).item() == 1.0
+    swapped = keys[[0, 1, 3, 2]]  # queries 2 and 3 are nearest the other's key
+    assert in_batch_top1(swapped, keys).item() == 0.5
+    # A collapsed branch: every slice the same embedding. A tie is no hit, so it scores 0, not 1/B.
+    same = torch.ones(4, 8)
+    assert in_batch_top1(same, same).item() == 0.0
 
 
 def test_key_gets_no_gradient_and_low_temperature_is_finite():
