@@ -48,8 +48,9 @@ def ray_session(
         # A short private temp dir: Ray's socket paths must stay under 108 characters.
         temp_dir = tempfile.mkdtemp(prefix="lrc_ray_")
         # The dashboard serves the state API, which Ray Train's placement-group cleaner polls.
-        ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True, dashboard_host="127.0.0.1",
-                 logging_level=logging.WARNING, _temp_dir=temp_dir)
+        with _temp_dir_of_started_processes(os.path.join(temp_dir, "tmp")):
+            ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True, dashboard_host="127.0.0.1",
+                     logging_level=logging.WARNING, _temp_dir=temp_dir)
         logger.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
     locks.install()
     failed = True
@@ -64,6 +65,24 @@ def ray_session(
         ray.shutdown()
         if temp_dir is not None:
             _remove_unless_failed(temp_dir, failed)
+
+
+@contextlib.contextmanager
+def _temp_dir_of_started_processes(path: str) -> Iterator[None]:
+    """TMPDIR=path for the processes started in the block (Ray's, and the workers they start later),
+    so their temp files go with the instance's dir. The dashboard's multiprocessing forkserver
+    otherwise left a pymp-* dir in /tmp at every stop: Ray kills it before it can clean up."""
+    os.makedirs(path, exist_ok=True)
+    tempfile.gettempdir()  # this process keeps its own temp dir: cache it before TMPDIR changes
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
 
 
 def _remove_unless_failed(temp_dir: str, failed: bool) -> None:

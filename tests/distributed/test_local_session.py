@@ -42,3 +42,14 @@ def test_ray_logs_are_removed_after_a_run_and_named_after_a_failed_one(session_t
     assert logs.is_dir() == kept and session_temp_dir.exists() == kept
     named = [record.getMessage() for record in caplog.records if "Ray's logs of this run are kept in" in record.getMessage()]
     assert named == ([f"Ray's logs of this run are kept in {logs}"] if kept else [])
+
+
+def test_the_local_instances_processes_keep_their_temp_files_in_its_dir(session_temp_dir):
+    """Ray's processes and workers get the instance's own temp dir (the dashboard's forkserver left
+    a pymp-* dir in /tmp at every stop); the driver keeps its own."""
+    driver_temp_dir = tempfile.gettempdir()
+    with ray_session(num_cpus=1):
+        workers_temp_dir = ray.get(ray.remote(tempfile.gettempdir).remote())
+        assert tempfile.gettempdir() == driver_temp_dir
+    assert workers_temp_dir == str(session_temp_dir / "tmp")
+    assert not session_temp_dir.exists(), "removed with the instance's dir"
