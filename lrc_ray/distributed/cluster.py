@@ -79,7 +79,7 @@ def local_up(
             tmp.write_text(secrets.token_hex(32))
             tmp.chmod(0o600)
     temp_dir = _ray_temp_dir(workdir)
-    temp_dir.mkdir(parents=True, exist_ok=True)
+    (temp_dir / "tmp").mkdir(parents=True, exist_ok=True)
     cpus = num_cpus or os.cpu_count() or 1
     # The node's agent runs submitted jobs. On Ray's fixed default port a second head on the
     # machine had no agent, and every job submitted to it failed ("No available agent").
@@ -93,6 +93,9 @@ def local_up(
         # Ray Data's detached autoscaling actor keeps it busy after any job that read data, so
         # `cluster down` waited the whole 30 s. This head serves no traffic: stop at once.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        # The head's processes and jobs keep their temp files in its temp dir, removed by `cluster
+        # down`: the dashboard's multiprocessing forkserver, killed at the stop, left a pymp-* dir in /tmp.
+        "TMPDIR": str(temp_dir / "tmp"),
     }
     command = [
         str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",

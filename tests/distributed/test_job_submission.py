@@ -62,14 +62,17 @@ def test_a_second_head_in_the_same_workdir_is_refused(head):
 
 def test_a_second_head_on_the_machine_takes_jobs_too(head, head_workdir):
     """Each head's agent, which runs the submitted jobs, listens on a port of its own: on Ray's
-    fixed default the second head's agent could not listen, and every job it was given failed."""
+    fixed default the second head's agent could not listen, and every job it was given failed.
+    A job's temp files go to its head's temp dir, which `cluster down` removes."""
     workdir = head_workdir()
     second = local_up(workdir, num_cpus=1, port=free_port(), dashboard_port=free_port())
+    job = "import tempfile; print('on the second head, temp dir', tempfile.gettempdir())"
     submitted = subprocess.run(
-        [RAY, "job", "submit", "--address", second.dashboard_url, "--", sys.executable, "-c", "print('on the second head')"],
+        [RAY, "job", "submit", "--address", second.dashboard_url, "--", sys.executable, "-c", job],
         env={**os.environ, **client_env(workdir)}, capture_output=True, text=True, timeout=300,
     )
     assert submitted.returncode == 0 and "on the second head" in submitted.stdout, (submitted.stdout + submitted.stderr)[-2000:]
+    assert f"temp dir {workdir.resolve() / 'ray' / 'tmp'}" in submitted.stdout
 
 
 def test_cluster_up_prints_commands_for_its_own_workdir_and_its_stop_command_stops_it(head_workdir):
