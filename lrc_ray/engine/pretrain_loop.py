@@ -147,7 +147,8 @@ def warn_if_global_branch_collapsed(metrics: dict, batch_size: int) -> None:
     """A warning when the last epoch's GLOBAL_TOP1 says the global branch tells no slices apart:
     its loss alone does not show it (the queue's older keys keep it below chance)."""
     top1, chance = metrics.get(GLOBAL_TOP1), 1.0 / batch_size
-    if top1 is not None and top1 <= COLLAPSED_TOP1_OVER_CHANCE * chance:
+    # In batches of fewer than 4 slices twice chance is over half: the figure cannot tell.
+    if top1 is not None and batch_size >= 4 and top1 <= COLLAPSED_TOP1_OVER_CHANCE * chance:
         logger.warning(
             "pre-training epoch %d: the global (MoCo) branch has collapsed: a view finds its partner among the "
             "batch's %.2f of the time, chance %.2f (global_top1), so the global loss teaches nothing (what was "

@@ -93,14 +93,15 @@ def test_the_speed_options_give_the_same_loss(arrays):
     assert first_epoch_loss(channels_last=True) == pytest.approx(reference, rel=1e-5)
 
 
-@pytest.mark.parametrize(("metrics", "warned"), [
-    ({"epoch": 3, "global_top1": 0.10}, True),  # chance 1/16 = 0.06: at most twice that
-    ({"epoch": 3, "global_top1": 0.40}, False),
-    ({"epoch": 3, "loss": 1.0}, False),  # a method without the global branch
+@pytest.mark.parametrize(("metrics", "batch_size", "warned"), [
+    ({"epoch": 3, "global_top1": 0.10}, 16, True),  # chance 1/16 = 0.06: at most twice that
+    ({"epoch": 3, "global_top1": 0.40}, 16, False),
+    ({"epoch": 3, "loss": 1.0}, 16, False),  # a method without the global branch
+    ({"epoch": 3, "global_top1": 0.50}, 2, False),  # chance 0.5: too near 1 to tell
 ])
-def test_a_collapsed_global_branch_is_warned_about(caplog, metrics, warned):
+def test_a_collapsed_global_branch_is_warned_about(caplog, metrics, batch_size, warned):
     with caplog.at_level("WARNING", logger="lrc_ray.engine.pretrain_loop"):
-        warn_if_global_branch_collapsed(metrics, batch_size=16)
+        warn_if_global_branch_collapsed(metrics, batch_size=batch_size)
     messages = [record.getMessage() for record in caplog.records]
     assert bool(messages) == warned
     if warned:
