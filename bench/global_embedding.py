@@ -40,6 +40,7 @@ from lrc_ray.engine.input_path import TwoViewBatches
 from lrc_ray.engine.pretrain import LrcPretrainer
 from lrc_ray.engine.pretrain_loop import LocalRun, run_pretraining
 from lrc_ray.engine.probe import linear_probe_dice, probe_slices
+from lrc_ray.losses import in_batch_top1
 from lrc_ray.models import EncoderDecoder, NetworkParams, pooled_spread_ratio
 from lrc_ray.search_space import config_with_values
 from lrc_ray.superpixels.cache import read_entry_table
@@ -102,7 +103,7 @@ def moco_indicators(pretrainer: LrcPretrainer, views: dict[str, torch.Tensor]) -
         "spread": pooled_spread_ratio(features),
         "own key": similarity.diag().mean().item(),
         "other keys": similarity[others].mean().item(),
-        "top-1": similarity.argmax(dim=1).eq(torch.arange(len(queries))).float().mean().item(),
+        "top-1": in_batch_top1(queries, keys).item(),  # as pre-training's global_top1, over the held pairs
     }
 
 
