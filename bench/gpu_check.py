@@ -12,7 +12,8 @@ the GPU's utilisation is sampled every 0.25 s (`nvidia-smi`):
    those epochs;
 3. scaling on paper: gradient all-reduce bytes per step against the step time, the projected
    data-parallel efficiency on 1-8 GPUs (ring all-reduce; NVLink and a 200 Gb/s network);
-4. a 2-trial sweep of full.yaml's space, shrunk to a few epochs.
+4. a 2-trial sweep of full.yaml's space, shrunk to a few epochs, on a smaller data set of its own:
+   each trial's Dice, own compute, wall time, and the seconds beyond its compute by stage.
 The last line is `train_over_step=<ratio> gpu_busy=<fraction>`: the better input mode's Ray
 Train rate over the model step's at the same options, and its GPU utilisation.
 Targets: train_over_step >= 0.8, gpu_busy >= 0.8, and the model step >= 2x the 214-239 slices/s
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from sweep_common import trial_reports
+from sweep_common import stage_overheads, trial_reports
 
 from lrc_ray import api
 from lrc_ray.config import RunConfig
@@ -260,14 +261,21 @@ def sweep_space(args, workdir: Path, option) -> Path:
 
 
 def sweep_stage(args, workdir: Path, option, entry: dict) -> None:
-    experiment = api.tune(space=sweep_space(args, workdir, option), data=workdir / "data", storage=workdir / "sweeps",
+    """On a data set of its own, --sweep-volumes: each trial extracts super-pixels at its own scale,
+    and a trial's start-ups, not its size, set its time (on 2026-11-30, 16 volumes took 234 s)."""
+    data = api.make_synthetic_data(out=workdir / "sweep_data", cases=4, unlabeled=args.sweep_volumes - 4,
+                                   size=args.phantom_size, slices=args.slices, seed=0)
+    experiment = api.tune(space=sweep_space(args, workdir, option), data=data, storage=workdir / "sweeps",
                           name="gpu_sweep").local_path  # a local sweep
     trials = []
     for lines in trial_reports(experiment).values():
         epochs = [line for line in lines if "steps" in line and not line.get("replayed")]
         # No dice_mean: ASHA stopped the trial before it fine-tuned (errors are listed below).
+        overheads = stage_overheads(lines) or {}
         trial = {"method": lines[0]["config"].get("pretrain.method"), "pretrain_epochs": len(epochs),
-                 "dice_mean": lines[-1].get("dice_mean")}
+                 "dice_mean": lines[-1].get("dice_mean"), "wall_seconds": round(lines[-1]["time_total_s"], 1),
+                 "compute_seconds": round(lines[-1].get("compute_seconds", float("nan")), 1),
+                 "overhead_seconds": {stage: round(seconds, 1) for stage, seconds in overheads.items()}}
         if len(epochs) > 1:
             wall = epochs[-1]["ended_at"] - epochs[0]["ended_at"]
             trial["slices_per_s_wall"] = round(sum(e["steps"] for e in epochs[1:]) * option[1] / wall, 1)
@@ -299,9 +307,12 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=6, help="Ray Train pre-training epochs (the first warms up)")
     parser.add_argument("--sweep-epochs", type=int, default=2)
+    parser.add_argument("--sweep-volumes", type=int, default=16, help="synthetic volumes of the sweep's data set")
     parser.add_argument("--steps", type=int, default=20, help="timed model steps per option")
-    parser.add_argument("--deadline", type=float, default=400.0,
-                        help="seconds after which the optional stages (compile, sweep) no longer start")
+    # On the H200 of 2026-11-30 the sweep started at about 220 s and took 234 s (16 volumes): a
+    # later start would pass the 8 minutes a lease is planned for.
+    parser.add_argument("--deadline", type=float, default=240.0,
+                        help="seconds after which the optional stages (sweep; compile 60 s later) no longer start")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="where gpu_check.json goes")
     parser.add_argument("--cpu", action="store_true", help="run the same stages without a GPU (to try the script)")
@@ -385,7 +396,8 @@ def main() -> None:
     for trial in report.get("sweep_2_trials", {}).get("trials", []):
         dice = "- (stopped by ASHA)" if trial["dice_mean"] is None else f"{trial['dice_mean']:.3f}"
         print(f"sweep trial {trial['method']}: {trial['pretrain_epochs']} pre-training epochs, "
-              f"{trial.get('slices_per_s_wall')} slices/s (wall), Dice {dice}")
+              f"{trial.get('slices_per_s_wall')} slices/s (wall), Dice {dice}; {trial['wall_seconds']} s in all, "
+              f"own compute {trial['compute_seconds']} s, beyond it by stage {trial['overhead_seconds']}")
     measured = {mode: run for mode, run in runs.items() if run.get("slices_per_s_wall")}
     for mode, run in measured.items():
         print(f"Ray Train {mode:6} ({best[0]}): {run['slices_per_s_wall']:.0f} slices/s (loop only "

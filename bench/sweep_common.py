@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from lrc_ray import api
-from lrc_ray.distributed.tune import run_sweep
+from lrc_ray.distributed.tune import WALL_PREFIX, run_sweep
 from lrc_ray.storage import location
 from lrc_ray.search_space import SearchSpace, run_config_for
 
@@ -42,6 +42,21 @@ def own_compute_seconds(lines: list[dict]) -> float:
     if final:
         return final[-1]["compute_seconds"]
     return sum(report.get("seconds", 0.0) + report.get("probe_seconds", 0.0) for report in lines if not report.get("replayed"))
+
+
+def stage_overheads(lines: list[dict]) -> dict[str, float] | None:
+    """A finished trial's seconds beyond its own compute, stage by stage (the trial reports each
+    stage's wall time, `wall_seconds/<stage>`): worker and task start-ups, data set-up, result
+    handling. The super-pixel stage counts whole (a warm cache: reading it). None if ASHA stopped
+    the trial before it fine-tuned."""
+    final = lines[-1]
+    if WALL_PREFIX + "finetune" not in final:
+        return None
+    pretrain_compute = sum(line.get("seconds", 0.0) + line.get("probe_seconds", 0.0)
+                           for line in lines if "steps" in line and not line.get("replayed"))
+    return {"superpixels": final[WALL_PREFIX + "superpixels"],
+            "pretrain": final[WALL_PREFIX + "pretrain"] - pretrain_compute,
+            "finetune": final[WALL_PREFIX + "finetune"] - (final["compute_seconds"] - pretrain_compute)}
 
 
 def built_in_data(space: SearchSpace, workdir: Path) -> Path:

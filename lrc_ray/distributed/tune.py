@@ -18,10 +18,12 @@ reaches fine-tuning. The searchers are in `distributed.search`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 PROBE_METRIC = "probe_dice"
 GLOBAL_TOP1 = "global_top1"  # engine.pretrain.GLOBAL_TOP1, named here: the driver imports no torch
 EPOCH = "epoch"  # pre-training epochs finished (ASHA's time attribute)
+WALL_PREFIX = "wall_seconds/"  # + superpixels, pretrain, finetune: a finished trial's stages by the clock
 SWEEP_FILE = "lrc_ray_sweep.json"  # what `results` needs beyond Tune's own files
 FINALISTS_FILE = "lrc_ray_finalists.json"  # the finalists' plan and the name of their Tune experiment
 OPTUNA_JOURNAL = "optuna_journal.log"  # the searcher's Optuna studies, by default (optuna-dashboard reads it)
@@ -358,17 +361,21 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
     locks.install()  # object-store keys are locked cluster-wide
     quiet_trial_logs()
     extract = ray_data_extract()
-    data = stages.run_data(config.data, extract=extract)
-    probe = stages.probe_source(config, data) if context.probe else None
-    pretrained = stages.pretrain(config, data, root=context.root, workers=context.workers, extract=extract,
-                                 pretrain_fn=partial(_pretrain_with_ray, context=context, probe=probe))
+    walls: dict[str, float] = {}
+    with _wall_clock(walls, "superpixels"):
+        data = stages.run_data(config.data, extract=extract)
+        probe = stages.probe_source(config, data) if context.probe else None
+    with _wall_clock(walls, "pretrain"):
+        pretrained = stages.pretrain(config, data, root=context.root, workers=context.workers, extract=extract,
+                                     pretrain_fn=partial(_pretrain_with_ray, context=context, probe=probe))
     history, pretrain_seconds = (pretrained.history if pretrained else []), 0.0
     if pretrained is not None and pretrained.reused:  # another trial pre-trained these settings: replay for ASHA
         for metrics in history:
             tune.report(metrics | {"replayed": True})
     elif pretrained is not None:
         pretrain_seconds = sum(metrics["seconds"] + metrics.get("probe_seconds", 0.0) for metrics in history)
-    finetuned = _finetune(config, data, pretrained, context)
+    with _wall_clock(walls, "finetune"):
+        finetuned = _finetune(config, data, pretrained, context)
     final_metrics = {}
     for part, scores in finetuned.scores.items():
         prefix = TEST_PREFIX if part == "test" else ""
@@ -386,8 +393,17 @@ def run_trial(trial_values: dict, context: SweepContext) -> None:
         "finetune_seconds": finetuned.summary["seconds"],
         # This trial's own compute (replayed work costs nothing): what search budgets compare.
         "compute_seconds": pretrain_seconds + finetuned.seconds,
+        # Each stage by the clock, start-ups included: where the rest of a trial's time goes.
+        **{f"{WALL_PREFIX}{stage}": seconds for stage, seconds in walls.items()},
     }
     tune.report(final_metrics)
+
+
+@contextlib.contextmanager
+def _wall_clock(walls: dict[str, float], stage: str):
+    started = time.perf_counter()
+    yield
+    walls[stage] = time.perf_counter() - started
 
 
 def run_finalist(trial_values: dict, context: SweepContext) -> None:

@@ -155,6 +155,10 @@ def test_in_trial_pretraining_retries_a_killed_trial_from_its_last_epoch(tmp_pat
     # The global method's epochs watch its branch (global_top1); its final report carries the last one.
     assert any("global_top1" in line for line in trained) and not all("global_top1" in line for line in trained)
     assert all(("global_top1" in lines[-1]) == ("global_top1" in lines[0]) for lines in finished)
+    # A finished trial's stages by the clock, start-ups included, take at least their own compute.
+    for final in (lines[-1] for lines in finished):
+        assert final["wall_seconds/finetune"] >= final["finetune_seconds"] > 0
+        assert final["wall_seconds/superpixels"] > 0 and final["wall_seconds/pretrain"] > 0
 
 
 def test_a_trial_whose_fine_tuning_repeats_an_earlier_one_reuses_its_result(tmp_path, tiny_sweep_space):
