@@ -25,6 +25,7 @@ from scipy import stats
 
 from lrc_ray import api
 from lrc_ray.config import NORMS, NetworkParams, RunConfig
+from lrc_ray.engine.checkpoint import load_checkpoint
 
 METHODS = ("scratch", "global", "lrc", "global+lrc")
 
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=5)
     parser.add_argument("--finetune-epochs", type=int, default=40)
     parser.add_argument("--middle-fraction", type=float, default=0.5)
+    parser.add_argument("--pretrain-lr", type=float, default=None, help="pretrain.lr (the global branch comes apart at "
+                        "3e-5 after about 25 epochs, not at the default: docs/benchmarks.md, 2026-11-30 late)")
     parser.add_argument("--flip-prob", type=float, default=None, help="augment.flip_prob for pre-training views")
     parser.add_argument("--backbone-lr-scale", type=float, default=1.0, help="finetune.backbone_lr_scale")
     parser.add_argument("--head-epochs", type=int, default=20,
@@ -65,6 +68,8 @@ def main() -> None:
     )
     if args.flip_prob is not None:
         base = base.replace(augment={"flip_prob": args.flip_prob})
+    if args.pretrain_lr is not None:
+        base = base.replace(pretrain={"lr": args.pretrain_lr})
     methods = [m for m in args.methods.split(",") if m]
     api.build_superpixels(data=data_dir, cache_root=base.data.cache_root, scale=base.data.scale, sigma=base.data.sigma,
                           min_size=base.data.min_size, size=base.data.size)
@@ -79,6 +84,9 @@ def main() -> None:
             checkpoint = None
             if method != "scratch":
                 checkpoint = api.pretrain(config=config, out_dir=workdir / f"{method}-seed{seed}", progress=False)
+                last_epoch = load_checkpoint(checkpoint)["history"][-1]
+                if "global_top1" in last_epoch:  # has the global branch come apart? (chance: 1 / batch)
+                    print(f"seed {seed} {method}: global_top1 {last_epoch['global_top1']:.3f} at the last epoch", flush=True)
             for fraction in fractions:
                 results = api.finetune(config=config.replace(finetune={"label_fraction": fraction}),
                                        checkpoint=checkpoint, progress=False)
@@ -90,7 +98,7 @@ def main() -> None:
           f"pre-train {args.pretrain_epochs} epochs, fine-tune {args.finetune_epochs} epochs "
           f"(+{args.head_epochs} head-only) of {args.steps_per_epoch} steps at every fraction, batch "
           f"{base.finetune.batch_size}, network.norm {args.norm}, flip_prob {base.augment.flip_prob}, "
-          f"backbone_lr_scale {args.backbone_lr_scale}")
+          f"backbone_lr_scale {args.backbone_lr_scale}, pretrain.lr {base.pretrain.lr}")
     print(f"{'method':>12}" + "".join(f"{f'fraction {f:.2f}':>20}" for f in fractions))
     for method in methods:
         cells = [dice[(method, fraction)] for fraction in fractions]
