@@ -266,7 +266,7 @@ def sweep_stage(args, workdir: Path, option, entry: dict) -> None:
     data = api.make_synthetic_data(out=workdir / "sweep_data", cases=4, unlabeled=args.sweep_volumes - 4,
                                    size=args.phantom_size, slices=args.slices, seed=0)
     experiment = api.tune(space=sweep_space(args, workdir, option), data=data, storage=workdir / "sweeps",
-                          name="gpu_sweep").local_path  # a local sweep
+                          cache_root=str(workdir / "sweep_cache"), name="gpu_sweep").local_path  # a local sweep
     trials = []
     for lines in trial_reports(experiment).values():
         epochs = [line for line in lines if "steps" in line and not line.get("replayed")]
