@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -110,18 +108,15 @@ def as_datalist():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray with 2 CPUs for one test module, in its own short temp dir, shut down after."""
+    """A local Ray with 2 CPUs for one test module, started and removed as lrc-ray starts its own
+    (`ray_session`: a temp dir of its own that holds its processes' temp files too)."""
     import ray
 
+    from lrc_ray.distributed.runtime import ray_session
+
     assert not ray.is_initialized(), "a previous test left Ray running"
-    temp_dir = tempfile.mkdtemp(prefix="lrt_")
-    # The dashboard serves the state API that Ray Train polls.
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING, _temp_dir=temp_dir)
-    try:
+    with ray_session(num_cpus=2):
         yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # A network small enough for 2 CPUs: the shape of BasicUNet with 4-16 channels.

@@ -4,14 +4,11 @@ every pre-training setting reaches the workers, both input modes end (no hang) w
 
 from __future__ import annotations
 
-import logging
-import shutil
-import tempfile
-
 import pytest
 
 from lrc_ray import api
 from lrc_ray.config import RunConfig
+from lrc_ray.distributed.runtime import ray_session
 from lrc_ray.engine.checkpoint import load_checkpoint
 from lrc_ray.superpixels.cache import read_entry_table
 
@@ -23,14 +20,8 @@ def three_cpu_ray():
     import ray
 
     assert not ray.is_initialized(), "a previous test left Ray running"
-    temp_dir = tempfile.mkdtemp(prefix="lrt3_")
-    ray.init(num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-             _temp_dir=temp_dir)
-    try:
+    with ray_session(num_cpus=3):
         yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
