@@ -440,12 +440,18 @@ def _finetune(config: RunConfig, data: stages.RunData, pretrained: stages.Pretra
         # reads is idle now (2 threads on 2 cores: ~1.4x faster, measured).
         threads = None if context.use_gpu else trial_cpus(0)
         return _finetune_task(config, data, pretrained, context.root, context.parts, torch_threads=threads)
-    # a task outside the trial's placement group, which holds only its trial slot
-    task = ray.remote(_finetune_task).options(
-        num_cpus=0 if context.use_gpu else 1, num_gpus=1 if context.use_gpu else 0,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
-    )
+    task = one_device_task(_finetune_task, use_gpu=context.use_gpu)
     return ray.get(task.remote(config, data, pretrained, context.root, context.parts))
+
+
+def one_device_task(function, *, use_gpu: bool):
+    """`function` as a Ray task on one GPU (or CPU), outside the trial's placement group, which holds
+    only its trial slot. The resources are declared in `ray.remote`, not `.options()`: only there
+    does a GPU task get a fresh process each time (Ray's `max_calls=1`). A reused process keeps the
+    CUDA device of its first task whatever GPU Ray assigns it next (ray-project/ray#29624): on a
+    node of several GPUs, a fine-tuning would run on another trial's GPU."""
+    return ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0,
+                      scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))(function)
 
 
 def _finetune_task(config: RunConfig, data: stages.RunData, pretrained: stages.Pretrained | None, root: str,
