@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from typing import Iterator
 
 import ray
@@ -48,7 +49,7 @@ def ray_session(
         # A short private temp dir: Ray's socket paths must stay under 108 characters.
         temp_dir = tempfile.mkdtemp(prefix="lrc_ray_")
         # The dashboard serves the state API, which Ray Train's placement-group cleaner polls.
-        with _temp_dir_of_started_processes(os.path.join(temp_dir, "tmp")):
+        with _temp_dir_of_started_processes(_processes_temp_dir(temp_dir)):
             ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True, dashboard_host="127.0.0.1",
                      logging_level=logging.WARNING, _temp_dir=temp_dir)
         logger.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
@@ -64,6 +65,7 @@ def ray_session(
         locks.uninstall()
         ray.shutdown()
         if temp_dir is not None:
+            wait_for_processes_with_tmpdir(_processes_temp_dir(temp_dir))
             _remove_unless_failed(temp_dir, failed)
 
 
@@ -83,6 +85,37 @@ def _temp_dir_of_started_processes(path: str) -> Iterator[None]:
             os.environ.pop("TMPDIR", None)
         else:
             os.environ["TMPDIR"] = previous
+
+
+def _processes_temp_dir(temp_dir: str) -> str:
+    return os.path.join(temp_dir, "tmp")
+
+
+def wait_for_processes_with_tmpdir(path: str, timeout: float = 10.0) -> None:
+    """Wait, up to `timeout` seconds, until no process started with TMPDIR=`path` is left. Some of a
+    local instance's processes outlive `ray.shutdown()`: in a run of a few seconds the dashboard's
+    modules, still starting, wrote their sockets into the temp dir after it was removed. Without
+    /proc (not Linux) it returns at once."""
+    entry = f"TMPDIR={path}".encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(entry in _start_environment(pid) for pid in _process_ids()):
+        time.sleep(0.1)
+
+
+def _process_ids() -> list[str]:
+    try:
+        return [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+
+
+def _start_environment(pid: str) -> list[bytes]:
+    """The environment a process was started with (/proc/PID/environ; empty if it is gone or not ours)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return environ.read().split(b"\0")
+    except OSError:
+        return []
 
 
 def _remove_unless_failed(temp_dir: str, failed: bool) -> None:

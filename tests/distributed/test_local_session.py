@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 import ray
-from lrc_ray.distributed.runtime import ray_session
+from lrc_ray.distributed.runtime import ray_session, wait_for_processes_with_tmpdir
 from lrc_ray.errors import UserInputError
 
 pytestmark = pytest.mark.ray
@@ -53,3 +57,24 @@ def test_the_local_instances_processes_keep_their_temp_files_in_its_dir(session_
         assert tempfile.gettempdir() == driver_temp_dir
     assert workers_temp_dir == str(session_temp_dir / "tmp")
     assert not session_temp_dir.exists(), "removed with the instance's dir"
+
+
+def test_waits_for_the_processes_started_with_the_instances_tmpdir(tmp_path):
+    """What outlives `ray.shutdown()` is waited for before the temp dir goes: a process started with
+    the instance's TMPDIR holds the wait until it exits; one with another TMPDIR does not."""
+    marker = str(tmp_path / "tmp")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(1.5)"]
+    ours = subprocess.Popen(sleeper, env=os.environ | {"TMPDIR": marker})
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                             env=os.environ | {"TMPDIR": str(tmp_path / "other")})
+    try:
+        started = time.monotonic()
+        wait_for_processes_with_tmpdir(marker)
+        waited = time.monotonic() - started
+        assert 1.0 < waited < 8, f"returned after {waited:.1f} s; our process sleeps 1.5 s"
+        started = time.monotonic()
+        wait_for_processes_with_tmpdir(marker)
+        assert time.monotonic() - started < 0.5, "nothing of ours is left: no wait"
+    finally:
+        other.kill()
+        ours.kill()
