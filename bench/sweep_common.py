@@ -41,6 +41,12 @@ def own_compute_seconds(lines: list[dict]) -> float:
     final = [report for report in lines if "compute_seconds" in report]
     if final:
         return final[-1]["compute_seconds"]
+    return pretrain_compute_seconds(lines)
+
+
+def pretrain_compute_seconds(lines: list[dict]) -> float:
+    """The pre-training epochs a trial trained itself (not replayed) with their probes: only the
+    epochs' reports carry `seconds` and `probe_seconds`."""
     return sum(report.get("seconds", 0.0) + report.get("probe_seconds", 0.0) for report in lines if not report.get("replayed"))
 
 
@@ -52,8 +58,7 @@ def stage_overheads(lines: list[dict]) -> dict[str, float] | None:
     final = lines[-1]
     if WALL_PREFIX + "finetune" not in final:
         return None
-    pretrain_compute = sum(line.get("seconds", 0.0) + line.get("probe_seconds", 0.0)
-                           for line in lines if "steps" in line and not line.get("replayed"))
+    pretrain_compute = pretrain_compute_seconds(lines)
     return {"superpixels": final[WALL_PREFIX + "superpixels"],
             "pretrain": final[WALL_PREFIX + "pretrain"] - pretrain_compute,
             "finetune": final[WALL_PREFIX + "finetune"] - (final["compute_seconds"] - pretrain_compute)}
